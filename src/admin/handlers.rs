@@ -1,0 +1,102 @@
+//! Admin API handlers. Each change goes through the state writer; reads use the
+//! current snapshot.
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::view::route_view;
+use super::{json_error, json_response, AdminBody};
+use crate::config::weight_to_bp;
+use crate::state::{ChangeError, RolloutAction, Source, StateHandle};
+
+pub fn list_routes(state: &StateHandle) -> Response<AdminBody> {
+    let snapshot = state.shared.snapshot.load();
+    let mut routes: Vec<_> = snapshot.routes.iter().map(|r| route_view(&snapshot, r)).collect();
+    routes.sort_by(|a, b| a.name.cmp(&b.name));
+    json_response(StatusCode::OK, &json!({ "generation": snapshot.generation, "routes": routes }))
+}
+
+pub fn show_route(state: &StateHandle, name: &str) -> Response<AdminBody> {
+    let snapshot = state.shared.snapshot.load();
+    match snapshot.route(name) {
+        Some(route) => json_response(StatusCode::OK, &route_view(&snapshot, route)),
+        None => json_error(StatusCode::NOT_FOUND, &format!("no route named {name:?}")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    canary_weight: f64,
+}
+
+pub async fn set_weight(state: &StateHandle, name: &str, body: &Bytes) -> Response<AdminBody> {
+    let parsed: WeightBody = match serde_json::from_slice(body) {
+        Ok(parsed) => parsed,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("body must be {{\"canary_weight\": PERCENT}}: {e}")),
+    };
+    let weight_bp = match weight_to_bp(parsed.canary_weight) {
+        Ok(bp) => bp,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    let result = state.set_weight(name, weight_bp, Source::Admin).await;
+    after_change(state, name, result)
+}
+
+pub async fn rollback(state: &StateHandle, name: &str) -> Response<AdminBody> {
+    let result = state.set_weight(name, 0, Source::Admin).await;
+    after_change(state, name, result)
+}
+
+pub async fn reset(state: &StateHandle, name: &str) -> Response<AdminBody> {
+    let result = state.reset(name).await;
+    after_change(state, name, result)
+}
+
+pub async fn rollout(state: &StateHandle, name: &str, action: &str) -> Response<AdminBody> {
+    let action = match action {
+        "start" => RolloutAction::Start,
+        "pause" => RolloutAction::Pause,
+        "resume" => RolloutAction::Resume,
+        "abort" => RolloutAction::Abort,
+        _ => return json_error(StatusCode::NOT_FOUND, "rollout actions are start, pause, resume and abort"),
+    };
+    let result = state.rollout(name, action, Source::Admin).await;
+    after_change(state, name, result)
+}
+
+pub async fn reload(state: &StateHandle) -> Response<AdminBody> {
+    match state.reload(Source::Admin).await {
+        Ok(warnings) => {
+            let generation = state.shared.snapshot.load().generation;
+            json_response(StatusCode::OK, &json!({ "status": "reloaded", "generation": generation, "warnings": warnings }))
+        }
+        Err(ChangeError::Config(error)) => json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({ "error": "config rejected; nothing changed", "errors": error.messages() }),
+        ),
+        Err(error) => change_error(error),
+    }
+}
+
+/// Replies with the route's new state, or the reason nothing changed.
+fn after_change(state: &StateHandle, name: &str, result: Result<(), ChangeError>) -> Response<AdminBody> {
+    match result {
+        Ok(()) => show_route(state, name),
+        Err(error) => change_error(error),
+    }
+}
+
+fn change_error(error: ChangeError) -> Response<AdminBody> {
+    let status = match &error {
+        ChangeError::UnknownRoute(_) => StatusCode::NOT_FOUND,
+        ChangeError::Tripped { .. } => StatusCode::CONFLICT,
+        ChangeError::NoCanary(_) | ChangeError::Invalid(_) | ChangeError::Config(_) | ChangeError::NoConfigFile => {
+            StatusCode::BAD_REQUEST
+        }
+        ChangeError::Persist(_) | ChangeError::Stopped => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    json_error(status, &error.to_string())
+}

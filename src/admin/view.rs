@@ -1,0 +1,114 @@
+//! JSON views of routes for `GET /admin/routes`.
+
+use serde::Serialize;
+
+use crate::config::bp_to_percent;
+use crate::slo::WindowStats;
+use crate::state::{LiveRoute, Snapshot};
+
+#[derive(Serialize)]
+pub struct RouteView {
+    pub name: String,
+    pub generation: u64,
+    pub stable: String,
+    pub canary: Option<String>,
+    pub canary_weight: f64,
+    pub file_weight: f64,
+    pub slo: SloView,
+    pub window: WindowsView,
+    pub rollout: Option<RolloutView>,
+}
+
+#[derive(Serialize)]
+pub struct SloView {
+    /// `ok` or `tripped`.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct WindowsView {
+    pub stable: StatsView,
+    pub canary: StatsView,
+}
+
+#[derive(Serialize)]
+pub struct StatsView {
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Serialize)]
+pub struct RolloutView {
+    pub steps: Vec<f64>,
+    /// Index of the current step, while a rollout runs.
+    pub step: Option<usize>,
+    pub running: bool,
+    pub paused: bool,
+    /// Seconds until the next step, while running and not paused.
+    pub next_step_in_s: Option<f64>,
+}
+
+impl From<WindowStats> for StatsView {
+    fn from(s: WindowStats) -> Self {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        Self {
+            requests: s.requests,
+            errors: s.errors,
+            error_rate: s.error_rate(),
+            p50_ms: ms(s.p50),
+            p90_ms: ms(s.p90),
+            p99_ms: ms(s.p99),
+        }
+    }
+}
+
+pub fn route_view(snapshot: &Snapshot, route: &LiveRoute) -> RouteView {
+    let spec = &route.spec;
+    let now = route.windows.now_ms();
+    let rollout = spec.rollout.as_ref().map(|plan| {
+        let progress = route.rollout.as_ref();
+        let interval_ms = plan.interval.as_millis() as u64;
+        RolloutView {
+            steps: plan.steps.iter().map(|&s| bp_to_percent(s)).collect(),
+            step: progress.map(|p| p.step),
+            running: progress.is_some(),
+            paused: progress.is_some_and(|p| p.paused),
+            next_step_in_s: progress.filter(|p| !p.paused).map(|p| {
+                let held = p.held_ms + crate::timefmt::unix_ms().saturating_sub(p.step_started_ms);
+                interval_ms.saturating_sub(held) as f64 / 1000.0
+            }),
+        }
+    });
+    RouteView {
+        name: spec.name.clone(),
+        generation: snapshot.generation,
+        stable: spec.stable.clone(),
+        canary: spec.canary.clone(),
+        canary_weight: bp_to_percent(route.weight_bp),
+        file_weight: bp_to_percent(spec.file_weight_bp),
+        slo: match &route.trip {
+            None => SloView { state: "ok", reason: None, detail: None, at: None },
+            Some(trip) => SloView {
+                state: "tripped",
+                reason: Some(trip.reason.clone()),
+                detail: Some(trip.detail.clone()),
+                at: Some(trip.at.clone()),
+            },
+        },
+        window: WindowsView {
+            stable: route.windows.stable.stats(now).into(),
+            canary: route.windows.canary.stats(now).into(),
+        },
+        rollout,
+    }
+}

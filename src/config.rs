@@ -1,0 +1,89 @@
+//! The config file: `file.rs` is what the operator writes, `compile.rs` validates it
+//! into [`Settings`]. `load` is the one entry point used by `check`, `run` and reloads.
+
+pub mod compile;
+pub mod duration;
+pub mod file;
+pub mod net;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use compile::{
+    bp_to_percent, weight_to_bp, HostMatch, RouteSpec, Settings, SloSpec, UpstreamSpec,
+};
+
+/// Why a config could not be used. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{}", Invalid { path, errors })]
+    Invalid { path: PathBuf, errors: Vec<String> },
+}
+
+/// Display helper for a list of validation errors, one per line.
+struct Invalid<'a> {
+    path: &'a Path,
+    errors: &'a [String],
+}
+
+impl fmt::Display for Invalid<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {error}", self.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    /// Each problem as its own line, for JSON replies and logs.
+    pub fn messages(&self) -> Vec<String> {
+        self.to_string().lines().map(str::to_string).collect()
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates config text; `path` is only used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
+    let file: file::FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: flatten_toml_error(&e, text),
+    })?;
+    compile::compile(&file).map_err(|errors| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        errors,
+    })
+}
+
+/// toml's own message spans several lines with a source excerpt; keep the line number and
+/// the reason on one line so that each error stays one line.
+fn flatten_toml_error(error: &toml::de::Error, text: &str) -> String {
+    let reason = error.message().trim();
+    match error.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+            format!("line {line} `{source}`: {reason}")
+        }
+        None => reason.to_string(),
+    }
+}

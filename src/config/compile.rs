@@ -1,0 +1,428 @@
+//! Validation: turns a parsed [`FileConfig`] into [`Settings`], collecting every error
+//! (each naming its field) instead of stopping at the first. What comes out is trusted on
+//! the hot path without further checks.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::file::{FileConfig, RouteSection, SloSection, UpstreamSection};
+use super::net::{self, IpRange};
+use crate::proxy::split::{KeySource, SaltKey};
+
+/// The validated config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub admin: AdminSettings,
+    pub state_dir: PathBuf,
+    pub upstreams: BTreeMap<String, UpstreamSpec>,
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub trusted_proxies: Vec<IpRange>,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    pub drain_timeout: Duration,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub token_env: String,
+}
+
+/// One upstream pool. Compared on reload: an unchanged spec keeps its live connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    pub name: String,
+    pub instances: Vec<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_idle_per_instance: usize,
+}
+
+/// Which hosts a route answers for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    /// Lower-case, without port.
+    Exact(String),
+}
+
+/// One route, validated. The weight here is the file's; the live weight is in the
+/// runtime state, which may differ after admin changes or an SLO trip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSpec {
+    pub name: String,
+    pub host: HostMatch,
+    pub path_prefix: String,
+    pub stable: String,
+    pub canary: Option<String>,
+    /// Basis points: percent × 100, so 12.5 % is 1250.
+    pub file_weight_bp: u32,
+    pub split_key: Vec<KeySource>,
+    pub salt: SaltKey,
+    pub sticky_cookie: Option<String>,
+    pub override_name: Option<OverrideName>,
+    pub canary_allow_list: HashSet<String>,
+    pub variant_header: Option<HeaderName>,
+    pub slo: Option<SloSpec>,
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// The force-a-side header (and cookie of the same name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverrideName {
+    pub header: HeaderName,
+    pub cookie: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SloSpec {
+    pub window: Duration,
+    pub min_requests: u64,
+    pub max_error_rate: Option<f64>,
+    pub max_p99_latency: Option<Duration>,
+    pub max_error_rate_increase: Option<f64>,
+    pub max_p99_ratio: Option<f64>,
+    pub count_4xx: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutSpec {
+    /// Basis points, strictly rising.
+    pub steps: Vec<u32>,
+    pub interval: Duration,
+}
+
+/// Converts a percent with at most two decimals into basis points.
+pub fn weight_to_bp(percent: f64) -> Result<u32, String> {
+    if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
+        return Err(format!("weight {percent} is outside 0–100"));
+    }
+    let scaled = percent * 100.0;
+    let bp = scaled.round();
+    if (scaled - bp).abs() > 1e-6 {
+        return Err(format!("weight {percent} has more than two decimals"));
+    }
+    Ok(bp as u32)
+}
+
+/// Formats basis points back as a percent for humans and JSON.
+pub fn bp_to_percent(bp: u32) -> f64 {
+    f64::from(bp) / 100.0
+}
+
+/// Collects errors, each prefixed with the field it is about.
+#[derive(Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn push(&mut self, field: &str, message: impl std::fmt::Display) {
+        self.0.push(format!("{field}: {message}"));
+    }
+}
+
+/// Validates the whole file, returning every problem found.
+pub fn compile(file: &FileConfig) -> Result<Settings, Vec<String>> {
+    let mut errors = Errors::default();
+    let server = compile_server(file, &mut errors);
+    let admin = AdminSettings {
+        listen: net::socket_addr(&file.admin.listen)
+            .map_err(|e| errors.push("admin.listen", e))
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
+        token_env: file.admin.token_env.clone(),
+    };
+    if admin.token_env.is_empty() {
+        errors.push("admin.token_env", "must name an environment variable");
+    }
+    let upstreams = file
+        .upstreams
+        .iter()
+        .filter_map(|(name, section)| {
+            compile_upstream(name, section, &mut errors).map(|spec| (name.clone(), spec))
+        })
+        .collect::<BTreeMap<_, _>>();
+    if file.routes.is_empty() {
+        errors.push("routes", "at least one route is required");
+    }
+    let mut seen = HashSet::new();
+    let routes = file
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, route)| {
+            let field = format!("routes[{index}] ({})", route.name);
+            if !seen.insert(route.name.as_str()) {
+                errors.push(&format!("{field}.name"), format!("duplicate route name {:?}", route.name));
+            }
+            compile_route(&field, route, file, &mut errors)
+        })
+        .collect();
+    if errors.0.is_empty() {
+        Ok(Settings {
+            server: server.expect("server settings exist when there are no errors"),
+            admin,
+            state_dir: file.state.dir.clone(),
+            upstreams,
+            routes,
+        })
+    } else {
+        Err(errors.0)
+    }
+}
+
+fn compile_server(file: &FileConfig, errors: &mut Errors) -> Option<ServerSettings> {
+    let s = &file.server;
+    let listen = net::socket_addr(&s.listen).map_err(|e| errors.push("server.listen", e)).ok();
+    let trusted_proxies = s
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            IpRange::parse(text)
+                .map_err(|e| errors.push(&format!("server.trusted_proxies[{i}]"), e))
+                .ok()
+        })
+        .collect();
+    for (field, value) in [
+        ("server.max_connections", s.max_connections),
+        ("server.max_headers", s.max_headers),
+        ("server.max_header_bytes", s.max_header_bytes),
+        ("server.max_uri_bytes", s.max_uri_bytes),
+    ] {
+        if value == 0 {
+            errors.push(field, "must be greater than 0");
+        }
+    }
+    if s.max_header_bytes < 8192 {
+        errors.push("server.max_header_bytes", "must be at least 8192");
+    }
+    for (field, value) in [
+        ("server.header_read_timeout", s.header_read_timeout),
+        ("server.idle_timeout", s.idle_timeout),
+    ] {
+        if value.is_zero() {
+            errors.push(field, "must be longer than 0");
+        }
+    }
+    Some(ServerSettings {
+        listen: listen?,
+        workers: s.workers,
+        trusted_proxies,
+        max_connections: s.max_connections,
+        header_read_timeout: s.header_read_timeout,
+        idle_timeout: s.idle_timeout,
+        max_headers: s.max_headers,
+        max_header_bytes: s.max_header_bytes,
+        max_uri_bytes: s.max_uri_bytes,
+        drain_timeout: s.drain_timeout,
+        access_log: s.access_log,
+    })
+}
+
+fn compile_upstream(name: &str, section: &UpstreamSection, errors: &mut Errors) -> Option<UpstreamSpec> {
+    let field = format!("upstreams.{name}");
+    if section.instances.is_empty() {
+        errors.push(&format!("{field}.instances"), "must list at least one instance");
+    }
+    let mut instances = Vec::with_capacity(section.instances.len());
+    for (i, text) in section.instances.iter().enumerate() {
+        match net::socket_addr(text) {
+            Ok(addr) => instances.push(addr),
+            Err(e) => errors.push(&format!("{field}.instances[{i}]"), e),
+        }
+    }
+    for (key, value) in [
+        ("connect_timeout", section.connect_timeout),
+        ("response_timeout", section.response_timeout),
+    ] {
+        if value.is_zero() {
+            errors.push(&format!("{field}.{key}"), "must be longer than 0");
+        }
+    }
+    (instances.len() == section.instances.len() && !instances.is_empty()).then(|| UpstreamSpec {
+        name: name.to_string(),
+        instances,
+        connect_timeout: section.connect_timeout,
+        response_timeout: section.response_timeout,
+        max_idle_per_instance: section.max_idle_per_instance,
+    })
+}
+
+fn compile_route(field: &str, r: &RouteSection, file: &FileConfig, errors: &mut Errors) -> Option<RouteSpec> {
+    let before = errors.0.len();
+    if r.name.is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        errors.push(&format!("{field}.name"), "must be non-empty and use only letters, digits, '-', '_' and '.'");
+    }
+    let host = if r.host == "*" {
+        HostMatch::Any
+    } else if r.host.is_empty() || r.host.contains(['/', ' ', ':']) {
+        errors.push(&format!("{field}.host"), format!("{:?} is not a host name or \"*\"", r.host));
+        HostMatch::Any
+    } else {
+        HostMatch::Exact(r.host.to_ascii_lowercase())
+    };
+    if !r.path_prefix.starts_with('/') {
+        errors.push(&format!("{field}.path_prefix"), "must start with '/'");
+    }
+    for (key, upstream) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
+        if let Some(upstream) = upstream {
+            if !file.upstreams.contains_key(upstream) {
+                errors.push(&format!("{field}.{key}"), format!("unknown upstream {upstream:?}"));
+            }
+        }
+    }
+    let file_weight_bp = weight_to_bp(r.canary_weight)
+        .map_err(|e| errors.push(&format!("{field}.canary_weight"), e))
+        .unwrap_or(0);
+    if r.canary.is_none() && file_weight_bp > 0 {
+        errors.push(&format!("{field}.canary_weight"), "is above 0 but the route has no canary");
+    }
+    if r.split_key.is_empty() {
+        errors.push(&format!("{field}.split_key"), "must list at least one key source");
+    }
+    let split_key = r
+        .split_key
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            KeySource::parse(text)
+                .map_err(|e| errors.push(&format!("{field}.split_key[{i}]"), e))
+                .ok()
+        })
+        .collect();
+    let sticky_cookie = non_empty(&r.sticky_cookie);
+    if let Some(name) = &sticky_cookie {
+        if !is_token(name) {
+            errors.push(&format!("{field}.sticky_cookie"), format!("{name:?} is not a valid cookie name"));
+        }
+    }
+    let override_name = non_empty(&r.override_name).and_then(|name| {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(header) => Some(OverrideName { header, cookie: name }),
+            Err(_) => {
+                errors.push(&format!("{field}.override_name"), format!("{name:?} is not a valid header name"));
+                None
+            }
+        }
+    });
+    let variant_header = non_empty(&r.variant_header).and_then(|name| {
+        HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| errors.push(&format!("{field}.variant_header"), format!("{name:?} is not a valid header name")))
+            .ok()
+    });
+    let slo = r.slo.as_ref().map(|s| compile_slo(&format!("{field}.slo"), s, errors));
+    let rollout = r.rollout.as_ref().map(|ro| {
+        let steps: Vec<u32> = ro
+            .steps
+            .iter()
+            .filter_map(|&w| weight_to_bp(w).map_err(|e| errors.push(&format!("{field}.rollout.steps"), e)).ok())
+            .collect();
+        if steps.is_empty() || steps.windows(2).any(|w| w[0] >= w[1]) || steps[0] == 0 {
+            errors.push(&format!("{field}.rollout.steps"), "must be a non-empty list of rising weights above 0");
+        }
+        if ro.interval.is_zero() {
+            errors.push(&format!("{field}.rollout.interval"), "must be longer than 0");
+        }
+        if r.canary.is_none() {
+            errors.push(&format!("{field}.rollout"), "needs a canary upstream");
+        }
+        RolloutSpec { steps, interval: ro.interval }
+    });
+    (errors.0.len() == before).then(|| RouteSpec {
+        name: r.name.clone(),
+        host,
+        path_prefix: r.path_prefix.clone(),
+        stable: r.stable.clone(),
+        canary: r.canary.clone(),
+        file_weight_bp,
+        split_key,
+        salt: SaltKey::derive(r.hash_salt.as_deref().unwrap_or(&r.name)),
+        sticky_cookie,
+        override_name,
+        canary_allow_list: r.canary_allow_list.iter().cloned().collect(),
+        variant_header,
+        slo,
+        rollout,
+    })
+}
+
+fn compile_slo(field: &str, s: &SloSection, errors: &mut Errors) -> SloSpec {
+    if s.window < Duration::from_secs(1) {
+        errors.push(&format!("{field}.window"), "must be at least 1s");
+    }
+    for (key, value) in [
+        ("max_error_rate", s.max_error_rate),
+        ("max_error_rate_increase", s.max_error_rate_increase),
+    ] {
+        if let Some(v) = value {
+            if !(0.0..=1.0).contains(&v) {
+                errors.push(&format!("{field}.{key}"), format!("{v} is outside 0–1"));
+            }
+        }
+    }
+    if let Some(ratio) = s.max_p99_ratio {
+        if !(ratio.is_finite() && ratio >= 1.0) {
+            errors.push(&format!("{field}.max_p99_ratio"), format!("{ratio} must be at least 1"));
+        }
+    }
+    if s.max_error_rate.is_none()
+        && s.max_p99_latency.is_none()
+        && s.max_error_rate_increase.is_none()
+        && s.max_p99_ratio.is_none()
+    {
+        errors.push(field, "sets no threshold (max_error_rate, max_p99_latency, max_error_rate_increase or max_p99_ratio)");
+    }
+    SloSpec {
+        window: s.window,
+        min_requests: s.min_requests,
+        max_error_rate: s.max_error_rate,
+        max_p99_latency: s.max_p99_latency,
+        max_error_rate_increase: s.max_error_rate_increase,
+        max_p99_ratio: s.max_p99_ratio,
+        count_4xx: s.count_4xx,
+    }
+}
+
+fn non_empty(text: &str) -> Option<String> {
+    (!text.is_empty()).then(|| text.to_string())
+}
+
+/// RFC 9110 token characters, as cookie and header names need.
+fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_convert_to_basis_points() {
+        assert_eq!(weight_to_bp(0.0), Ok(0));
+        assert_eq!(weight_to_bp(12.5), Ok(1250));
+        assert_eq!(weight_to_bp(0.01), Ok(1));
+        assert_eq!(weight_to_bp(100.0), Ok(10_000));
+        assert!(weight_to_bp(100.01).is_err());
+        assert!(weight_to_bp(-1.0).is_err());
+        assert!(weight_to_bp(0.001).is_err());
+        assert!(weight_to_bp(f64::NAN).is_err());
+    }
+}

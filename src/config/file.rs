@@ -1,0 +1,247 @@
+//! The config file as written by the operator: serde structs, defaults, nothing checked
+//! beyond syntax. `compile.rs` validates these and turns them into the runtime form.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::duration;
+
+/// The whole file. Unknown fields anywhere are errors, so a typo never silently
+/// becomes a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub state: StateSection,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamSection>,
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub listen: String,
+    /// Runtime worker threads; 0 means one per core.
+    #[serde(default)]
+    pub workers: usize,
+    /// Peers (CIDR or single address) whose `X-Forwarded-For` is trusted and appended to.
+    /// From anyone else the header is replaced by the peer address.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a complete request head.
+    #[serde(default = "defaults::header_read_timeout", deserialize_with = "duration::deserialize")]
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight and no bytes moving is closed after this.
+    #[serde(default = "defaults::idle_timeout", deserialize_with = "duration::deserialize")]
+    pub idle_timeout: Duration,
+    #[serde(default = "defaults::max_headers")]
+    pub max_headers: usize,
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "defaults::max_uri_bytes")]
+    pub max_uri_bytes: usize,
+    /// On SIGTERM, how long in-flight requests get to finish.
+    #[serde(default = "defaults::drain_timeout", deserialize_with = "duration::deserialize")]
+    pub drain_timeout: Duration,
+    /// One INFO line per request.
+    #[serde(default = "defaults::yes")]
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: String,
+    /// Name of the environment variable that holds the bearer token.
+    #[serde(default = "defaults::token_env")]
+    pub token_env: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: defaults::admin_listen(),
+            token_env: defaults::token_env(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    #[serde(default = "defaults::state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        Self {
+            dir: defaults::state_dir(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub instances: Vec<String>,
+    #[serde(default = "defaults::connect_timeout", deserialize_with = "duration::deserialize")]
+    pub connect_timeout: Duration,
+    /// Time from the request sent to the response head received.
+    #[serde(default = "defaults::response_timeout", deserialize_with = "duration::deserialize")]
+    pub response_timeout: Duration,
+    /// Idle pooled connections kept per instance.
+    #[serde(default = "defaults::max_idle_per_instance")]
+    pub max_idle_per_instance: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: String,
+    #[serde(default = "defaults::any_host")]
+    pub host: String,
+    #[serde(default = "defaults::root_prefix")]
+    pub path_prefix: String,
+    pub stable: String,
+    #[serde(default)]
+    pub canary: Option<String>,
+    /// Percent, 0–100, up to two decimals.
+    #[serde(default)]
+    pub canary_weight: f64,
+    #[serde(default = "defaults::split_key")]
+    pub split_key: Vec<String>,
+    /// Keys the hash; defaults to the route name. Change it to reshuffle users.
+    #[serde(default)]
+    pub hash_salt: Option<String>,
+    /// Cookie set when a request carries no key, so the user stays on one side.
+    /// An empty string switches it off.
+    #[serde(default = "defaults::sticky_cookie")]
+    pub sticky_cookie: String,
+    /// Header and cookie name that force a side (`canary` or `stable`). Empty switches it off.
+    #[serde(default = "defaults::override_name")]
+    pub override_name: String,
+    /// Keys always sent to the canary while it has a non-zero weight, e.g. testers' user IDs.
+    #[serde(default)]
+    pub canary_allow_list: Vec<String>,
+    /// Response header naming the side that served. Empty switches it off.
+    #[serde(default = "defaults::variant_header")]
+    pub variant_header: String,
+    #[serde(default)]
+    pub slo: Option<SloSection>,
+    #[serde(default)]
+    pub rollout: Option<RolloutSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SloSection {
+    #[serde(default = "defaults::slo_window", deserialize_with = "duration::deserialize")]
+    pub window: Duration,
+    #[serde(default = "defaults::min_requests")]
+    pub min_requests: u64,
+    #[serde(default)]
+    pub max_error_rate: Option<f64>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub max_p99_latency: Option<Duration>,
+    /// Relative rule: canary error rate minus stable error rate.
+    #[serde(default)]
+    pub max_error_rate_increase: Option<f64>,
+    /// Relative rule: canary p99 divided by stable p99.
+    #[serde(default)]
+    pub max_p99_ratio: Option<f64>,
+    /// Whether 4xx responses count as errors.
+    #[serde(default)]
+    pub count_4xx: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSection {
+    pub steps: Vec<f64>,
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub interval: Duration,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    pub fn header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn max_headers() -> usize {
+        100
+    }
+    pub fn max_header_bytes() -> usize {
+        16 * 1024
+    }
+    pub fn max_uri_bytes() -> usize {
+        8 * 1024
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn admin_listen() -> String {
+        "127.0.0.1:9901".into()
+    }
+    pub fn token_env() -> String {
+        "SPLITGATE_ADMIN_TOKEN".into()
+    }
+    pub fn state_dir() -> PathBuf {
+        PathBuf::from("state")
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn response_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_idle_per_instance() -> usize {
+        128
+    }
+    pub fn any_host() -> String {
+        "*".into()
+    }
+    pub fn root_prefix() -> String {
+        "/".into()
+    }
+    pub fn split_key() -> Vec<String> {
+        vec!["client_ip".into()]
+    }
+    pub fn sticky_cookie() -> String {
+        "splitgate_uid".into()
+    }
+    pub fn override_name() -> String {
+        "x-splitgate-variant".into()
+    }
+    pub fn variant_header() -> String {
+        "x-splitgate-variant".into()
+    }
+    pub fn slo_window() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn min_requests() -> u64 {
+        50
+    }
+}

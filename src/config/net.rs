@@ -1,0 +1,115 @@
+//! Address parsing for the config: socket addresses (with name resolution at load time)
+//! and CIDR ranges for trusted proxies.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+
+/// Parses "ip:port" or "name:port". Names are resolved once, when the config loads,
+/// so a request never waits on DNS.
+pub fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("{text:?} is not an address (expected host:port)"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("{text:?} is not an address (expected host:port)"));
+    }
+    text.to_socket_addrs()
+        .map_err(|e| format!("{text:?} does not resolve: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// An IP range such as 10.0.0.0/8 or ::1/128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    /// Parses "a.b.c.d/len", "v6/len", or a bare address (a range of one).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (text, None),
+        };
+        let network: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(len) => len
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= max)
+                .ok_or_else(|| format!("{text:?} has a bad prefix length (0–{max})"))?,
+        };
+        Ok(Self { network, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                prefix_eq(u32::from(net) as u128, u32::from(ip) as u128, 32, self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(u128::from(net), u128::from(ip), 128, self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 peers (from a dual-stack listener) compare as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn prefix_eq(a: u128, b: u128, bits: u8, prefix: u8) -> bool {
+    if prefix == 0 {
+        return true;
+    }
+    let shift = bits - prefix;
+    (a >> shift) == (b >> shift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_contain_what_they_should() {
+        let r = IpRange::parse("10.0.0.0/8").unwrap();
+        assert!(r.contains("10.1.2.3".parse().unwrap()));
+        assert!(!r.contains("11.0.0.1".parse().unwrap()));
+        assert!(r.contains("::ffff:10.9.9.9".parse().unwrap()));
+        let one = IpRange::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        assert!(IpRange::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(IpRange::parse("::1/128").unwrap().contains("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_ranges_are_errors() {
+        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::1/129"] {
+            assert!(IpRange::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        assert!(socket_addr("127.0.0.1:80").is_ok());
+        assert!(socket_addr("localhost:80").is_ok());
+        assert!(socket_addr("127.0.0.1").is_err());
+        assert!(socket_addr("127.0.0.1:99999").is_err());
+        assert!(socket_addr("host:notaport").is_err());
+    }
+}

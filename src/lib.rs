@@ -1,0 +1,31 @@
+//! splitgate: a traffic-splitting reverse proxy for progressive delivery.
+//!
+//! # Layout
+//!
+//! A request arrives on a listener (`server`), which runs hyper with the configured
+//! limits and drains on shutdown. The proxy service (`proxy::service`) loads the current
+//! [`state::Snapshot`] once, so the whole request sees one generation; checks framing
+//! (`proxy::framing`); matches a route (`proxy::route`); decides stable or canary by a
+//! keyed hash of the user's key (`proxy::split`); rewrites headers (`proxy::forward`);
+//! and forwards through a pooled upstream connection (`upstream`), streaming both bodies.
+//! It records metrics (`telemetry`) and the SLO windows (`slo`) and logs the access line.
+//!
+//! Everything that changes at runtime (weights, trips, rollouts, reloaded config) is
+//! changed by one task, the state writer (`state`), which persists it before swapping
+//! in a new snapshot. The admin API (`admin`), SIGHUP and the SLO guard (`slo::guard`)
+//! only send it commands. `config` parses and validates the file; `app` wires it all
+//! and runs the shutdown sequence. `demo` is the self-contained demo, `client` the
+//! deploy CLI's admin client.
+
+pub mod admin;
+pub mod app;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod proxy;
+pub mod server;
+pub mod slo;
+pub mod state;
+pub mod telemetry;
+pub mod timefmt;
+pub mod upstream;

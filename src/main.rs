@@ -1,0 +1,245 @@
+//! The `splitgate` command: parses the command line, sets up logging, and maps results
+//! to exit codes (0 ok, 1 refused by the admin API or failed at runtime, 2 bad config or
+//! usage). No proxy logic lives here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use http::Method;
+use splitgate::client::AdminClient;
+use splitgate::config::{self, Settings};
+
+#[derive(Parser)]
+#[command(name = "splitgate", version, about = "Traffic-splitting reverse proxy: stable/canary by user ID, hot weights, SLO auto-revert")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with a config file.
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a config file: prints `ok` or every error, exits 2 on error.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Start two demo upstreams and the proxy in front of them.
+    Demo {
+        /// Proxy port on 127.0.0.1.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Admin port on 127.0.0.1.
+        #[arg(long, default_value_t = 9901)]
+        admin_port: u16,
+    },
+    /// Set a route's canary weight (percent, up to two decimals).
+    Weight {
+        route: String,
+        percent: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show every route, or one.
+    Status {
+        route: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Set a route's canary weight to 0 now.
+    Rollback {
+        route: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Clear an SLO trip so the weight may rise again.
+    Reset {
+        route: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Drive a progressive rollout: start, pause, resume or abort.
+    Rollout {
+        route: String,
+        action: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin API base URL.
+    #[arg(long, env = "SPLITGATE_ADMIN", default_value = "http://127.0.0.1:9901")]
+    admin: String,
+    /// Bearer token for changes.
+    #[arg(long, env = "SPLITGATE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(settings) => match splitgate::app::check_admin_exposure(&settings, splitgate::app::admin_token(&settings).as_deref()) {
+                Ok(()) => {
+                    println!("ok");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("{}: {error}", config.display());
+                    ExitCode::from(2)
+                }
+            },
+            Err(error) => {
+                eprintln!("{error}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let settings = match config::load(&config) {
+                Ok(settings) => settings,
+                Err(error) => {
+                    eprintln!("{error}");
+                    return ExitCode::from(2);
+                }
+            };
+            report(runtime(settings.server.workers).and_then(|rt| rt.block_on(splitgate::app::run(settings, config))))
+        }
+        Command::Demo { port, admin_port } => report(runtime(0).and_then(|rt| rt.block_on(demo(port, admin_port)))),
+        Command::Weight { route, percent, admin } => {
+            let body = match percent.trim_end_matches('%').parse::<f64>() {
+                Ok(value) => format!("{{\"canary_weight\": {value}}}"),
+                Err(_) => {
+                    eprintln!("weight {percent:?} is not a number");
+                    return ExitCode::from(2);
+                }
+            };
+            admin_call(&admin, Method::PUT, &format!("/admin/routes/{route}/weight"), Some(body))
+        }
+        Command::Status { route, admin } => {
+            let path = route.map_or("/admin/routes".to_string(), |r| format!("/admin/routes/{r}"));
+            admin_call(&admin, Method::GET, &path, None)
+        }
+        Command::Rollback { route, admin } => admin_call(&admin, Method::POST, &format!("/admin/routes/{route}/rollback"), None),
+        Command::Reset { route, admin } => admin_call(&admin, Method::POST, &format!("/admin/routes/{route}/reset"), None),
+        Command::Rollout { route, action, admin } => {
+            admin_call(&admin, Method::POST, &format!("/admin/routes/{route}/rollout/{action}"), None)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    Ok(builder.enable_all().build()?)
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("splitgate: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Calls the admin API, prints the answer, exits 1 when refused.
+fn admin_call(args: &AdminArgs, method: Method, path: &str, body: Option<String>) -> ExitCode {
+    let result = runtime(1).and_then(|rt| {
+        rt.block_on(async {
+            let client = AdminClient::new(&args.admin, args.token.clone())?;
+            Ok(client.call(method, path, body).await?)
+        })
+    });
+    match result {
+        Ok((status, text)) => {
+            print!("{text}");
+            if status.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("splitgate: refused: {status}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("splitgate: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(port: u16, admin_port: u16) -> anyhow::Result<()> {
+    let stable = splitgate::demo::start_upstream("stable").await?;
+    let canary = splitgate::demo::start_upstream("canary").await?;
+    let state_dir = std::env::temp_dir().join(format!("splitgate-demo-{}", std::process::id()));
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let text = splitgate::demo::config_text(listen, admin, &state_dir, stable.addr, canary.addr);
+    let config_path = state_dir.join("demo.toml");
+    std::fs::create_dir_all(&state_dir)?;
+    std::fs::write(&config_path, &text)?;
+    let settings: Settings = config::parse(Path::new("demo.toml"), &text).context("demo config")?;
+    let running = splitgate::app::start(settings, Some(config_path.clone())).await?;
+    println!(
+        r#"
+splitgate demo is running (Ctrl-C to stop). Route "demo": 10 % canary by X-User-Id.
+
+  Proxy:   http://{proxy}
+  Admin:   http://{admin}   (/admin/routes, /metrics, /healthz, /readyz)
+  Config:  {config}
+
+Try:
+  for u in alice bob carol dave erin frank grace heidi; do curl -s -H "X-User-Id: $u" http://{proxy}/; done
+  cargo run --release -- status demo --admin http://{admin}
+  cargo run --release -- weight demo 50 --admin http://{admin}
+  cargo run --release -- rollout demo start --admin http://{admin}
+
+Break the canary and watch the SLO guard set its weight to 0:
+  curl -X POST http://{canary}/fail
+  for i in $(seq 200); do curl -s -o /dev/null -H "X-User-Id: user$i" http://{proxy}/; done
+  cargo run --release -- status demo --admin http://{admin}
+  curl -s http://{admin}/metrics | grep -E 'splitgate_(canary_weight|slo_state|slo_trips_total)'
+Heal it, then reset the trip:
+  curl -X POST http://{canary}/heal
+  cargo run --release -- reset demo --admin http://{admin}
+"#,
+        proxy = running.proxy_addr,
+        admin = running.admin_addr,
+        canary = canary.addr,
+        config = config_path.display(),
+    );
+    tokio::signal::ctrl_c().await?;
+    running.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! The one place proxy errors become responses. Each error knows its status and whether
+//! the client connection must close (after a framing error it cannot be trusted).
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+use crate::upstream::UpstreamError;
+
+/// Why the proxy answered itself instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Client's fault: a malformed or ambiguous request.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("request target too long")]
+    UriTooLong,
+    #[error("no route matches this host and path")]
+    NoRoute,
+    /// Upstream's fault.
+    #[error("upstream {upstream}: {source}")]
+    Upstream {
+        upstream: String,
+        source: UpstreamError,
+    },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Upstream { source, .. } => match source {
+                UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+        }
+    }
+
+    /// Whether the client connection must close after this response.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, ProxyError::BadRequest(_) | ProxyError::UriTooLong)
+    }
+
+    /// The response the client sees: status, a one-line plain-text reason.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        let body = match &self {
+            // Upstream details stay in the logs, not in the client's view.
+            ProxyError::Upstream { .. } => format!("{}\n", status.canonical_reason().unwrap_or("error")),
+            other => format!("{other}\n"),
+        };
+        let mut response = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if self.closes_connection() {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(source: UpstreamError) -> ProxyError {
+        ProxyError::Upstream {
+            upstream: "u".into(),
+            source,
+        }
+    }
+
+    #[test]
+    fn maps_each_error_to_its_status() {
+        assert_eq!(ProxyError::BadRequest("x").status(), StatusCode::BAD_REQUEST);
+        assert_eq!(ProxyError::UriTooLong.status(), StatusCode::URI_TOO_LONG);
+        assert_eq!(ProxyError::NoRoute.status(), StatusCode::NOT_FOUND);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(upstream(UpstreamError::Connect(refused)).status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(upstream(UpstreamError::ConnectTimeout).status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(upstream(UpstreamError::ResponseTimeout).status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    #[test]
+    fn framing_errors_close_the_connection() {
+        let response = ProxyError::BadRequest("x").into_response();
+        assert_eq!(response.headers()[CONNECTION], "close");
+        let response = ProxyError::NoRoute.into_response();
+        assert!(response.headers().get(CONNECTION).is_none());
+    }
+}

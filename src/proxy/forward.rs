@@ -1,0 +1,154 @@
+//! Header rewriting on the way through (RFC 9110 §7.6): hop-by-hop headers are dropped
+//! both ways, and the forwarding headers (Via, X-Forwarded-For, X-Forwarded-Proto) set.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{uri, Uri, Version};
+
+use crate::config::net::IpRange;
+
+/// Headers that describe one connection, never the message.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+];
+
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Removes the hop-by-hop headers, including every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+        let (_, listed) = entry.remove_entry_mult();
+        let listed: Vec<HeaderValue> = listed.collect();
+        for value in &listed {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
+                    headers.remove(&name);
+                }
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(&PROXY_CONNECTION);
+}
+
+/// The Via entry this proxy adds, by the protocol version it received.
+fn via_value(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_10 => "1.0 splitgate",
+        Version::HTTP_2 => "2.0 splitgate",
+        _ => "1.1 splitgate",
+    })
+}
+
+/// Appends this hop to `Via`.
+pub fn add_via(headers: &mut HeaderMap, version: Version) {
+    headers.append(header::VIA, via_value(version));
+}
+
+/// Facts about the client connection the forwarding headers need.
+pub struct Peer<'a> {
+    pub ip: IpAddr,
+    pub tls: bool,
+    pub trusted_proxies: &'a [IpRange],
+}
+
+impl Peer<'_> {
+    pub fn is_trusted(&self) -> bool {
+        self.trusted_proxies.iter().any(|r| r.contains(self.ip))
+    }
+}
+
+/// Sets X-Forwarded-For and X-Forwarded-Proto. A trusted peer's X-Forwarded-For is
+/// kept and the peer appended; anyone else's is replaced, so a client cannot forge the
+/// chain.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer<'_>) {
+    let mut text = [0u8; 64];
+    let mut cursor = &mut text[..];
+    let _ = write!(cursor, "{}", peer.ip);
+    let written = 64 - cursor.len();
+    let ip_value = HeaderValue::from_bytes(&text[..written]).expect("an IP address is a valid header value");
+    if peer.is_trusted() {
+        let prior: Vec<&[u8]> = headers.get_all(&X_FORWARDED_FOR).iter().map(|v| v.as_bytes()).collect();
+        if !prior.is_empty() {
+            let mut joined = prior.join(&b", "[..]);
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(&text[..written]);
+            if let Ok(value) = HeaderValue::from_bytes(&joined) {
+                headers.insert(&X_FORWARDED_FOR, value);
+                set_proto(headers, peer.tls, true);
+                return;
+            }
+        }
+    }
+    headers.insert(&X_FORWARDED_FOR, ip_value);
+    set_proto(headers, peer.tls, false);
+}
+
+fn set_proto(headers: &mut HeaderMap, tls: bool, keep_existing: bool) {
+    if keep_existing && headers.contains_key(&X_FORWARDED_PROTO) {
+        return;
+    }
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+}
+
+/// The request target as an upstream HTTP/1.1 server expects it: origin form.
+/// For absolute-form and HTTP/2 requests the authority moves into `Host`.
+pub fn to_origin_form(uri: &mut Uri, headers: &mut HeaderMap) {
+    if let Some(authority) = uri.authority() {
+        if !headers.contains_key(header::HOST) {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                headers.insert(header::HOST, host);
+            }
+        }
+        let path = uri.path_and_query().cloned().unwrap_or_else(|| uri::PathAndQuery::from_static("/"));
+        *uri = Uri::from(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_connection_listed_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn untrusted_forwarded_for_is_replaced_and_trusted_is_appended() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        let ip = "10.0.0.7".parse().unwrap();
+        set_forwarded(&mut headers, &Peer { ip, tls: false, trusted_proxies: &[] });
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.7");
+
+        let trusted = [IpRange::parse("10.0.0.0/8").unwrap()];
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        set_forwarded(&mut headers, &Peer { ip, tls: true, trusted_proxies: &trusted });
+        assert_eq!(headers[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.7");
+        assert_eq!(headers[&X_FORWARDED_PROTO], "https");
+    }
+}

@@ -1,0 +1,169 @@
+//! One proxied request, in order: load the snapshot once, check framing, route, split,
+//! rewrite headers, forward, record, respond. Each step is a function elsewhere; this
+//! file only orders them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, SET_COOKIE};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use super::forward::{self, Peer};
+use super::split::{self, RequestView};
+use super::{framing, route};
+use crate::state::Shared;
+use crate::telemetry::access_log::{self, AccessRecord};
+use crate::telemetry::Outcome;
+use crate::upstream::UpstreamBody;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Facts about the client connection a request came in on.
+#[derive(Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// The proxy service of one client connection.
+#[derive(Clone)]
+pub struct ProxyService {
+    pub shared: Arc<Shared>,
+    pub conn: ConnInfo,
+}
+
+impl ProxyService {
+    pub async fn handle(self, request: Request<Incoming>) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+        let started = Instant::now();
+        let snapshot = self.shared.snapshot.load_full();
+        let server = &snapshot.settings.server;
+        let (mut parts, body) = request.into_parts();
+
+        if let Err(error) = framing::check(&parts, server.max_uri_bytes) {
+            tracing::debug!(peer = %self.conn.peer, %error, "request rejected");
+            return Ok(error.into_response());
+        }
+        let host = framing::request_host(&parts.uri, &parts.headers);
+        let Some(route) = route::find(&snapshot.routes, host, parts.uri.path()) else {
+            return Ok(ProxyError::NoRoute.into_response());
+        };
+        let decision = split::decide(
+            &route.spec,
+            route.weight_bp,
+            route.trip.is_some(),
+            &RequestView {
+                headers: &parts.headers,
+                uri: &parts.uri,
+                client_ip: self.conn.peer.ip(),
+            },
+        );
+        let (upstream, variant) = route.upstream(decision.variant);
+        let instance = upstream.pick().clone();
+
+        let request_id = match parts.headers.get(&X_REQUEST_ID) {
+            Some(id) if !id.is_empty() && id.len() <= 128 => id.clone(),
+            _ => {
+                let id = HeaderValue::try_from(format!("{:032x}", fastrand::u128(..)))
+                    .expect("hex is a valid header value");
+                parts.headers.insert(&X_REQUEST_ID, id.clone());
+                id
+            }
+        };
+        let client_version = parts.version;
+        let access = server.access_log.then(|| (parts.method.clone(), parts.uri.clone()));
+        forward::strip_hop_by_hop(&mut parts.headers);
+        if let Some(name) = &route.spec.override_name {
+            parts.headers.remove(&name.header);
+        }
+        forward::to_origin_form(&mut parts.uri, &mut parts.headers);
+        forward::add_via(&mut parts.headers, client_version);
+        forward::set_forwarded(
+            &mut parts.headers,
+            &Peer {
+                ip: self.conn.peer.ip(),
+                tls: self.conn.tls,
+                trusted_proxies: &server.trusted_proxies,
+            },
+        );
+        parts.version = Version::HTTP_11;
+        let upstream_body = if body_is_empty(&body) {
+            UpstreamBody::Empty
+        } else {
+            UpstreamBody::Client(body)
+        };
+
+        let result = upstream.send(&instance, Request::from_parts(parts, upstream_body)).await;
+        let elapsed = started.elapsed();
+        let (outcome, response) = match result {
+            Ok(response) => (Outcome::Status(response.status().as_u16()), Ok(response)),
+            Err(error) => (Outcome::Error(error.kind()), Err(error)),
+        };
+        route.metrics.side(variant).record(outcome, elapsed);
+        route.windows.record(variant, outcome, elapsed);
+
+        let mut response = match response {
+            Ok(response) => {
+                let (mut head, body) = response.into_parts();
+                forward::strip_hop_by_hop(&mut head.headers);
+                forward::add_via(&mut head.headers, Version::HTTP_11);
+                Response::from_parts(head, ProxyBody::Upstream(body))
+            }
+            Err(source) => {
+                tracing::warn!(
+                    route = %route.spec.name,
+                    upstream = upstream.name(),
+                    instance = %instance.addr(),
+                    error = %source,
+                    "upstream request failed"
+                );
+                ProxyError::Upstream {
+                    upstream: upstream.name().to_string(),
+                    source,
+                }
+                .into_response()
+            }
+        };
+        let headers = response.headers_mut();
+        if let Some(name) = &route.spec.variant_header {
+            headers.insert(name, HeaderValue::from_static(variant.as_str()));
+        }
+        if let (Some(key), Some(cookie)) = (&decision.new_key, &route.spec.sticky_cookie) {
+            if let Ok(value) = HeaderValue::try_from(format!(
+                "{cookie}={key}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax"
+            )) {
+                headers.append(SET_COOKIE, value);
+            }
+        }
+        headers.insert(&X_REQUEST_ID, request_id.clone());
+
+        if let Some((method, uri)) = access {
+            access_log::log(&AccessRecord {
+                request_id: request_id.to_str().unwrap_or("-"),
+                method: method.as_str(),
+                path: uri.path(),
+                route: &route.spec.name,
+                variant: variant.as_str(),
+                bucket: decision.bucket,
+                instance: Some(instance.addr()),
+                status: response.status().as_u16(),
+                duration: elapsed,
+                bytes: response
+                    .headers()
+                    .get(CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+            });
+        }
+        Ok(response)
+    }
+}
+
+/// A request without a body sends none upstream (and could be rebuilt for a retry).
+fn body_is_empty(body: &Incoming) -> bool {
+    use http_body::Body as _;
+    body.is_end_stream()
+}

@@ -1,0 +1,164 @@
+//! The proxy listener: accept under a connection cap, serve each connection with hyper
+//! (HTTP/1.1 and h2c by prior knowledge), enforce the idle timeout, and drain on shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use metrics::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::activity::{Activity, Tracked};
+use super::stopped;
+use crate::config::compile::ServerSettings;
+use crate::proxy::{ConnInfo, ProxyService};
+use crate::state::Shared;
+use crate::telemetry::names::{CONNECTIONS, LABEL_LISTENER};
+
+/// The limits of one listener, fixed when it starts.
+#[derive(Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// Builds hyper's connection builder with every limit set. hyper's header-read
+/// timeout is silently off without a timer, so one is always given.
+pub fn connection_builder(server: &ServerSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout)
+        .max_buf_size(server.max_header_bytes)
+        .max_headers(server.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(server.max_header_bytes as u32)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(20)));
+    builder
+}
+
+/// A running listener's parts that every connection shares.
+struct Listener {
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    limits: Limits,
+    connections: Gauge,
+    tls: bool,
+}
+
+/// Accepts until `shutdown` turns true, then waits up to the drain timeout for open
+/// connections to finish their in-flight requests. Returns whether all finished.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) -> bool {
+    let server = shared.snapshot.load().settings.server.clone();
+    let limits = Limits {
+        max_connections: server.max_connections,
+        idle_timeout: server.idle_timeout,
+        drain_timeout: server.drain_timeout,
+    };
+    let state = Arc::new(Listener {
+        connections: shared.registry.gauge(CONNECTIONS, &[(LABEL_LISTENER, "http")]),
+        builder: connection_builder(&server),
+        shared,
+        limits: limits.clone(),
+        tls: false,
+    });
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "connection cap reached; closing new connection");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = ConnInfo { peer, tls: state.tls };
+                tokio::spawn(serve_connection(state.clone(), stream, conn, shutdown.clone(), permit));
+            }
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    let all = limits.max_connections as u32;
+    let drained = tokio::time::timeout(limits.drain_timeout, permits.acquire_many(all)).await;
+    drained.is_ok()
+}
+
+async fn serve_connection<I>(
+    listener: Arc<Listener>,
+    io: I,
+    conn: ConnInfo,
+    mut shutdown: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    listener.connections.increment(1.0);
+    let activity = Activity::new();
+    let service = ProxyService {
+        shared: listener.shared.clone(),
+        conn,
+    };
+    let in_flight = activity.clone();
+    let svc = service_fn(move |request| {
+        let guard = in_flight.begin_request();
+        let service = service.clone();
+        async move {
+            let response = service.handle(request).await;
+            drop(guard);
+            response
+        }
+    });
+    let connection = listener
+        .builder
+        .serve_connection(TokioIo::new(Tracked::new(io, activity.clone())), svc);
+    tokio::pin!(connection);
+    let idle_timeout = listener.limits.idle_timeout;
+    let mut closing = *shutdown.borrow();
+    if closing {
+        connection.as_mut().graceful_shutdown();
+    }
+    loop {
+        let idle_at = activity
+            .idle_deadline(idle_timeout)
+            .unwrap_or_else(|| Instant::now() + idle_timeout);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(peer = %conn.peer, %error, "client connection ended with an error");
+                }
+                break;
+            }
+            _ = tokio::time::sleep_until(idle_at), if !closing => {
+                if activity.idle_deadline(idle_timeout).is_some_and(|at| at <= Instant::now()) {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            _ = stopped(&mut shutdown), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+    listener.connections.decrement(1.0);
+}

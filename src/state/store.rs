@@ -1,0 +1,175 @@
+//! Durable runtime state in `state.dir`: `state.json` (weights, trips, rollouts), written
+//! atomically (temp file, fsync, rename, fsync of the directory) before a change is
+//! acknowledged, and `audit.jsonl`, one JSON line per change.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::snapshot::{RolloutProgress, Trip};
+
+const STATE_FILE: &str = "state.json";
+const AUDIT_FILE: &str = "audit.jsonl";
+const FORMAT_VERSION: u32 = 1;
+
+/// The saved state of one route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedRoute {
+    /// Live weight, basis points.
+    pub weight_bp: u32,
+    /// The config file's weight when this was saved: if the file's weight has changed
+    /// since, the file wins.
+    pub file_weight_bp: u32,
+    #[serde(default)]
+    pub trip: Option<Trip>,
+    #[serde(default)]
+    pub rollout: Option<RolloutProgress>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    routes: BTreeMap<String, SavedRoute>,
+}
+
+/// What `load` found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// No state yet (first start).
+    Fresh,
+    Routes(BTreeMap<String, SavedRoute>),
+    /// The file could not be read as state. It was moved aside to `moved_to`.
+    Corrupt { reason: String, moved_to: PathBuf },
+}
+
+/// One audit-log line.
+#[derive(Debug, Serialize)]
+pub struct AuditEntry<'a> {
+    pub time: String,
+    pub route: &'a str,
+    pub action: &'a str,
+    pub old_weight: f64,
+    pub new_weight: f64,
+    pub source: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the state directory.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads `state.json`. A corrupt file is moved aside, never deleted or overwritten.
+    pub fn load(&self) -> std::io::Result<Loaded> {
+        let path = self.dir.join(STATE_FILE);
+        let text = match fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::Fresh),
+            Err(e) => return Err(e),
+        };
+        let reason = match serde_json::from_slice::<StateFile>(&text) {
+            Ok(file) if file.version == FORMAT_VERSION => return Ok(Loaded::Routes(file.routes)),
+            Ok(file) => format!("unknown format version {}", file.version),
+            Err(e) => e.to_string(),
+        };
+        let moved_to = self.dir.join(format!("{STATE_FILE}.corrupt-{}", crate::timefmt::unix_ms()));
+        fs::rename(&path, &moved_to)?;
+        Ok(Loaded::Corrupt { reason, moved_to })
+    }
+
+    /// Writes the state atomically: after this returns, a crash leaves either the old or
+    /// the new file, never a torn one.
+    pub fn save(&self, routes: &BTreeMap<String, SavedRoute>) -> std::io::Result<()> {
+        let file = StateFile {
+            version: FORMAT_VERSION,
+            routes: routes.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
+        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        {
+            let mut out = File::create(&tmp)?;
+            out.write_all(&bytes)?;
+            out.sync_all()?;
+        }
+        fs::rename(&tmp, self.dir.join(STATE_FILE))?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Appends audit lines and syncs them.
+    pub fn audit(&self, entries: &[AuditEntry<'_>]) -> std::io::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut out = OpenOptions::new().create(true).append(true).open(self.dir.join(AUDIT_FILE))?;
+        let mut buf = Vec::new();
+        for entry in entries {
+            serde_json::to_writer(&mut buf, entry).map_err(std::io::Error::other)?;
+            buf.push(b'\n');
+        }
+        out.write_all(&buf)?;
+        out.sync_data()
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.join(AUDIT_FILE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("splitgate-store-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn saves_and_loads() {
+        let store = Store::open(&temp_dir("roundtrip")).unwrap();
+        assert!(matches!(store.load().unwrap(), Loaded::Fresh));
+        let mut routes = BTreeMap::new();
+        routes.insert(
+            "api".to_string(),
+            SavedRoute { weight_bp: 2500, file_weight_bp: 500, trip: None, rollout: None },
+        );
+        store.save(&routes).unwrap();
+        match store.load().unwrap() {
+            Loaded::Routes(loaded) => assert_eq!(loaded, routes),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn corrupt_file_is_moved_aside() {
+        let dir = temp_dir("corrupt");
+        let store = Store::open(&dir).unwrap();
+        fs::write(dir.join(STATE_FILE), b"{ not json").unwrap();
+        match store.load().unwrap() {
+            Loaded::Corrupt { moved_to, .. } => {
+                assert!(moved_to.exists());
+                assert!(!dir.join(STATE_FILE).exists());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Per-route metric handles, registered when a snapshot is compiled.
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
+
+use super::names::*;
+use super::registry::Registry;
+use crate::proxy::split::Variant;
+use crate::upstream::ErrorKind;
+
+/// How a proxied request ended, as far as metrics care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered with this status.
+    Status(u16),
+    /// No response from the upstream.
+    Error(ErrorKind),
+}
+
+const CODE_LABELS: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+impl Outcome {
+    fn code_index(self) -> usize {
+        match self {
+            Outcome::Status(status) => (usize::from(status / 100)).clamp(1, 5) - 1,
+            Outcome::Error(_) => 5,
+        }
+    }
+}
+
+/// Handles for one side (stable or canary) of a route.
+pub struct SideMetrics {
+    requests: [Counter; 6],
+    duration: Histogram,
+    errors: [Counter; 4],
+}
+
+impl SideMetrics {
+    fn new(registry: &Registry, route: &str, upstream: &str, variant: Variant) -> Self {
+        let side = [(LABEL_ROUTE, route), (LABEL_UPSTREAM, upstream), (LABEL_VARIANT, variant.as_str())];
+        let requests = CODE_LABELS.map(|code| {
+            let [r, u, v] = side;
+            registry.counter(REQUESTS_TOTAL, &[r, u, v, (LABEL_CODE, code)])
+        });
+        let errors = ErrorKind::ALL.map(|kind| {
+            registry.counter(
+                UPSTREAM_ERRORS_TOTAL,
+                &[(LABEL_ROUTE, route), (LABEL_UPSTREAM, upstream), (LABEL_KIND, kind.as_str())],
+            )
+        });
+        Self {
+            requests,
+            duration: registry.histogram(REQUEST_DURATION_SECONDS, &side),
+            errors,
+        }
+    }
+
+    /// Records one request: its status class, its duration to response head, and the
+    /// error kind when the upstream failed.
+    pub fn record(&self, outcome: Outcome, elapsed: Duration) {
+        self.requests[outcome.code_index()].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+        if let Outcome::Error(kind) = outcome {
+            self.errors[kind as usize].increment(1);
+        }
+    }
+}
+
+/// Handles for a route.
+pub struct RouteMetrics {
+    pub stable: SideMetrics,
+    pub canary: Option<SideMetrics>,
+    pub canary_weight: Gauge,
+    pub slo_state: Gauge,
+}
+
+impl RouteMetrics {
+    pub fn new(registry: &Registry, route: &str, stable: &str, canary: Option<&str>) -> Self {
+        Self {
+            stable: SideMetrics::new(registry, route, stable, Variant::Stable),
+            canary: canary.map(|c| SideMetrics::new(registry, route, c, Variant::Canary)),
+            canary_weight: registry.gauge(CANARY_WEIGHT, &[(LABEL_ROUTE, route)]),
+            slo_state: registry.gauge(SLO_STATE, &[(LABEL_ROUTE, route)]),
+        }
+    }
+
+    pub fn side(&self, variant: Variant) -> &SideMetrics {
+        match (variant, &self.canary) {
+            (Variant::Canary, Some(canary)) => canary,
+            _ => &self.stable,
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Upstream pools: the instances of one named upstream, round-robin selection, and
+//! pooled keep-alive HTTP/1.1 connections per instance.
+
+pub mod body;
+pub mod pool;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::{Request, Response};
+
+pub use body::UpstreamBody;
+pub use pool::{Pool, PooledBody};
+
+use crate::config::UpstreamSpec;
+
+/// What went wrong talking to an upstream. `kind()` is the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("no response head within the response timeout")]
+    ResponseTimeout,
+    #[error("connection closed or reset before the response: {0}")]
+    Reset(hyper::Error),
+    #[error("upstream broke HTTP: {0}")]
+    Protocol(hyper::Error),
+}
+
+impl UpstreamError {
+    /// Sorts hyper's errors into reset (the peer went away) and protocol (it spoke badly).
+    pub fn from_hyper(error: hyper::Error) -> Self {
+        let reset = error.is_incomplete_message()
+            || error.is_canceled()
+            || error.is_closed()
+            || std::error::Error::source(&error)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .is_some();
+        if reset {
+            UpstreamError::Reset(error)
+        } else {
+            UpstreamError::Protocol(error)
+        }
+    }
+
+    /// The `kind` label of `splitgate_upstream_errors_total`.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            UpstreamError::Connect(_) => ErrorKind::Connect,
+            UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => ErrorKind::Timeout,
+            UpstreamError::Reset(_) => ErrorKind::Reset,
+            UpstreamError::Protocol(_) => ErrorKind::Protocol,
+        }
+    }
+}
+
+/// Bounded label values for upstream errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Connect = 0,
+    Timeout = 1,
+    Reset = 2,
+    Protocol = 3,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 4] = [ErrorKind::Connect, ErrorKind::Timeout, ErrorKind::Reset, ErrorKind::Protocol];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Reset => "reset",
+            ErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+/// A named upstream: its instances and the round-robin cursor.
+pub struct Upstream {
+    pub spec: UpstreamSpec,
+    instances: Box<[Arc<Pool>]>,
+    next: AtomicUsize,
+}
+
+impl Upstream {
+    pub fn new(spec: UpstreamSpec) -> Self {
+        let instances = spec
+            .instances
+            .iter()
+            .map(|&addr| Arc::new(Pool::new(addr, spec.max_idle_per_instance)))
+            .collect();
+        Self {
+            spec,
+            instances,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The next instance in round-robin order.
+    pub fn pick(&self) -> &Arc<Pool> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.instances.len();
+        &self.instances[i]
+    }
+
+    pub fn instances(&self) -> &[Arc<Pool>] {
+        &self.instances
+    }
+
+    /// Sends a request to one instance, bounding the wait for the response head.
+    pub async fn send(&self, instance: &Arc<Pool>, request: Request<UpstreamBody>) -> Result<Response<PooledBody>, UpstreamError> {
+        let response_deadline = self.spec.connect_timeout + self.spec.response_timeout;
+        tokio::time::timeout(response_deadline, instance.send(request, self.spec.connect_timeout))
+            .await
+            .unwrap_or(Err(UpstreamError::ResponseTimeout))
+    }
+}
