@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -16,12 +15,34 @@ use crate::admin::{self, Admin};
 use crate::config::Settings;
 use crate::state::{self, Source, StateHandle};
 
+/// Why splitgate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("admin.listen {listen} is not a loopback address and {token_env} is not set: refusing to expose the admin API without a token")]
+    ExposedAdmin { listen: SocketAddr, token_env: String },
+    #[error("{field} {addr}: cannot listen: {source}")]
+    Bind {
+        field: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("state.dir {dir}: {source}")]
+    State { dir: PathBuf, source: std::io::Error },
+    #[error("cannot restore state: {0}")]
+    Restore(#[from] state::ChangeError),
+    #[error("signal handling: {0}")]
+    Signals(std::io::Error),
+}
+
 /// A started splitgate.
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub state: StateHandle,
+    /// Stops the proxy listener (first).
     shutdown: watch::Sender<bool>,
+    /// Stops the admin API and the guard (after the drain, so `/readyz` stays answerable).
+    stop_admin: watch::Sender<bool>,
     proxy: JoinHandle<bool>,
     admin: JoinHandle<()>,
     guard: JoinHandle<()>,
@@ -33,40 +54,48 @@ pub fn admin_token(settings: &Settings) -> Option<String> {
 }
 
 /// Refuses an admin listener reachable from the network without a token.
-pub fn check_admin_exposure(settings: &Settings, token: Option<&str>) -> anyhow::Result<()> {
+pub fn check_admin_exposure(settings: &Settings, token: Option<&str>) -> Result<(), StartError> {
     if !settings.admin.listen.ip().is_loopback() && token.is_none() {
-        anyhow::bail!(
-            "admin.listen {} is not a loopback address and {} is not set: refusing to expose the admin API without a token",
-            settings.admin.listen,
-            settings.admin.token_env
-        );
+        return Err(StartError::ExposedAdmin {
+            listen: settings.admin.listen,
+            token_env: settings.admin.token_env.clone(),
+        });
     }
     Ok(())
 }
 
 /// Binds the listeners and starts serving. `config_path` is what reloads re-read.
-pub async fn start(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
+pub async fn start(settings: Settings, config_path: Option<PathBuf>) -> Result<Running, StartError> {
     let token = admin_token(&settings);
     check_admin_exposure(&settings, token.as_deref())?;
-    let proxy_listener = TcpListener::bind(settings.server.listen)
-        .await
-        .with_context(|| format!("server.listen {}", settings.server.listen))?;
-    let admin_listener = TcpListener::bind(settings.admin.listen)
-        .await
-        .with_context(|| format!("admin.listen {}", settings.admin.listen))?;
+    let proxy_listener = bind("server.listen", settings.server.listen).await?;
+    let admin_listener = bind("admin.listen", settings.admin.listen).await?;
+    let proxy_addr = local_addr("server.listen", &proxy_listener, settings.server.listen)?;
+    let admin_addr = local_addr("admin.listen", &admin_listener, settings.admin.listen)?;
     let state = state::start(settings, config_path).await?;
     let (shutdown, stop) = watch::channel(false);
-    let proxy_addr = proxy_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-    let proxy = tokio::spawn(crate::server::serve(proxy_listener, state.shared.clone(), stop.clone()));
+    let (stop_admin, admin_stop) = watch::channel(false);
+    let proxy = tokio::spawn(crate::server::serve(proxy_listener, state.shared.clone(), stop));
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(Admin { state: state.clone(), token }),
-        stop.clone(),
+        admin_stop.clone(),
     ));
-    let guard = tokio::spawn(crate::slo::guard::run(state.clone(), stop));
+    let guard = tokio::spawn(crate::slo::guard::run(state.clone(), admin_stop));
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "splitgate serving");
-    Ok(Running { proxy_addr, admin_addr, state, shutdown, proxy, admin, guard })
+    Ok(Running { proxy_addr, admin_addr, state, shutdown, stop_admin, proxy, admin, guard })
+}
+
+async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { field, addr, source })
+}
+
+fn local_addr(field: &'static str, listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { field, addr, source })
 }
 
 impl Running {
@@ -76,6 +105,7 @@ impl Running {
         self.state.shared.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
         let drained = self.proxy.await.unwrap_or(false);
+        let _ = self.stop_admin.send(true);
         let _ = self.admin.await;
         let _ = self.guard.await;
         drained
@@ -83,7 +113,7 @@ impl Running {
 }
 
 /// Serves until SIGTERM or SIGINT, reloading on SIGHUP.
-pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
     let running = start(settings, Some(config_path)).await?;
     wait_for_signals(&running.state).await?;
     tracing::info!("shutting down: draining in-flight requests");
@@ -96,11 +126,11 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> anyhow::Result<()>
 }
 
 #[cfg(unix)]
-async fn wait_for_signals(state: &StateHandle) -> anyhow::Result<()> {
+async fn wait_for_signals(state: &StateHandle) -> Result<(), StartError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
@@ -120,7 +150,7 @@ async fn wait_for_signals(state: &StateHandle) -> anyhow::Result<()> {
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_state: &StateHandle) -> anyhow::Result<()> {
-    tokio::signal::ctrl_c().await?;
+async fn wait_for_signals(_state: &StateHandle) -> Result<(), StartError> {
+    tokio::signal::ctrl_c().await.map_err(StartError::Signals)?;
     Ok(())
 }

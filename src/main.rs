@@ -121,7 +121,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            report(runtime(settings.server.workers).and_then(|rt| rt.block_on(splitgate::app::run(settings, config))))
+            report(runtime(settings.server.workers).and_then(|rt| Ok(rt.block_on(splitgate::app::run(settings, config))?)))
         }
         Command::Demo { port, admin_port } => report(runtime(0).and_then(|rt| rt.block_on(demo(port, admin_port)))),
         Command::Weight { route, percent, admin } => {

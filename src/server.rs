@@ -2,6 +2,7 @@
 //! idle timeout, and graceful drain.
 
 pub mod activity;
+pub mod head_scan;
 pub mod listener;
 
 pub use listener::serve;

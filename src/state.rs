@@ -169,12 +169,14 @@ struct Writer {
 
 /// Starts the writer: loads saved state, merges it with `settings`, persists the result
 /// and publishes the first snapshot. `config_path` is what reloads re-read.
-pub async fn start(settings: Settings, config_path: Option<PathBuf>) -> anyhow::Result<StateHandle> {
-    let store = Store::open(&settings.state_dir)
-        .map_err(|e| anyhow::anyhow!("state.dir {}: {e}", settings.state_dir.display()))?;
+pub async fn start(settings: Settings, config_path: Option<PathBuf>) -> Result<StateHandle, ChangeError> {
+    let store = Store::open(&settings.state_dir).map_err(ChangeError::Persist)?;
     let loaded = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store.load()).await??
+        tokio::task::spawn_blocking(move || store.load())
+            .await
+            .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?
+            .map_err(ChangeError::Persist)?
     };
     let (saved, corrupt) = match loaded {
         Loaded::Fresh => (BTreeMap::new(), None),
@@ -221,7 +223,7 @@ pub async fn start(settings: Settings, config_path: Option<PathBuf>) -> anyhow::
         generation: 0,
     };
     writer.install(writer.settings.clone());
-    writer.commit(merged, Source::Start).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    writer.commit(merged, Source::Start).await?;
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(writer.run(rx));
     Ok(StateHandle { tx, shared })
@@ -416,11 +418,11 @@ impl Writer {
             warnings.push("state.dir changed; it takes effect at the next restart".to_string());
         }
         let merged = merge::merge(&settings, &self.saved, None);
-        let previous = (self.settings.clone(), std::mem::take(&mut self.specs));
+        let previous = self.settings.clone();
         self.install(Arc::new(settings));
         if let Err(error) = self.commit(merged, source).await {
             // Put the old config back: a reload that cannot be persisted changes nothing.
-            self.install(previous.0);
+            self.install(previous);
             return Err(error);
         }
         tracing::info!(generation = self.generation, "config reloaded");
@@ -474,10 +476,11 @@ impl Writer {
             let old = self.saved.get(route);
             let old_weight = old.map_or(new.file_weight_bp, |o| o.weight_bp);
             let action = match (old.and_then(|o| o.trip.as_ref()), &new.trip) {
+                _ if old.is_none() => "init",
                 (None, Some(_)) => "trip",
                 (Some(_), None) => "reset",
                 _ if old.map(|o| &o.rollout) != Some(&new.rollout) => "rollout",
-                _ if old.is_none() || old_weight != new.weight_bp => "weight",
+                _ if old_weight != new.weight_bp => "weight",
                 _ => continue,
             };
             lines.push((route.clone(), action, old_weight, new.weight_bp, new.trip.as_ref().map(|t| t.detail.clone())));

@@ -146,6 +146,7 @@ mod tests {
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.7");
 
         let trusted = [IpRange::parse("10.0.0.0/8").unwrap()];
+        let mut headers = HeaderMap::new();
         headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         set_forwarded(&mut headers, &Peer { ip, tls: true, trusted_proxies: &trusted });
         assert_eq!(headers[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.7");

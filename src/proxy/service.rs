@@ -37,13 +37,23 @@ pub struct ProxyService {
 }
 
 impl ProxyService {
-    pub async fn handle(self, request: Request<Incoming>) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    /// Serves one request. `framing_rejection` is the connection's framing scan's verdict
+    /// on this request's head (see `server::head_scan`).
+    pub async fn handle(
+        self,
+        request: Request<Incoming>,
+        framing_rejection: Option<&'static str>,
+    ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
         let started = Instant::now();
         let snapshot = self.shared.snapshot.load_full();
         let server = &snapshot.settings.server;
         let (mut parts, body) = request.into_parts();
 
-        if let Err(error) = framing::check(&parts, server.max_uri_bytes) {
+        let checked = match framing_rejection {
+            Some(reason) => Err(ProxyError::BadRequest(reason)),
+            None => framing::check(&parts, server.max_uri_bytes),
+        };
+        if let Err(error) = checked {
             tracing::debug!(peer = %self.conn.peer, %error, "request rejected");
             return Ok(error.into_response());
         }

@@ -1,21 +1,31 @@
-//! Per-connection activity, for the idle keep-alive timeout: the IO wrapper stamps the
-//! time of the last byte read or written, and the service counts requests in flight.
-//! A connection is idle when nothing is in flight and no byte has moved for a while.
+//! Per-connection state shared by the IO wrapper and the service:
+//! - activity, for the idle keep-alive timeout: the IO wrapper stamps the time of the
+//!   last byte read or written, and the service counts requests in flight. A connection
+//!   is idle when nothing is in flight and no byte has moved for a while;
+//! - the framing scan (`head_scan.rs`): the IO wrapper feeds it what the client sends,
+//!   and records the first request head it refuses, which the service then answers 400.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use super::head_scan::{Finding, HeadScanner, Rejection};
+
 pub struct Activity {
     origin: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Requests begun on this connection, numbering them in order (HTTP/1.1 serves
+    /// them one at a time, in the order their heads arrived).
+    requests: AtomicU64,
+    /// The first request head the framing scan refused, by sequence number.
+    rejected: OnceLock<(u64, Rejection)>,
 }
 
 impl Activity {
@@ -24,6 +34,8 @@ impl Activity {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            rejected: OnceLock::new(),
         })
     }
 
@@ -40,10 +52,16 @@ impl Activity {
         Some(self.origin + Duration::from_millis(self.last_ms.load(Relaxed)) + timeout)
     }
 
-    /// Marks a request in flight until the guard drops.
-    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+    /// Marks a request in flight until the guard drops. Returns the guard and, when the
+    /// framing scan refused this request's head, why.
+    pub fn begin_request(self: &Arc<Self>) -> (InFlight, Option<Rejection>) {
         self.in_flight.fetch_add(1, Relaxed);
-        InFlight(self.clone())
+        let sequence = self.requests.fetch_add(1, Relaxed);
+        let rejection = self
+            .rejected
+            .get()
+            .and_then(|&(bad, reason)| (sequence >= bad).then_some(reason));
+        (InFlight(self.clone()), rejection)
     }
 }
 
@@ -56,15 +74,21 @@ impl Drop for InFlight {
     }
 }
 
-/// An IO stream that stamps activity on every byte moved.
+/// An IO stream that stamps activity on every byte moved and scans what the client
+/// sends for ambiguous framing.
 pub struct Tracked<I> {
     inner: I,
     activity: Arc<Activity>,
+    scanner: Option<HeadScanner>,
 }
 
 impl<I> Tracked<I> {
     pub fn new(inner: I, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+        Self {
+            inner,
+            activity,
+            scanner: Some(HeadScanner::new()),
+        }
     }
 }
 
@@ -74,6 +98,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.touch();
+            let this = &mut *self;
+            if let Some(scanner) = this.scanner.as_mut() {
+                if let Finding::Rejected { sequence, reason } = scanner.feed(&buf.filled()[before..]) {
+                    let _ = this.activity.rejected.set((sequence, reason));
+                    this.scanner = None;
+                }
+            }
         }
         polled
     }

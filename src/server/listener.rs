@@ -120,10 +120,10 @@ async fn serve_connection<I>(
     };
     let in_flight = activity.clone();
     let svc = service_fn(move |request| {
-        let guard = in_flight.begin_request();
+        let (guard, rejection) = in_flight.begin_request();
         let service = service.clone();
         async move {
-            let response = service.handle(request).await;
+            let response = service.handle(request, rejection).await;
             drop(guard);
             response
         }

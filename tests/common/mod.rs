@@ -1,0 +1,276 @@
+//! Shared helpers for the integration tests: real servers on 127.0.0.1:0, real HTTP.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use splitgate::app::Running;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub type TestBody = BoxBody<Bytes, hyper::Error>;
+
+pub fn full(text: impl Into<Bytes>) -> TestBody {
+    Full::new(text.into()).map_err(|never: Infallible| match never {}).boxed()
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "splitgate-test-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An HTTP upstream on 127.0.0.1:0 that counts the requests it sees.
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl TestUpstream {
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+pub async fn upstream<F, Fut>(handler: F) -> TestUpstream
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let handler = handler.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let response = handler(request);
+                    async move { Ok::<_, Infallible>(response.await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    TestUpstream { addr, hits }
+}
+
+/// An upstream that answers `name` and echoes the request headers it received, one per
+/// line, as `name: value`.
+pub async fn named_upstream(name: &'static str) -> TestUpstream {
+    upstream(move |request: Request<Incoming>| async move {
+        let mut text = format!("{name}\n");
+        for (key, value) in request.headers() {
+            text.push_str(&format!("{key}: {}\n", value.to_str().unwrap_or("?")));
+        }
+        Response::new(full(text))
+    })
+    .await
+}
+
+/// A raw TCP upstream: reads a request head, writes `reply`, then closes.
+pub async fn raw_upstream(reply: &'static [u8]) -> TestUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(reply).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    TestUpstream { addr, hits }
+}
+
+/// An address where nothing listens.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A config for one route `main` with the given stable and optional canary.
+/// `route_extra` lines go into the route table, `server_extra` into `[server]`.
+pub fn config(state: &Path, stable: &[SocketAddr], canary: Option<&[SocketAddr]>, server_extra: &str, upstream_extra: &str, route_extra: &str) -> String {
+    let list = |addrs: &[SocketAddr]| addrs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\naccess_log = false\n{server_extra}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[state]\ndir = \"{}\"\n\n[upstreams.stable-pool]\ninstances = [{}]\n{upstream_extra}\n",
+        state.display(),
+        list(stable)
+    );
+    if let Some(canary) = canary {
+        text.push_str(&format!("\n[upstreams.canary-pool]\ninstances = [{}]\n{upstream_extra}\n", list(canary)));
+    }
+    text.push_str("\n[[routes]]\nname = \"main\"\nstable = \"stable-pool\"\n");
+    if canary.is_some() {
+        text.push_str("canary = \"canary-pool\"\n");
+    }
+    text.push_str(route_extra);
+    text.push('\n');
+    text
+}
+
+/// A running proxy, its config file and state directory.
+pub struct TestProxy {
+    pub running: Option<Running>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub dir: Arc<TempDir>,
+}
+
+impl TestProxy {
+    pub fn state(&self) -> &splitgate::state::StateHandle {
+        &self.running.as_ref().unwrap().state
+    }
+
+    pub async fn shutdown(&mut self) -> bool {
+        self.running.take().unwrap().shutdown().await
+    }
+}
+
+/// Starts a proxy from config text written into `dir/splitgate.toml`.
+pub async fn start_proxy(dir: Arc<TempDir>, text: &str) -> TestProxy {
+    let config_path = dir.path().join("splitgate.toml");
+    std::fs::write(&config_path, text).unwrap();
+    let settings = splitgate::config::load(&config_path).unwrap();
+    let running = splitgate::app::start(settings, Some(config_path.clone())).await.unwrap();
+    TestProxy {
+        addr: running.proxy_addr,
+        admin: running.admin_addr,
+        running: Some(running),
+        config_path,
+        dir,
+    }
+}
+
+/// A complete response: status, headers, body.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one request on a new HTTP/1.1 connection.
+pub async fn send(addr: SocketAddr, request: Request<TestBody>) -> Reply {
+    try_send(addr, request).await.expect("request failed")
+}
+
+pub async fn try_send(addr: SocketAddr, mut request: Request<TestBody>) -> Result<Reply, hyper::Error> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    if !request.headers().contains_key("host") {
+        request.headers_mut().insert("host", addr.to_string().parse().unwrap());
+    }
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Reply { status: parts.status, headers: parts.headers, body })
+}
+
+/// GET `path` with extra headers.
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = Request::get(path);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    send(addr, request.body(full("")).unwrap()).await
+}
+
+/// Writes raw bytes on a new connection and reads until the peer closes (or 5 s pass).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends an admin request; returns status and parsed JSON (or Null).
+pub async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str, token: Option<&str>) -> (StatusCode, serde_json::Value) {
+    let mut request = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let reply = send(addr, request.body(full(body.to_string())).unwrap()).await;
+    (reply.status, serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null))
+}
+
+/// A body of `remaining` copies of `chunk`, with no declared length.
+pub struct Chunks {
+    pub chunk: Bytes,
+    pub remaining: usize,
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        if self.remaining == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.remaining -= 1;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.chunk.clone()))))
+    }
+}

@@ -1,0 +1,270 @@
+//! The proxy core through real sockets: streaming, HTTP/2, errors, framing, headers, drain.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+async fn simple_proxy(stable: &TestUpstream, route_extra: &str) -> TestProxy {
+    let dir = Arc::new(TempDir::new("proxy"));
+    let text = config(dir.path(), &[stable.addr], None, "", "", route_extra);
+    start_proxy(dir, &text).await
+}
+
+/// Echoes the request body back, streaming.
+async fn echo_upstream() -> TestUpstream {
+    upstream(|request: Request<Incoming>| async move { Response::new(request.into_body().boxed()) }).await
+}
+
+#[tokio::test]
+async fn get_arrives_intact() {
+    let stable = named_upstream("stable").await;
+    let proxy = simple_proxy(&stable, "").await;
+    let reply = get(proxy.addr, "/hello?x=1", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.text().starts_with("stable\n"), "{}", reply.text());
+    assert_eq!(stable.hits(), 1);
+}
+
+#[tokio::test]
+async fn streamed_post_of_several_mib_arrives_intact() {
+    let stable = echo_upstream().await;
+    let proxy = simple_proxy(&stable, "").await;
+    // 8 MiB in 64 KiB chunks with no Content-Length: the body must stream, chunked.
+    let chunk: Vec<u8> = (0..65_536u32).map(|i| (i % 251) as u8).collect();
+    let body = Chunks { chunk: Bytes::from(chunk.clone()), remaining: 128 }.boxed();
+    let request = Request::post("/upload").body(body).unwrap();
+    let reply = send(proxy.addr, request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body.len(), 128 * 65_536);
+    assert!(reply.body.chunks(65_536).all(|c| c == &chunk[..]));
+}
+
+#[tokio::test]
+async fn http2_client_reaches_http1_upstream() {
+    let stable = named_upstream("stable").await;
+    let proxy = simple_proxy(&stable, "").await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let uri = format!("http://{}/h2", proxy.addr);
+    let response = sender.send_request(Request::get(uri).body(full("")).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.starts_with("stable\n"));
+    // The :authority became a Host header for the HTTP/1.1 upstream.
+    assert!(text.contains(&format!("host: {}", proxy.addr)), "{text}");
+    assert!(text.contains("via: 2.0 splitgate"), "{text}");
+}
+
+#[tokio::test]
+async fn no_route_gives_404() {
+    let stable = named_upstream("stable").await;
+    let proxy = simple_proxy(&stable, "path_prefix = \"/api\"").await;
+    let reply = get(proxy.addr, "/other", &[]).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert!(reply.text().contains("no route"), "{}", reply.text());
+    assert_eq!(stable.hits(), 0);
+    assert_eq!(get(proxy.addr, "/api/x", &[]).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn closed_upstream_port_gives_502() {
+    let closed = closed_port().await;
+    let dir = Arc::new(TempDir::new("502"));
+    let proxy = start_proxy(dir.clone(), &config(dir.path(), &[closed], None, "", "", "")).await;
+    let started = std::time::Instant::now();
+    let reply = get(proxy.addr, "/", &[]).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn silent_upstream_gives_504_at_the_response_timeout() {
+    let silent = upstream(|_req: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Response::new(full("too late"))
+    })
+    .await;
+    let dir = Arc::new(TempDir::new("504"));
+    let text = config(dir.path(), &[silent.addr], None, "", "response_timeout = \"300ms\"", "");
+    let proxy = start_proxy(dir, &text).await;
+    let started = std::time::Instant::now();
+    let reply = get(proxy.addr, "/", &[]).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test]
+async fn upstream_dying_mid_response_truncates_the_client_response() {
+    // Declares 1000 bytes, sends 10, closes.
+    let dying = raw_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789").await;
+    let proxy = simple_proxy(&dying, "").await;
+    let result = try_send(proxy.addr, Request::get("/").body(full("")).unwrap()).await;
+    assert!(result.is_err(), "a truncated body must not look complete");
+
+    // Chunked: two chunks, then the connection drops without the last chunk.
+    let dying = raw_upstream(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n").await;
+    let proxy = simple_proxy(&dying, "").await;
+    let result = try_send(proxy.addr, Request::get("/").body(full("")).unwrap()).await;
+    assert!(result.is_err(), "a chunked body without its last chunk must not look complete");
+}
+
+#[tokio::test]
+async fn failed_upstream_connection_is_not_reused() {
+    // Every connection: one good response, then garbage in place of the next.
+    let flaky = raw_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokXXXX garbage").await;
+    let proxy = simple_proxy(&flaky, "").await;
+    for _ in 0..3 {
+        assert_eq!(get(proxy.addr, "/", &[]).await.status, StatusCode::OK);
+    }
+    // Each request needed a fresh upstream connection: the broken one was dropped.
+    assert_eq!(flaky.hits(), 3);
+}
+
+/// Sends raw request bytes and returns the status line and whether the proxy closed.
+async fn rejected(proxy: &TestProxy, request: &str) -> String {
+    raw(proxy.addr, request.as_bytes()).await
+}
+
+#[tokio::test]
+async fn ambiguous_requests_get_400_close_and_never_reach_the_upstream() {
+    let stable = named_upstream("stable").await;
+    let proxy = simple_proxy(&stable, "").await;
+    let cases = [
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "GET / HTTP/1.1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET http://evil.example/ HTTP/1.1\r\nHost: good.example\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    ];
+    for case in cases {
+        let reply = rejected(&proxy, case).await;
+        assert!(
+            reply.starts_with("HTTP/1.1 400") || reply.starts_with("HTTP/1.0 400"),
+            "{case:?} got {reply:?}"
+        );
+        assert!(reply.to_ascii_lowercase().contains("connection: close"), "{case:?} got {reply:?}");
+    }
+    assert_eq!(stable.hits(), 0, "no rejected request may reach the upstream");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_set() {
+    let stable = upstream(|_req: Request<Incoming>| async {
+        let mut response = Response::new(full("ok"));
+        let h = response.headers_mut();
+        h.insert("connection", "x-upstream-secret".parse().unwrap());
+        h.insert("x-upstream-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-kept", "yes".parse().unwrap());
+        response
+    })
+    .await;
+    let echo = named_upstream("stable").await;
+    let proxy = simple_proxy(&echo, "").await;
+    let reply = get(
+        proxy.addr,
+        "/",
+        &[
+            ("connection", "x-client-secret, keep-alive"),
+            ("x-client-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("host", "app.example"),
+            ("x-end-to-end", "kept"),
+        ],
+    )
+    .await;
+    let seen = reply.text();
+    for gone in ["x-client-secret", "keep-alive", "te:", "proxy-authorization", "connection:", "6.6.6.6"] {
+        assert!(!seen.contains(gone), "{gone} reached the upstream:\n{seen}");
+    }
+    for kept in [
+        "host: app.example",
+        "x-end-to-end: kept",
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-proto: http",
+        "via: 1.1 splitgate",
+        "x-request-id: ",
+    ] {
+        assert!(seen.contains(kept), "{kept} missing upstream:\n{seen}");
+    }
+
+    let proxy = simple_proxy(&stable, "").await;
+    let reply = get(proxy.addr, "/", &[]).await;
+    assert!(reply.headers.get("x-upstream-secret").is_none());
+    assert!(reply.headers.get("keep-alive").is_none());
+    assert_eq!(reply.headers["x-kept"], "yes");
+    assert_eq!(reply.headers["via"], "1.1 splitgate");
+}
+
+#[tokio::test]
+async fn trusted_proxies_forwarded_for_is_appended() {
+    let echo = named_upstream("stable").await;
+    let dir = Arc::new(TempDir::new("xff"));
+    let text = config(dir.path(), &[echo.addr], None, "trusted_proxies = [\"127.0.0.0/8\"]", "", "");
+    let proxy = start_proxy(dir, &text).await;
+    let reply = get(proxy.addr, "/", &[("x-forwarded-for", "203.0.113.9")]).await;
+    assert!(reply.text().contains("x-forwarded-for: 203.0.113.9, 127.0.0.1"), "{}", reply.text());
+}
+
+#[tokio::test]
+async fn oversized_heads_and_targets_are_refused() {
+    let stable = named_upstream("stable").await;
+    let dir = Arc::new(TempDir::new("limits"));
+    let text = config(dir.path(), &[stable.addr], None, "max_headers = 20\nmax_uri_bytes = 100", "", "");
+    let proxy = start_proxy(dir, &text).await;
+    let many: String = (0..30).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let reply = raw(proxy.addr, format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
+    let big = "a".repeat(20_000);
+    let reply = raw(proxy.addr, format!("GET / HTTP/1.1\r\nHost: a\r\nx-big: {big}\r\n\r\n").as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
+    let long = "b".repeat(200);
+    let reply = raw(proxy.addr, format!("GET /{long} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 414"), "{reply:?}");
+    assert_eq!(stable.hits(), 0);
+}
+
+#[tokio::test]
+async fn graceful_drain_lets_a_slow_request_finish() {
+    let slow = upstream(|_req: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        Response::new(full("slow but sure"))
+    })
+    .await;
+    let mut proxy = simple_proxy(&slow, "").await;
+    let addr = proxy.addr;
+    let in_flight = tokio::spawn(async move { get(addr, "/", &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let admin = proxy.admin;
+    let drained = tokio::spawn(async move { proxy.shutdown().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Readiness is false while draining; new connections are no longer accepted.
+    let ready = get(admin, "/readyz", &[]).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(TcpStream::connect(addr).await.is_err(), "listener still accepting while draining");
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "slow but sure");
+    assert!(drained.await.unwrap(), "drain should complete before the deadline");
+}
