@@ -21,7 +21,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::state::StateHandle;
+use crate::state::{Source, StateHandle};
+
+/// Request header naming the kind of caller, recorded as the audit `source`.
+pub const SOURCE_HEADER: &str = "x-splitgate-source";
 
 pub type AdminBody = Full<Bytes>;
 
@@ -81,7 +84,8 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
         }
         ["metrics"] => {
             return only(method, &Method::GET, || {
-                let mut response = Response::new(Full::new(Bytes::from(state.shared.registry.render())));
+                let mut response =
+                    Response::new(Full::new(Bytes::from(state.shared.registry.render())));
                 response.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -90,7 +94,9 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
             })
         }
         ["admin", "routes"] => return only(method, &Method::GET, || handlers::list_routes(state)),
-        ["admin", "routes", name] => return only(method, &Method::GET, || handlers::show_route(state, name)),
+        ["admin", "routes", name] => {
+            return only(method, &Method::GET, || handlers::show_route(state, name))
+        }
         _ => {}
     }
 
@@ -107,7 +113,8 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
     }
     if let Some(token) = &admin.token {
         if !auth::authorized(&parts.headers, token) {
-            let mut response = json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            let mut response =
+                json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
             response
                 .headers_mut()
                 .insert("www-authenticate", HeaderValue::from_static("Bearer"));
@@ -116,21 +123,42 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
     }
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(_) => return json_error(StatusCode::PAYLOAD_TOO_LARGE, "admin request bodies are limited to 4 KiB"),
+        Err(_) => {
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "admin request bodies are limited to 4 KiB",
+            )
+        }
     };
-    if wanted == Method::POST && !body.is_empty() && serde_json::from_slice::<serde_json::Value>(&body).is_err() {
+    if wanted == Method::POST
+        && !body.is_empty()
+        && serde_json::from_slice::<serde_json::Value>(&body).is_err()
+    {
         return json_error(StatusCode::BAD_REQUEST, "body must be empty or JSON");
     }
+    // The deploy CLI says who it is, so the audit log can tell scripts from people.
+    let source = match parts.headers.get(SOURCE_HEADER) {
+        Some(value) if value == "cli" => Source::Cli,
+        _ => Source::Admin,
+    };
     match segments.as_slice() {
-        ["admin", "routes", name, "weight"] => handlers::set_weight(state, name, &body).await,
-        ["admin", "routes", name, "rollback"] => handlers::rollback(state, name).await,
-        ["admin", "routes", name, "reset"] => handlers::reset(state, name).await,
-        ["admin", "routes", name, "rollout", action] => handlers::rollout(state, name, action).await,
-        _ => handlers::reload(state).await,
+        ["admin", "routes", name, "weight"] => {
+            handlers::set_weight(state, name, &body, source).await
+        }
+        ["admin", "routes", name, "rollback"] => handlers::rollback(state, name, source).await,
+        ["admin", "routes", name, "reset"] => handlers::reset(state, name, source).await,
+        ["admin", "routes", name, "rollout", action] => {
+            handlers::rollout(state, name, action, source).await
+        }
+        _ => handlers::reload(state, source).await,
     }
 }
 
-fn only(method: &Method, allowed: &Method, respond: impl FnOnce() -> Response<AdminBody>) -> Response<AdminBody> {
+fn only(
+    method: &Method,
+    allowed: &Method,
+    respond: impl FnOnce() -> Response<AdminBody>,
+) -> Response<AdminBody> {
     if method == allowed || (*allowed == Method::GET && method == Method::HEAD) {
         respond()
     } else {

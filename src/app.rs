@@ -19,7 +19,10 @@ use crate::state::{self, Source, StateHandle};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("admin.listen {listen} is not a loopback address and {token_env} is not set: refusing to expose the admin API without a token")]
-    ExposedAdmin { listen: SocketAddr, token_env: String },
+    ExposedAdmin {
+        listen: SocketAddr,
+        token_env: String,
+    },
     #[error("{field} {addr}: cannot listen: {source}")]
     Bind {
         field: &'static str,
@@ -27,7 +30,10 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("state.dir {dir}: {source}")]
-    State { dir: PathBuf, source: std::io::Error },
+    State {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot restore state: {0}")]
     Restore(#[from] state::ChangeError),
     #[error("signal handling: {0}")]
@@ -50,7 +56,9 @@ pub struct Running {
 
 /// The admin token from the configured environment variable, if set and non-empty.
 pub fn admin_token(settings: &Settings) -> Option<String> {
-    std::env::var(&settings.admin.token_env).ok().filter(|t| !t.is_empty())
+    std::env::var(&settings.admin.token_env)
+        .ok()
+        .filter(|t| !t.is_empty())
 }
 
 /// Refuses an admin listener reachable from the network without a token.
@@ -65,7 +73,10 @@ pub fn check_admin_exposure(settings: &Settings, token: Option<&str>) -> Result<
 }
 
 /// Binds the listeners and starts serving. `config_path` is what reloads re-read.
-pub async fn start(settings: Settings, config_path: Option<PathBuf>) -> Result<Running, StartError> {
+pub async fn start(
+    settings: Settings,
+    config_path: Option<PathBuf>,
+) -> Result<Running, StartError> {
     let token = admin_token(&settings);
     check_admin_exposure(&settings, token.as_deref())?;
     let proxy_listener = bind("server.listen", settings.server.listen).await?;
@@ -75,27 +86,53 @@ pub async fn start(settings: Settings, config_path: Option<PathBuf>) -> Result<R
     let state = state::start(settings, config_path).await?;
     let (shutdown, stop) = watch::channel(false);
     let (stop_admin, admin_stop) = watch::channel(false);
-    let proxy = tokio::spawn(crate::server::serve(proxy_listener, state.shared.clone(), stop));
+    let proxy = tokio::spawn(crate::server::serve(
+        proxy_listener,
+        state.shared.clone(),
+        stop,
+    ));
     let admin = tokio::spawn(admin::serve(
         admin_listener,
-        Arc::new(Admin { state: state.clone(), token }),
+        Arc::new(Admin {
+            state: state.clone(),
+            token,
+        }),
         admin_stop.clone(),
     ));
     let guard = tokio::spawn(crate::slo::guard::run(state.clone(), admin_stop));
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "splitgate serving");
-    Ok(Running { proxy_addr, admin_addr, state, shutdown, stop_admin, proxy, admin, guard })
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        state,
+        shutdown,
+        stop_admin,
+        proxy,
+        admin,
+        guard,
+    })
 }
 
 async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { field, addr, source })
+        .map_err(|source| StartError::Bind {
+            field,
+            addr,
+            source,
+        })
 }
 
-fn local_addr(field: &'static str, listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { field, addr, source })
+fn local_addr(
+    field: &'static str,
+    listener: &TcpListener,
+    addr: SocketAddr,
+) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        field,
+        addr,
+        source,
+    })
 }
 
 impl Running {

@@ -39,12 +39,22 @@ impl AdminClient {
     }
 
     /// Sends one request; returns the status and body text.
-    pub async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<(StatusCode, String), ClientError> {
-        let stream = TcpStream::connect(&self.authority).await.map_err(|source| ClientError::Connect {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(StatusCode, String), ClientError> {
+        let stream = TcpStream::connect(&self.authority)
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: self.url.clone(),
+                source,
+            })?;
+        let http_error = |source| ClientError::Http {
             url: self.url.clone(),
             source,
-        })?;
-        let http_error = |source| ClientError::Http { url: self.url.clone(), source };
+        };
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(http_error)?;
@@ -53,7 +63,8 @@ impl AdminClient {
             .method(method)
             .uri(path)
             .header("host", &self.authority)
-            .header("content-type", "application/json");
+            .header("content-type", "application/json")
+            .header(crate::admin::SOURCE_HEADER, "cli");
         if let Some(token) = &self.token {
             request = request.header("authorization", format!("Bearer {token}"));
         }
@@ -62,7 +73,72 @@ impl AdminClient {
             .map_err(|_| ClientError::BadUrl(self.url.clone()))?;
         let response = sender.send_request(request).await.map_err(http_error)?;
         let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(http_error)?.to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(http_error)?
+            .to_bytes();
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
     }
+}
+
+/// One line per route for `splitgate status`: weight, SLO state, the canary's window
+/// figures, and rollout progress.
+pub fn status_table(routes: &[serde_json::Value]) -> String {
+    let mut out = format!(
+        "{:<16} {:>7} {:>7} {:<9} {:>8} {:>7} {:>9}  {}\n",
+        "ROUTE", "WEIGHT", "FILE", "SLO", "CAN.REQ", "CAN.ERR", "CAN.P99", "ROLLOUT"
+    );
+    for route in routes {
+        let canary = &route["window"]["canary"];
+        let rollout = match &route["rollout"] {
+            serde_json::Value::Null => "-".to_string(),
+            r if r["running"] == true => format!(
+                "step {} of {}{}",
+                r["step"].as_u64().unwrap_or(0) + 1,
+                r["steps"].as_array().map_or(0, Vec::len),
+                if r["paused"] == true {
+                    " (paused)".to_string()
+                } else {
+                    format!(
+                        ", next in {:.0}s",
+                        r["next_step_in_s"].as_f64().unwrap_or(0.0)
+                    )
+                }
+            ),
+            _ => "idle".to_string(),
+        };
+        out.push_str(&format!(
+            "{:<16} {:>6}% {:>6}% {:<9} {:>8} {:>6.2}% {:>7.1}ms  {}\n",
+            route["name"].as_str().unwrap_or("?"),
+            route["canary_weight"],
+            route["file_weight"],
+            route["slo"]["state"].as_str().unwrap_or("?"),
+            canary["requests"],
+            canary["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            canary["p99_ms"].as_f64().unwrap_or(0.0),
+            rollout
+        ));
+        if let Some(detail) = route["slo"]["detail"].as_str() {
+            out.push_str(&format!("  tripped: {detail}\n"));
+        }
+    }
+    out
+}
+
+/// What a change did, from the route's state before and after.
+pub fn change_summary(before: Option<&serde_json::Value>, after: &serde_json::Value) -> String {
+    let name = after["name"].as_str().unwrap_or("?");
+    let old = before.map_or("?".to_string(), |b| b["canary_weight"].to_string());
+    let mut line = format!(
+        "{name}: canary weight {old}% -> {}%, slo {}",
+        after["canary_weight"],
+        after["slo"]["state"].as_str().unwrap_or("?")
+    );
+    if let Some(step) = after["rollout"]["step"].as_u64() {
+        line.push_str(&format!(", rollout step {}", step + 1));
+    }
+    line.push('\n');
+    line
 }

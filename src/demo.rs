@@ -44,7 +44,11 @@ pub async fn start_upstream(name: &'static str) -> std::io::Result<DemoUpstream>
     Ok(DemoUpstream { addr, failing })
 }
 
-async fn answer(name: &'static str, failing: Arc<AtomicBool>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    name: &'static str,
+    failing: Arc<AtomicBool>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, body) = match (request.method(), request.uri().path()) {
         (&Method::POST, "/fail") => {
             failing.store(true, Ordering::Relaxed);
@@ -54,14 +58,23 @@ async fn answer(name: &'static str, failing: Arc<AtomicBool>, request: Request<I
             failing.store(false, Ordering::Relaxed);
             (StatusCode::OK, format!("{name} healed\n"))
         }
-        _ if failing.load(Ordering::Relaxed) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{name} is failing\n")),
+        _ if failing.load(Ordering::Relaxed) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{name} is failing\n"),
+        ),
         _ => {
             let user = request
                 .headers()
                 .get("x-user-id")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
-            (StatusCode::OK, format!("hello from {name} (user {user}, path {})\n", request.uri().path()))
+            (
+                StatusCode::OK,
+                format!(
+                    "hello from {name} (user {user}, path {})\n",
+                    request.uri().path()
+                ),
+            )
         }
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -70,7 +83,13 @@ async fn answer(name: &'static str, failing: Arc<AtomicBool>, request: Request<I
 }
 
 /// The demo's config: one route, 10 % canary by `X-User-Id`, an SLO and a rollout plan.
-pub fn config_text(listen: SocketAddr, admin: SocketAddr, state_dir: &Path, stable: SocketAddr, canary: SocketAddr) -> String {
+pub fn config_text(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    state_dir: &Path,
+    stable: SocketAddr,
+    canary: SocketAddr,
+) -> String {
     format!(
         r#"[server]
 listen = "{listen}"

@@ -13,7 +13,11 @@ use splitgate::client::AdminClient;
 use splitgate::config::{self, Settings};
 
 #[derive(Parser)]
-#[command(name = "splitgate", version, about = "Traffic-splitting reverse proxy: stable/canary by user ID, hot weights, SLO auto-revert")]
+#[command(
+    name = "splitgate",
+    version,
+    about = "Traffic-splitting reverse proxy: stable/canary by user ID, hot weights, SLO auto-revert"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -59,6 +63,9 @@ enum Command {
     /// Show every route, or one.
     Status {
         route: Option<String>,
+        /// Print the admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -71,6 +78,11 @@ enum Command {
     /// Clear an SLO trip so the weight may rise again.
     Reset {
         route: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Exit 0 when the admin API answers /healthz (for container health checks).
+    Health {
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -98,7 +110,10 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Check { config } => match config::load(&config) {
-            Ok(settings) => match splitgate::app::check_admin_exposure(&settings, splitgate::app::admin_token(&settings).as_deref()) {
+            Ok(settings) => match splitgate::app::check_admin_exposure(
+                &settings,
+                splitgate::app::admin_token(&settings).as_deref(),
+            ) {
                 Ok(()) => {
                     println!("ok");
                     ExitCode::SUCCESS
@@ -121,10 +136,19 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            report(runtime(settings.server.workers).and_then(|rt| Ok(rt.block_on(splitgate::app::run(settings, config))?)))
+            report(
+                runtime(settings.server.workers)
+                    .and_then(|rt| Ok(rt.block_on(splitgate::app::run(settings, config))?)),
+            )
         }
-        Command::Demo { port, admin_port } => report(runtime(0).and_then(|rt| rt.block_on(demo(port, admin_port)))),
-        Command::Weight { route, percent, admin } => {
+        Command::Demo { port, admin_port } => {
+            report(runtime(0).and_then(|rt| rt.block_on(demo(port, admin_port))))
+        }
+        Command::Weight {
+            route,
+            percent,
+            admin,
+        } => {
             let body = match percent.trim_end_matches('%').parse::<f64>() {
                 Ok(value) => format!("{{\"canary_weight\": {value}}}"),
                 Err(_) => {
@@ -132,24 +156,34 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            admin_call(&admin, Method::PUT, &format!("/admin/routes/{route}/weight"), Some(body))
+            change(&admin, &route, Method::PUT, "weight", Some(body))
         }
-        Command::Status { route, admin } => {
-            let path = route.map_or("/admin/routes".to_string(), |r| format!("/admin/routes/{r}"));
-            admin_call(&admin, Method::GET, &path, None)
+        Command::Status { route, json, admin } => status(&admin, route.as_deref(), json),
+        Command::Health { admin } => admin_call(&admin, Method::GET, "/healthz", None),
+        Command::Rollback { route, admin } => {
+            change(&admin, &route, Method::POST, "rollback", None)
         }
-        Command::Rollback { route, admin } => admin_call(&admin, Method::POST, &format!("/admin/routes/{route}/rollback"), None),
-        Command::Reset { route, admin } => admin_call(&admin, Method::POST, &format!("/admin/routes/{route}/reset"), None),
-        Command::Rollout { route, action, admin } => {
-            admin_call(&admin, Method::POST, &format!("/admin/routes/{route}/rollout/{action}"), None)
-        }
+        Command::Reset { route, admin } => change(&admin, &route, Method::POST, "reset", None),
+        Command::Rollout {
+            route,
+            action,
+            admin,
+        } => change(
+            &admin,
+            &route,
+            Method::POST,
+            &format!("rollout/{action}"),
+            None,
+        ),
     }
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -167,6 +201,85 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("splitgate: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs admin calls on a one-thread runtime.
+fn with_client<T>(
+    args: &AdminArgs,
+    work: impl AsyncFnOnce(AdminClient) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    runtime(1)?.block_on(async {
+        let client = AdminClient::new(&args.admin, args.token.clone())?;
+        work(client).await
+    })
+}
+
+/// Parses an admin reply; a refusal becomes an error carrying the API's reason.
+fn expect_ok(status: http::StatusCode, text: &str) -> anyhow::Result<serde_json::Value> {
+    let value: serde_json::Value = serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+    if status.is_success() {
+        return Ok(value);
+    }
+    let mut reason = value["error"].as_str().unwrap_or(text.trim()).to_string();
+    if let Some(errors) = value["errors"].as_array() {
+        for error in errors {
+            reason.push_str(&format!("\n  {}", error.as_str().unwrap_or("?")));
+        }
+    }
+    anyhow::bail!("refused ({status}): {reason}")
+}
+
+/// A change through the admin API: prints the weight before and after.
+fn change(
+    args: &AdminArgs,
+    route: &str,
+    method: Method,
+    action: &str,
+    body: Option<String>,
+) -> ExitCode {
+    let result = with_client(args, async |client| {
+        let path = format!("/admin/routes/{route}");
+        let (status, text) = client.call(Method::GET, &path, None).await?;
+        let before = expect_ok(status, &text).ok();
+        let (status, text) = client
+            .call(method, &format!("{path}/{action}"), body)
+            .await?;
+        let after = expect_ok(status, &text)?;
+        Ok(splitgate::client::change_summary(before.as_ref(), &after))
+    });
+    print_result(result)
+}
+
+fn status(args: &AdminArgs, route: Option<&str>, json: bool) -> ExitCode {
+    let result = with_client(args, async |client| {
+        let path = route.map_or("/admin/routes".to_string(), |r| {
+            format!("/admin/routes/{r}")
+        });
+        let (status, text) = client.call(Method::GET, &path, None).await?;
+        let value = expect_ok(status, &text)?;
+        if json {
+            return Ok(text);
+        }
+        let routes = match route {
+            Some(_) => vec![value],
+            None => value["routes"].as_array().cloned().unwrap_or_default(),
+        };
+        Ok(splitgate::client::status_table(&routes))
+    });
+    print_result(result)
+}
+
+fn print_result(result: anyhow::Result<String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("splitgate: {error:#}");
             ExitCode::FAILURE

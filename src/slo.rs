@@ -45,7 +45,9 @@ impl RouteWindows {
     pub fn record(&self, variant: Variant, outcome: Outcome, latency: Duration) {
         let error = match outcome {
             Outcome::Error(_) => true,
-            Outcome::Status(status) => status >= 500 || (self.count_4xx && (400..500).contains(&status)),
+            Outcome::Status(status) => {
+                status >= 500 || (self.count_4xx && (400..500).contains(&status))
+            }
         };
         let window = match variant {
             Variant::Stable => &self.stable,

@@ -22,7 +22,9 @@ pub use store::{AuditEntry, Loaded, SavedRoute, Store};
 use crate::config::{self, bp_to_percent, ConfigError, RouteSpec, Settings};
 use crate::proxy::route::sort_for_matching;
 use crate::slo::{RouteWindows, DEFAULT_WINDOW};
-use crate::telemetry::names::{CONFIG_RELOADS_TOTAL, LABEL_OUTCOME, LABEL_REASON, LABEL_ROUTE, SLO_TRIPS_TOTAL};
+use crate::telemetry::names::{
+    CONFIG_RELOADS_TOTAL, LABEL_OUTCOME, LABEL_REASON, LABEL_ROUTE, SLO_TRIPS_TOTAL,
+};
 use crate::telemetry::{Registry, RouteMetrics};
 use crate::upstream::Upstream;
 
@@ -41,6 +43,8 @@ pub struct Shared {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Admin,
+    /// The deploy CLI, through the admin API.
+    Cli,
     Reload,
     Slo,
     Rollout,
@@ -51,6 +55,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Admin => "admin",
+            Source::Cli => "cli",
             Source::Reload => "reload",
             Source::Slo => "slo",
             Source::Rollout => "rollout",
@@ -92,12 +97,37 @@ pub enum RolloutAction {
 type Reply<T> = oneshot::Sender<Result<T, ChangeError>>;
 
 enum Command {
-    SetWeight { route: String, weight_bp: u32, source: Source, reply: Reply<()> },
-    Reset { route: String, reply: Reply<()> },
-    Reload { source: Source, reply: Reply<Vec<String>> },
-    Trip { route: String, trip: Trip, reply: Reply<()> },
-    Rollout { route: String, action: RolloutAction, source: Source, reply: Reply<()> },
-    RolloutAdvance { route: String, step: usize, reply: Reply<()> },
+    SetWeight {
+        route: String,
+        weight_bp: u32,
+        source: Source,
+        reply: Reply<()>,
+    },
+    Reset {
+        route: String,
+        source: Source,
+        reply: Reply<()>,
+    },
+    Reload {
+        source: Source,
+        reply: Reply<Vec<String>>,
+    },
+    Trip {
+        route: String,
+        trip: Trip,
+        reply: Reply<()>,
+    },
+    Rollout {
+        route: String,
+        action: RolloutAction,
+        source: Source,
+        reply: Reply<()>,
+    },
+    RolloutAdvance {
+        route: String,
+        step: usize,
+        reply: Reply<()>,
+    },
 }
 
 /// The handle the admin API, signal handlers and the SLO guard use to ask for changes.
@@ -110,18 +140,37 @@ pub struct StateHandle {
 impl StateHandle {
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ChangeError> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| ChangeError::Stopped)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| ChangeError::Stopped)?;
         answer.await.map_err(|_| ChangeError::Stopped)?
     }
 
-    pub async fn set_weight(&self, route: &str, weight_bp: u32, source: Source) -> Result<(), ChangeError> {
+    pub async fn set_weight(
+        &self,
+        route: &str,
+        weight_bp: u32,
+        source: Source,
+    ) -> Result<(), ChangeError> {
         let route = route.to_string();
-        self.ask(|reply| Command::SetWeight { route, weight_bp, source, reply }).await
+        self.ask(|reply| Command::SetWeight {
+            route,
+            weight_bp,
+            source,
+            reply,
+        })
+        .await
     }
 
-    pub async fn reset(&self, route: &str) -> Result<(), ChangeError> {
+    pub async fn reset(&self, route: &str, source: Source) -> Result<(), ChangeError> {
         let route = route.to_string();
-        self.ask(|reply| Command::Reset { route, reply }).await
+        self.ask(|reply| Command::Reset {
+            route,
+            source,
+            reply,
+        })
+        .await
     }
 
     /// Re-reads the config file. Returns warnings (e.g. a listen address that needs a
@@ -135,16 +184,28 @@ impl StateHandle {
         self.ask(|reply| Command::Trip { route, trip, reply }).await
     }
 
-    pub async fn rollout(&self, route: &str, action: RolloutAction, source: Source) -> Result<(), ChangeError> {
+    pub async fn rollout(
+        &self,
+        route: &str,
+        action: RolloutAction,
+        source: Source,
+    ) -> Result<(), ChangeError> {
         let route = route.to_string();
-        self.ask(|reply| Command::Rollout { route, action, source, reply }).await
+        self.ask(|reply| Command::Rollout {
+            route,
+            action,
+            source,
+            reply,
+        })
+        .await
     }
 
     /// Moves a running rollout from step `step` to the next; a stale request (the
     /// rollout moved on or stopped meanwhile) is ignored.
     pub async fn rollout_advance(&self, route: &str, step: usize) -> Result<(), ChangeError> {
         let route = route.to_string();
-        self.ask(|reply| Command::RolloutAdvance { route, step, reply }).await
+        self.ask(|reply| Command::RolloutAdvance { route, step, reply })
+            .await
     }
 }
 
@@ -169,7 +230,10 @@ struct Writer {
 
 /// Starts the writer: loads saved state, merges it with `settings`, persists the result
 /// and publishes the first snapshot. `config_path` is what reloads re-read.
-pub async fn start(settings: Settings, config_path: Option<PathBuf>) -> Result<StateHandle, ChangeError> {
+pub async fn start(
+    settings: Settings,
+    config_path: Option<PathBuf>,
+) -> Result<StateHandle, ChangeError> {
     let store = Store::open(&settings.state_dir).map_err(ChangeError::Persist)?;
     let loaded = {
         let store = store.clone();
@@ -189,7 +253,10 @@ pub async fn start(settings: Settings, config_path: Option<PathBuf>) -> Result<S
             );
             let trip = Trip {
                 reason: "corrupt_state".into(),
-                detail: format!("state file unreadable ({reason}); kept as {}", moved_to.display()),
+                detail: format!(
+                    "state file unreadable ({reason}); kept as {}",
+                    moved_to.display()
+                ),
                 at: crate::timefmt::now_rfc3339(),
             };
             (BTreeMap::new(), Some(trip))
@@ -233,11 +300,20 @@ impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(command) = rx.recv().await {
             match command {
-                Command::SetWeight { route, weight_bp, source, reply } => {
+                Command::SetWeight {
+                    route,
+                    weight_bp,
+                    source,
+                    reply,
+                } => {
                     let _ = reply.send(self.set_weight(&route, weight_bp, source).await);
                 }
-                Command::Reset { route, reply } => {
-                    let _ = reply.send(self.reset(&route).await);
+                Command::Reset {
+                    route,
+                    source,
+                    reply,
+                } => {
+                    let _ = reply.send(self.reset(&route, source).await);
                 }
                 Command::Reload { source, reply } => {
                     let _ = reply.send(self.reload(source).await);
@@ -245,7 +321,12 @@ impl Writer {
                 Command::Trip { route, trip, reply } => {
                     let _ = reply.send(self.trip(&route, trip).await);
                 }
-                Command::Rollout { route, action, source, reply } => {
+                Command::Rollout {
+                    route,
+                    action,
+                    source,
+                    reply,
+                } => {
                     let _ = reply.send(self.rollout(&route, action, source).await);
                 }
                 Command::RolloutAdvance { route, step, reply } => {
@@ -264,7 +345,12 @@ impl Writer {
         Ok((spec, &self.saved[route]))
     }
 
-    async fn set_weight(&mut self, route: &str, weight_bp: u32, source: Source) -> Result<(), ChangeError> {
+    async fn set_weight(
+        &mut self,
+        route: &str,
+        weight_bp: u32,
+        source: Source,
+    ) -> Result<(), ChangeError> {
         let (spec, current) = self.route_state(route)?;
         if spec.canary.is_none() && weight_bp > 0 {
             return Err(ChangeError::NoCanary(route.to_string()));
@@ -285,11 +371,11 @@ impl Writer {
         self.commit(next, source).await
     }
 
-    async fn reset(&mut self, route: &str) -> Result<(), ChangeError> {
+    async fn reset(&mut self, route: &str, source: Source) -> Result<(), ChangeError> {
         self.route_state(route)?;
         let mut next = self.saved.clone();
         next.get_mut(route).expect("checked").trip = None;
-        self.commit(next, Source::Admin).await
+        self.commit(next, source).await
     }
 
     async fn trip(&mut self, route: &str, trip: Trip) -> Result<(), ChangeError> {
@@ -305,7 +391,10 @@ impl Writer {
         tracing::warn!(route, reason = %trip.reason, detail = %trip.detail, "SLO breached: canary weight set to 0");
         self.shared
             .registry
-            .counter(SLO_TRIPS_TOTAL, &[(LABEL_ROUTE, route), (LABEL_REASON, &trip.reason)])
+            .counter(
+                SLO_TRIPS_TOTAL,
+                &[(LABEL_ROUTE, route), (LABEL_REASON, &trip.reason)],
+            )
             .increment(1);
         match self.commit(next.clone(), Source::Slo).await {
             Ok(()) => Ok(()),
@@ -319,24 +408,41 @@ impl Writer {
         }
     }
 
-    async fn rollout(&mut self, route: &str, action: RolloutAction, source: Source) -> Result<(), ChangeError> {
+    async fn rollout(
+        &mut self,
+        route: &str,
+        action: RolloutAction,
+        source: Source,
+    ) -> Result<(), ChangeError> {
         let (spec, current) = self.route_state(route)?;
         let Some(plan) = &spec.rollout else {
-            return Err(ChangeError::Invalid(format!("route {route:?} has no [routes.rollout] in the config")));
+            return Err(ChangeError::Invalid(format!(
+                "route {route:?} has no [routes.rollout] in the config"
+            )));
         };
         let now = crate::timefmt::unix_ms();
         let mut entry = current.clone();
         match action {
             RolloutAction::Start => {
                 if let Some(trip) = &current.trip {
-                    return Err(ChangeError::Tripped { route: route.into(), reason: trip.reason.clone() });
+                    return Err(ChangeError::Tripped {
+                        route: route.into(),
+                        reason: trip.reason.clone(),
+                    });
                 }
-                entry.rollout = Some(RolloutProgress { step: 0, paused: false, step_started_ms: now, held_ms: 0 });
+                entry.rollout = Some(RolloutProgress {
+                    step: 0,
+                    paused: false,
+                    step_started_ms: now,
+                    held_ms: 0,
+                });
                 entry.weight_bp = plan.steps[0];
             }
             RolloutAction::Pause | RolloutAction::Resume => {
                 let Some(progress) = entry.rollout.as_mut() else {
-                    return Err(ChangeError::Invalid(format!("route {route:?} has no rollout running")));
+                    return Err(ChangeError::Invalid(format!(
+                        "route {route:?} has no rollout running"
+                    )));
                 };
                 let pause = action == RolloutAction::Pause;
                 if progress.paused != pause {
@@ -350,7 +456,9 @@ impl Writer {
             }
             RolloutAction::Abort => {
                 if entry.rollout.take().is_none() {
-                    return Err(ChangeError::Invalid(format!("route {route:?} has no rollout running")));
+                    return Err(ChangeError::Invalid(format!(
+                        "route {route:?} has no rollout running"
+                    )));
                 }
                 entry.weight_bp = 0;
             }
@@ -469,7 +577,11 @@ impl Writer {
 
     /// Persists `next` and the audit lines for what it changes, then publishes it.
     /// On a persist error nothing changes.
-    async fn commit(&mut self, next: BTreeMap<String, SavedRoute>, source: Source) -> Result<(), ChangeError> {
+    async fn commit(
+        &mut self,
+        next: BTreeMap<String, SavedRoute>,
+        source: Source,
+    ) -> Result<(), ChangeError> {
         let time = crate::timefmt::now_rfc3339();
         let mut lines = Vec::new();
         for (route, new) in &next {
@@ -483,7 +595,13 @@ impl Writer {
                 _ if old_weight != new.weight_bp => "weight",
                 _ => continue,
             };
-            lines.push((route.clone(), action, old_weight, new.weight_bp, new.trip.as_ref().map(|t| t.detail.clone())));
+            lines.push((
+                route.clone(),
+                action,
+                old_weight,
+                new.weight_bp,
+                new.trip.as_ref().map(|t| t.detail.clone()),
+            ));
         }
         let store = self.store.clone();
         let to_save = next.clone();
@@ -520,8 +638,14 @@ impl Writer {
             .map(|spec| {
                 let saved = &self.saved[&spec.name];
                 let parts = &self.parts[&spec.name];
-                parts.metrics.canary_weight.set(bp_to_percent(saved.weight_bp));
-                parts.metrics.slo_state.set(if saved.trip.is_some() { 1.0 } else { 0.0 });
+                parts
+                    .metrics
+                    .canary_weight
+                    .set(bp_to_percent(saved.weight_bp));
+                parts
+                    .metrics
+                    .slo_state
+                    .set(if saved.trip.is_some() { 1.0 } else { 0.0 });
                 LiveRoute {
                     spec: spec.clone(),
                     weight_bp: saved.weight_bp,

@@ -66,7 +66,12 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 4] = [ErrorKind::Connect, ErrorKind::Timeout, ErrorKind::Reset, ErrorKind::Protocol];
+    pub const ALL: [ErrorKind; 4] = [
+        ErrorKind::Connect,
+        ErrorKind::Timeout,
+        ErrorKind::Reset,
+        ErrorKind::Protocol,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -114,10 +119,17 @@ impl Upstream {
     }
 
     /// Sends a request to one instance, bounding the wait for the response head.
-    pub async fn send(&self, instance: &Arc<Pool>, request: Request<UpstreamBody>) -> Result<Response<PooledBody>, UpstreamError> {
+    pub async fn send(
+        &self,
+        instance: &Arc<Pool>,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
         let response_deadline = self.spec.connect_timeout + self.spec.response_timeout;
-        tokio::time::timeout(response_deadline, instance.send(request, self.spec.connect_timeout))
-            .await
-            .unwrap_or(Err(UpstreamError::ResponseTimeout))
+        tokio::time::timeout(
+            response_deadline,
+            instance.send(request, self.spec.connect_timeout),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::ResponseTimeout))
     }
 }

@@ -21,7 +21,8 @@ async fn simple_proxy(stable: &TestUpstream, route_extra: &str) -> TestProxy {
 
 /// Echoes the request body back, streaming.
 async fn echo_upstream() -> TestUpstream {
-    upstream(|request: Request<Incoming>| async move { Response::new(request.into_body().boxed()) }).await
+    upstream(|request: Request<Incoming>| async move { Response::new(request.into_body().boxed()) })
+        .await
 }
 
 #[tokio::test]
@@ -40,7 +41,11 @@ async fn streamed_post_of_several_mib_arrives_intact() {
     let proxy = simple_proxy(&stable, "").await;
     // 8 MiB in 64 KiB chunks with no Content-Length: the body must stream, chunked.
     let chunk: Vec<u8> = (0..65_536u32).map(|i| (i % 251) as u8).collect();
-    let body = Chunks { chunk: Bytes::from(chunk.clone()), remaining: 128 }.boxed();
+    let body = Chunks {
+        chunk: Bytes::from(chunk.clone()),
+        remaining: 128,
+    }
+    .boxed();
     let request = Request::post("/upload").body(body).unwrap();
     let reply = send(proxy.addr, request).await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -53,12 +58,16 @@ async fn http2_client_reaches_http1_upstream() {
     let stable = named_upstream("stable").await;
     let proxy = simple_proxy(&stable, "").await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(connection);
     let uri = format!("http://{}/h2", proxy.addr);
-    let response = sender.send_request(Request::get(uri).body(full("")).unwrap()).await.unwrap();
+    let response = sender
+        .send_request(Request::get(uri).body(full("")).unwrap())
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.version(), http::Version::HTTP_2);
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -84,7 +93,11 @@ async fn no_route_gives_404() {
 async fn closed_upstream_port_gives_502() {
     let closed = closed_port().await;
     let dir = Arc::new(TempDir::new("502"));
-    let proxy = start_proxy(dir.clone(), &config(dir.path(), &[closed], None, "", "", "")).await;
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[closed], None, "", "", ""),
+    )
+    .await;
     let started = std::time::Instant::now();
     let reply = get(proxy.addr, "/", &[]).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
@@ -99,13 +112,23 @@ async fn silent_upstream_gives_504_at_the_response_timeout() {
     })
     .await;
     let dir = Arc::new(TempDir::new("504"));
-    let text = config(dir.path(), &[silent.addr], None, "", "response_timeout = \"300ms\"", "");
+    let text = config(
+        dir.path(),
+        &[silent.addr],
+        None,
+        "",
+        "response_timeout = \"300ms\"",
+        "",
+    );
     let proxy = start_proxy(dir, &text).await;
     let started = std::time::Instant::now();
     let reply = get(proxy.addr, "/", &[]).await;
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
 }
 
 #[tokio::test]
@@ -117,10 +140,16 @@ async fn upstream_dying_mid_response_truncates_the_client_response() {
     assert!(result.is_err(), "a truncated body must not look complete");
 
     // Chunked: two chunks, then the connection drops without the last chunk.
-    let dying = raw_upstream(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n").await;
+    let dying = raw_upstream(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n",
+    )
+    .await;
     let proxy = simple_proxy(&dying, "").await;
     let result = try_send(proxy.addr, Request::get("/").body(full("")).unwrap()).await;
-    assert!(result.is_err(), "a chunked body without its last chunk must not look complete");
+    assert!(
+        result.is_err(),
+        "a chunked body without its last chunk must not look complete"
+    );
 }
 
 #[tokio::test]
@@ -160,9 +189,16 @@ async fn ambiguous_requests_get_400_close_and_never_reach_the_upstream() {
             reply.starts_with("HTTP/1.1 400") || reply.starts_with("HTTP/1.0 400"),
             "{case:?} got {reply:?}"
         );
-        assert!(reply.to_ascii_lowercase().contains("connection: close"), "{case:?} got {reply:?}");
+        assert!(
+            reply.to_ascii_lowercase().contains("connection: close"),
+            "{case:?} got {reply:?}"
+        );
     }
-    assert_eq!(stable.hits(), 0, "no rejected request may reach the upstream");
+    assert_eq!(
+        stable.hits(),
+        0,
+        "no rejected request may reach the upstream"
+    );
 }
 
 #[tokio::test]
@@ -195,7 +231,14 @@ async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_set() {
     )
     .await;
     let seen = reply.text();
-    for gone in ["x-client-secret", "keep-alive", "te:", "proxy-authorization", "connection:", "6.6.6.6"] {
+    for gone in [
+        "x-client-secret",
+        "keep-alive",
+        "te:",
+        "proxy-authorization",
+        "connection:",
+        "6.6.6.6",
+    ] {
         assert!(!seen.contains(gone), "{gone} reached the upstream:\n{seen}");
     }
     for kept in [
@@ -221,26 +264,58 @@ async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_set() {
 async fn trusted_proxies_forwarded_for_is_appended() {
     let echo = named_upstream("stable").await;
     let dir = Arc::new(TempDir::new("xff"));
-    let text = config(dir.path(), &[echo.addr], None, "trusted_proxies = [\"127.0.0.0/8\"]", "", "");
+    let text = config(
+        dir.path(),
+        &[echo.addr],
+        None,
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+        "",
+        "",
+    );
     let proxy = start_proxy(dir, &text).await;
     let reply = get(proxy.addr, "/", &[("x-forwarded-for", "203.0.113.9")]).await;
-    assert!(reply.text().contains("x-forwarded-for: 203.0.113.9, 127.0.0.1"), "{}", reply.text());
+    assert!(
+        reply
+            .text()
+            .contains("x-forwarded-for: 203.0.113.9, 127.0.0.1"),
+        "{}",
+        reply.text()
+    );
 }
 
 #[tokio::test]
 async fn oversized_heads_and_targets_are_refused() {
     let stable = named_upstream("stable").await;
     let dir = Arc::new(TempDir::new("limits"));
-    let text = config(dir.path(), &[stable.addr], None, "max_headers = 20\nmax_uri_bytes = 100", "", "");
+    let text = config(
+        dir.path(),
+        &[stable.addr],
+        None,
+        "max_headers = 20\nmax_uri_bytes = 100",
+        "",
+        "",
+    );
     let proxy = start_proxy(dir, &text).await;
     let many: String = (0..30).map(|i| format!("x-h{i}: v\r\n")).collect();
-    let reply = raw(proxy.addr, format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes()).await;
+    let reply = raw(
+        proxy.addr,
+        format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
     let big = "a".repeat(20_000);
-    let reply = raw(proxy.addr, format!("GET / HTTP/1.1\r\nHost: a\r\nx-big: {big}\r\n\r\n").as_bytes()).await;
+    let reply = raw(
+        proxy.addr,
+        format!("GET / HTTP/1.1\r\nHost: a\r\nx-big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await;
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
     let long = "b".repeat(200);
-    let reply = raw(proxy.addr, format!("GET /{long} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await;
+    let reply = raw(
+        proxy.addr,
+        format!("GET /{long} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes(),
+    )
+    .await;
     assert!(reply.starts_with("HTTP/1.1 414"), "{reply:?}");
     assert_eq!(stable.hits(), 0);
 }
@@ -262,9 +337,15 @@ async fn graceful_drain_lets_a_slow_request_finish() {
     // Readiness is false while draining; new connections are no longer accepted.
     let ready = get(admin, "/readyz", &[]).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(TcpStream::connect(addr).await.is_err(), "listener still accepting while draining");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "listener still accepting while draining"
+    );
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.text(), "slow but sure");
-    assert!(drained.await.unwrap(), "drain should complete before the deadline");
+    assert!(
+        drained.await.unwrap(),
+        "drain should complete before the deadline"
+    );
 }

@@ -13,9 +13,16 @@ use crate::state::{ChangeError, RolloutAction, Source, StateHandle};
 
 pub fn list_routes(state: &StateHandle) -> Response<AdminBody> {
     let snapshot = state.shared.snapshot.load();
-    let mut routes: Vec<_> = snapshot.routes.iter().map(|r| route_view(&snapshot, r)).collect();
+    let mut routes: Vec<_> = snapshot
+        .routes
+        .iter()
+        .map(|r| route_view(&snapshot, r))
+        .collect();
     routes.sort_by(|a, b| a.name.cmp(&b.name));
-    json_response(StatusCode::OK, &json!({ "generation": snapshot.generation, "routes": routes }))
+    json_response(
+        StatusCode::OK,
+        &json!({ "generation": snapshot.generation, "routes": routes }),
+    )
 }
 
 pub fn show_route(state: &StateHandle, name: &str) -> Response<AdminBody> {
@@ -32,46 +39,69 @@ struct WeightBody {
     canary_weight: f64,
 }
 
-pub async fn set_weight(state: &StateHandle, name: &str, body: &Bytes) -> Response<AdminBody> {
+pub async fn set_weight(
+    state: &StateHandle,
+    name: &str,
+    body: &Bytes,
+    source: Source,
+) -> Response<AdminBody> {
     let parsed: WeightBody = match serde_json::from_slice(body) {
         Ok(parsed) => parsed,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("body must be {{\"canary_weight\": PERCENT}}: {e}")),
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("body must be {{\"canary_weight\": PERCENT}}: {e}"),
+            )
+        }
     };
     let weight_bp = match weight_to_bp(parsed.canary_weight) {
         Ok(bp) => bp,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
     };
-    let result = state.set_weight(name, weight_bp, Source::Admin).await;
+    let result = state.set_weight(name, weight_bp, source).await;
     after_change(state, name, result)
 }
 
-pub async fn rollback(state: &StateHandle, name: &str) -> Response<AdminBody> {
-    let result = state.set_weight(name, 0, Source::Admin).await;
+pub async fn rollback(state: &StateHandle, name: &str, source: Source) -> Response<AdminBody> {
+    let result = state.set_weight(name, 0, source).await;
     after_change(state, name, result)
 }
 
-pub async fn reset(state: &StateHandle, name: &str) -> Response<AdminBody> {
-    let result = state.reset(name).await;
+pub async fn reset(state: &StateHandle, name: &str, source: Source) -> Response<AdminBody> {
+    let result = state.reset(name, source).await;
     after_change(state, name, result)
 }
 
-pub async fn rollout(state: &StateHandle, name: &str, action: &str) -> Response<AdminBody> {
+pub async fn rollout(
+    state: &StateHandle,
+    name: &str,
+    action: &str,
+    source: Source,
+) -> Response<AdminBody> {
     let action = match action {
         "start" => RolloutAction::Start,
         "pause" => RolloutAction::Pause,
         "resume" => RolloutAction::Resume,
         "abort" => RolloutAction::Abort,
-        _ => return json_error(StatusCode::NOT_FOUND, "rollout actions are start, pause, resume and abort"),
+        _ => {
+            return json_error(
+                StatusCode::NOT_FOUND,
+                "rollout actions are start, pause, resume and abort",
+            )
+        }
     };
-    let result = state.rollout(name, action, Source::Admin).await;
+    let result = state.rollout(name, action, source).await;
     after_change(state, name, result)
 }
 
-pub async fn reload(state: &StateHandle) -> Response<AdminBody> {
-    match state.reload(Source::Admin).await {
+pub async fn reload(state: &StateHandle, source: Source) -> Response<AdminBody> {
+    match state.reload(source).await {
         Ok(warnings) => {
             let generation = state.shared.snapshot.load().generation;
-            json_response(StatusCode::OK, &json!({ "status": "reloaded", "generation": generation, "warnings": warnings }))
+            json_response(
+                StatusCode::OK,
+                &json!({ "status": "reloaded", "generation": generation, "warnings": warnings }),
+            )
         }
         Err(ChangeError::Config(error)) => json_response(
             StatusCode::BAD_REQUEST,
@@ -82,7 +112,11 @@ pub async fn reload(state: &StateHandle) -> Response<AdminBody> {
 }
 
 /// Replies with the route's new state, or the reason nothing changed.
-fn after_change(state: &StateHandle, name: &str, result: Result<(), ChangeError>) -> Response<AdminBody> {
+fn after_change(
+    state: &StateHandle,
+    name: &str,
+    result: Result<(), ChangeError>,
+) -> Response<AdminBody> {
     match result {
         Ok(()) => show_route(state, name),
         Err(error) => change_error(error),
@@ -93,9 +127,10 @@ fn change_error(error: ChangeError) -> Response<AdminBody> {
     let status = match &error {
         ChangeError::UnknownRoute(_) => StatusCode::NOT_FOUND,
         ChangeError::Tripped { .. } => StatusCode::CONFLICT,
-        ChangeError::NoCanary(_) | ChangeError::Invalid(_) | ChangeError::Config(_) | ChangeError::NoConfigFile => {
-            StatusCode::BAD_REQUEST
-        }
+        ChangeError::NoCanary(_)
+        | ChangeError::Invalid(_)
+        | ChangeError::Config(_)
+        | ChangeError::NoConfigFile => StatusCode::BAD_REQUEST,
         ChangeError::Persist(_) | ChangeError::Stopped => StatusCode::INTERNAL_SERVER_ERROR,
     };
     json_error(status, &error.to_string())

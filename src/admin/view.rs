@@ -97,7 +97,12 @@ pub fn route_view(snapshot: &Snapshot, route: &LiveRoute) -> RouteView {
         canary_weight: bp_to_percent(route.weight_bp),
         file_weight: bp_to_percent(spec.file_weight_bp),
         slo: match &route.trip {
-            None => SloView { state: "ok", reason: None, detail: None, at: None },
+            None => SloView {
+                state: "ok",
+                reason: None,
+                detail: None,
+                at: None,
+            },
             Some(trip) => SloView {
                 state: "tripped",
                 reason: Some(trip.reason.clone()),

@@ -167,7 +167,10 @@ pub fn compile(file: &FileConfig) -> Result<Settings, Vec<String>> {
         .filter_map(|(index, route)| {
             let field = format!("routes[{index}] ({})", route.name);
             if !seen.insert(route.name.as_str()) {
-                errors.push(&format!("{field}.name"), format!("duplicate route name {:?}", route.name));
+                errors.push(
+                    &format!("{field}.name"),
+                    format!("duplicate route name {:?}", route.name),
+                );
             }
             compile_route(&field, route, file, &mut errors)
         })
@@ -187,7 +190,9 @@ pub fn compile(file: &FileConfig) -> Result<Settings, Vec<String>> {
 
 fn compile_server(file: &FileConfig, errors: &mut Errors) -> Option<ServerSettings> {
     let s = &file.server;
-    let listen = net::socket_addr(&s.listen).map_err(|e| errors.push("server.listen", e)).ok();
+    let listen = net::socket_addr(&s.listen)
+        .map_err(|e| errors.push("server.listen", e))
+        .ok();
     let trusted_proxies = s
         .trusted_proxies
         .iter()
@@ -234,10 +239,17 @@ fn compile_server(file: &FileConfig, errors: &mut Errors) -> Option<ServerSettin
     })
 }
 
-fn compile_upstream(name: &str, section: &UpstreamSection, errors: &mut Errors) -> Option<UpstreamSpec> {
+fn compile_upstream(
+    name: &str,
+    section: &UpstreamSection,
+    errors: &mut Errors,
+) -> Option<UpstreamSpec> {
     let field = format!("upstreams.{name}");
     if section.instances.is_empty() {
-        errors.push(&format!("{field}.instances"), "must list at least one instance");
+        errors.push(
+            &format!("{field}.instances"),
+            "must list at least one instance",
+        );
     }
     let mut instances = Vec::with_capacity(section.instances.len());
     for (i, text) in section.instances.iter().enumerate() {
@@ -263,15 +275,31 @@ fn compile_upstream(name: &str, section: &UpstreamSection, errors: &mut Errors) 
     })
 }
 
-fn compile_route(field: &str, r: &RouteSection, file: &FileConfig, errors: &mut Errors) -> Option<RouteSpec> {
+fn compile_route(
+    field: &str,
+    r: &RouteSection,
+    file: &FileConfig,
+    errors: &mut Errors,
+) -> Option<RouteSpec> {
     let before = errors.0.len();
-    if r.name.is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        errors.push(&format!("{field}.name"), "must be non-empty and use only letters, digits, '-', '_' and '.'");
+    if r.name.is_empty()
+        || !r
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        errors.push(
+            &format!("{field}.name"),
+            "must be non-empty and use only letters, digits, '-', '_' and '.'",
+        );
     }
     let host = if r.host == "*" {
         HostMatch::Any
     } else if r.host.is_empty() || r.host.contains(['/', ' ', ':']) {
-        errors.push(&format!("{field}.host"), format!("{:?} is not a host name or \"*\"", r.host));
+        errors.push(
+            &format!("{field}.host"),
+            format!("{:?} is not a host name or \"*\"", r.host),
+        );
         HostMatch::Any
     } else {
         HostMatch::Exact(r.host.to_ascii_lowercase())
@@ -282,7 +310,10 @@ fn compile_route(field: &str, r: &RouteSection, file: &FileConfig, errors: &mut 
     for (key, upstream) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
         if let Some(upstream) = upstream {
             if !file.upstreams.contains_key(upstream) {
-                errors.push(&format!("{field}.{key}"), format!("unknown upstream {upstream:?}"));
+                errors.push(
+                    &format!("{field}.{key}"),
+                    format!("unknown upstream {upstream:?}"),
+                );
             }
         }
     }
@@ -290,10 +321,16 @@ fn compile_route(field: &str, r: &RouteSection, file: &FileConfig, errors: &mut 
         .map_err(|e| errors.push(&format!("{field}.canary_weight"), e))
         .unwrap_or(0);
     if r.canary.is_none() && file_weight_bp > 0 {
-        errors.push(&format!("{field}.canary_weight"), "is above 0 but the route has no canary");
+        errors.push(
+            &format!("{field}.canary_weight"),
+            "is above 0 but the route has no canary",
+        );
     }
     if r.split_key.is_empty() {
-        errors.push(&format!("{field}.split_key"), "must list at least one key source");
+        errors.push(
+            &format!("{field}.split_key"),
+            "must list at least one key source",
+        );
     }
     let split_key = r
         .split_key
@@ -308,40 +345,70 @@ fn compile_route(field: &str, r: &RouteSection, file: &FileConfig, errors: &mut 
     let sticky_cookie = non_empty(&r.sticky_cookie);
     if let Some(name) = &sticky_cookie {
         if !is_token(name) {
-            errors.push(&format!("{field}.sticky_cookie"), format!("{name:?} is not a valid cookie name"));
+            errors.push(
+                &format!("{field}.sticky_cookie"),
+                format!("{name:?} is not a valid cookie name"),
+            );
         }
     }
     let override_name = non_empty(&r.override_name).and_then(|name| {
         match HeaderName::from_bytes(name.as_bytes()) {
-            Ok(header) => Some(OverrideName { header, cookie: name }),
+            Ok(header) => Some(OverrideName {
+                header,
+                cookie: name,
+            }),
             Err(_) => {
-                errors.push(&format!("{field}.override_name"), format!("{name:?} is not a valid header name"));
+                errors.push(
+                    &format!("{field}.override_name"),
+                    format!("{name:?} is not a valid header name"),
+                );
                 None
             }
         }
     });
     let variant_header = non_empty(&r.variant_header).and_then(|name| {
         HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| errors.push(&format!("{field}.variant_header"), format!("{name:?} is not a valid header name")))
+            .map_err(|_| {
+                errors.push(
+                    &format!("{field}.variant_header"),
+                    format!("{name:?} is not a valid header name"),
+                )
+            })
             .ok()
     });
-    let slo = r.slo.as_ref().map(|s| compile_slo(&format!("{field}.slo"), s, errors));
+    let slo = r
+        .slo
+        .as_ref()
+        .map(|s| compile_slo(&format!("{field}.slo"), s, errors));
     let rollout = r.rollout.as_ref().map(|ro| {
         let steps: Vec<u32> = ro
             .steps
             .iter()
-            .filter_map(|&w| weight_to_bp(w).map_err(|e| errors.push(&format!("{field}.rollout.steps"), e)).ok())
+            .filter_map(|&w| {
+                weight_to_bp(w)
+                    .map_err(|e| errors.push(&format!("{field}.rollout.steps"), e))
+                    .ok()
+            })
             .collect();
         if steps.is_empty() || steps.windows(2).any(|w| w[0] >= w[1]) || steps[0] == 0 {
-            errors.push(&format!("{field}.rollout.steps"), "must be a non-empty list of rising weights above 0");
+            errors.push(
+                &format!("{field}.rollout.steps"),
+                "must be a non-empty list of rising weights above 0",
+            );
         }
         if ro.interval.is_zero() {
-            errors.push(&format!("{field}.rollout.interval"), "must be longer than 0");
+            errors.push(
+                &format!("{field}.rollout.interval"),
+                "must be longer than 0",
+            );
         }
         if r.canary.is_none() {
             errors.push(&format!("{field}.rollout"), "needs a canary upstream");
         }
-        RolloutSpec { steps, interval: ro.interval }
+        RolloutSpec {
+            steps,
+            interval: ro.interval,
+        }
     });
     (errors.0.len() == before).then(|| RouteSpec {
         name: r.name.clone(),
@@ -377,7 +444,10 @@ fn compile_slo(field: &str, s: &SloSection, errors: &mut Errors) -> SloSpec {
     }
     if let Some(ratio) = s.max_p99_ratio {
         if !(ratio.is_finite() && ratio >= 1.0) {
-            errors.push(&format!("{field}.max_p99_ratio"), format!("{ratio} must be at least 1"));
+            errors.push(
+                &format!("{field}.max_p99_ratio"),
+                format!("{ratio} must be at least 1"),
+            );
         }
     }
     if s.max_error_rate.is_none()

@@ -24,7 +24,11 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
-        _ => return Err(format!("duration {text:?} has unknown unit {unit:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "duration {text:?} has unknown unit {unit:?} (use ms, s, m or h)"
+            ))
+        }
     };
     value
         .checked_mul(millis_per_unit)
@@ -61,7 +65,15 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "10", "ms", "1.5s", "10 parsecs", "-1s", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "10",
+            "ms",
+            "1.5s",
+            "10 parsecs",
+            "-1s",
+            "99999999999999999999s",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

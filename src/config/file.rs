@@ -39,10 +39,16 @@ pub struct ServerSection {
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
     /// Time a client has to send a complete request head.
-    #[serde(default = "defaults::header_read_timeout", deserialize_with = "duration::deserialize")]
+    #[serde(
+        default = "defaults::header_read_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
     pub header_read_timeout: Duration,
     /// A keep-alive connection with no request in flight and no bytes moving is closed after this.
-    #[serde(default = "defaults::idle_timeout", deserialize_with = "duration::deserialize")]
+    #[serde(
+        default = "defaults::idle_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
     pub idle_timeout: Duration,
     #[serde(default = "defaults::max_headers")]
     pub max_headers: usize,
@@ -51,7 +57,10 @@ pub struct ServerSection {
     #[serde(default = "defaults::max_uri_bytes")]
     pub max_uri_bytes: usize,
     /// On SIGTERM, how long in-flight requests get to finish.
-    #[serde(default = "defaults::drain_timeout", deserialize_with = "duration::deserialize")]
+    #[serde(
+        default = "defaults::drain_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
     pub drain_timeout: Duration,
     /// One INFO line per request.
     #[serde(default = "defaults::yes")]
@@ -96,10 +105,16 @@ impl Default for StateSection {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     pub instances: Vec<String>,
-    #[serde(default = "defaults::connect_timeout", deserialize_with = "duration::deserialize")]
+    #[serde(
+        default = "defaults::connect_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
     pub connect_timeout: Duration,
     /// Time from the request sent to the response head received.
-    #[serde(default = "defaults::response_timeout", deserialize_with = "duration::deserialize")]
+    #[serde(
+        default = "defaults::response_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
     pub response_timeout: Duration,
     /// Idle pooled connections kept per instance.
     #[serde(default = "defaults::max_idle_per_instance")]
@@ -147,7 +162,10 @@ pub struct RouteSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SloSection {
-    #[serde(default = "defaults::slo_window", deserialize_with = "duration::deserialize")]
+    #[serde(
+        default = "defaults::slo_window",
+        deserialize_with = "duration::deserialize"
+    )]
     pub window: Duration,
     #[serde(default = "defaults::min_requests")]
     pub min_requests: u64,

@@ -53,9 +53,12 @@ impl IpRange {
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         match (self.network, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                prefix_eq(u32::from(net) as u128, u32::from(ip) as u128, 32, self.prefix)
-            }
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
+                u32::from(net) as u128,
+                u32::from(ip) as u128,
+                32,
+                self.prefix,
+            ),
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 prefix_eq(u128::from(net), u128::from(ip), 128, self.prefix)
             }
@@ -93,8 +96,12 @@ mod tests {
         let one = IpRange::parse("127.0.0.1").unwrap();
         assert!(one.contains("127.0.0.1".parse().unwrap()));
         assert!(!one.contains("127.0.0.2".parse().unwrap()));
-        assert!(IpRange::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
-        assert!(IpRange::parse("::1/128").unwrap().contains("::1".parse().unwrap()));
+        assert!(IpRange::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("1.2.3.4".parse().unwrap()));
+        assert!(IpRange::parse("::1/128")
+            .unwrap()
+            .contains("::1".parse().unwrap()));
     }
 
     #[test]

@@ -33,7 +33,9 @@ impl ProxyError {
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Upstream { source, .. } => match source {
-                UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
+                    StatusCode::GATEWAY_TIMEOUT
+                }
                 _ => StatusCode::BAD_GATEWAY,
             },
         }
@@ -49,13 +51,18 @@ impl ProxyError {
         let status = self.status();
         let body = match &self {
             // Upstream details stay in the logs, not in the client's view.
-            ProxyError::Upstream { .. } => format!("{}\n", status.canonical_reason().unwrap_or("error")),
+            ProxyError::Upstream { .. } => {
+                format!("{}\n", status.canonical_reason().unwrap_or("error"))
+            }
             other => format!("{other}\n"),
         };
         let mut response = Response::new(ProxyBody::Full(Some(Bytes::from(body))));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         if self.closes_connection() {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
         }
@@ -76,13 +83,25 @@ mod tests {
 
     #[test]
     fn maps_each_error_to_its_status() {
-        assert_eq!(ProxyError::BadRequest("x").status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            ProxyError::BadRequest("x").status(),
+            StatusCode::BAD_REQUEST
+        );
         assert_eq!(ProxyError::UriTooLong.status(), StatusCode::URI_TOO_LONG);
         assert_eq!(ProxyError::NoRoute.status(), StatusCode::NOT_FOUND);
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert_eq!(upstream(UpstreamError::Connect(refused)).status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(upstream(UpstreamError::ConnectTimeout).status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(upstream(UpstreamError::ResponseTimeout).status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            upstream(UpstreamError::Connect(refused)).status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            upstream(UpstreamError::ConnectTimeout).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            upstream(UpstreamError::ResponseTimeout).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
     }
 
     #[test]

@@ -79,9 +79,14 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer<'_>) {
     let mut cursor = &mut text[..];
     let _ = write!(cursor, "{}", peer.ip);
     let written = 64 - cursor.len();
-    let ip_value = HeaderValue::from_bytes(&text[..written]).expect("an IP address is a valid header value");
+    let ip_value =
+        HeaderValue::from_bytes(&text[..written]).expect("an IP address is a valid header value");
     if peer.is_trusted() {
-        let prior: Vec<&[u8]> = headers.get_all(&X_FORWARDED_FOR).iter().map(|v| v.as_bytes()).collect();
+        let prior: Vec<&[u8]> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
         if !prior.is_empty() {
             let mut joined = prior.join(&b", "[..]);
             joined.extend_from_slice(b", ");
@@ -116,7 +121,10 @@ pub fn to_origin_form(uri: &mut Uri, headers: &mut HeaderMap) {
                 headers.insert(header::HOST, host);
             }
         }
-        let path = uri.path_and_query().cloned().unwrap_or_else(|| uri::PathAndQuery::from_static("/"));
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| uri::PathAndQuery::from_static("/"));
         *uri = Uri::from(path);
     }
 }
@@ -128,7 +136,10 @@ mod tests {
     #[test]
     fn strips_connection_listed_headers() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
@@ -142,13 +153,27 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         let ip = "10.0.0.7".parse().unwrap();
-        set_forwarded(&mut headers, &Peer { ip, tls: false, trusted_proxies: &[] });
+        set_forwarded(
+            &mut headers,
+            &Peer {
+                ip,
+                tls: false,
+                trusted_proxies: &[],
+            },
+        );
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.7");
 
         let trusted = [IpRange::parse("10.0.0.0/8").unwrap()];
         let mut headers = HeaderMap::new();
         headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
-        set_forwarded(&mut headers, &Peer { ip, tls: true, trusted_proxies: &trusted });
+        set_forwarded(
+            &mut headers,
+            &Peer {
+                ip,
+                tls: true,
+                trusted_proxies: &trusted,
+            },
+        );
         assert_eq!(headers[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.7");
         assert_eq!(headers[&X_FORWARDED_PROTO], "https");
     }

@@ -19,7 +19,9 @@ pub fn check(parts: &Parts, max_uri_bytes: usize) -> Result<(), ProxyError> {
     let te_count = headers.get_all(TRANSFER_ENCODING).iter().count();
     let cl_count = headers.get_all(CONTENT_LENGTH).iter().count();
     if te_count > 0 && cl_count > 0 {
-        return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
     }
     if cl_count > 1 {
         return Err(ProxyError::BadRequest("more than one Content-Length"));
@@ -27,7 +29,9 @@ pub fn check(parts: &Parts, max_uri_bytes: usize) -> Result<(), ProxyError> {
     if let Some(cl) = headers.get(CONTENT_LENGTH) {
         let digits = cl.as_bytes();
         if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-            return Err(ProxyError::BadRequest("Content-Length is not a plain number"));
+            return Err(ProxyError::BadRequest(
+                "Content-Length is not a plain number",
+            ));
         }
     }
     if te_count > 0 {
@@ -39,7 +43,9 @@ pub fn check(parts: &Parts, max_uri_bytes: usize) -> Result<(), ProxyError> {
                 .get(TRANSFER_ENCODING)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
         if !only_chunked {
-            return Err(ProxyError::BadRequest("Transfer-Encoding other than exactly \"chunked\""));
+            return Err(ProxyError::BadRequest(
+                "Transfer-Encoding other than exactly \"chunked\"",
+            ));
         }
     }
     check_host(parts)
@@ -59,13 +65,18 @@ fn check_host(parts: &Parts) -> Result<(), ProxyError> {
     match (parts.version, parts.uri.authority(), host) {
         (Version::HTTP_11, _, None) => Err(ProxyError::BadRequest("missing Host")),
         (_, Some(authority), Some(host))
-            if !authority.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()) =>
+            if !authority
+                .as_str()
+                .as_bytes()
+                .eq_ignore_ascii_case(host.as_bytes()) =>
         {
-            Err(ProxyError::BadRequest(if parts.version == Version::HTTP_2 {
-                "Host disagrees with :authority"
-            } else {
-                "absolute-form URI disagrees with Host"
-            }))
+            Err(ProxyError::BadRequest(
+                if parts.version == Version::HTTP_2 {
+                    "Host disagrees with :authority"
+                } else {
+                    "absolute-form URI disagrees with Host"
+                },
+            ))
         }
         _ => Ok(()),
     }

@@ -80,7 +80,10 @@ mod tests {
     #[test]
     fn exact_host_routes_own_their_host() {
         let routes = routes();
-        assert!(matches!(find(&routes, "SHOP.example", "/cart/1").unwrap().0, HostMatch::Exact(_)));
+        assert!(matches!(
+            find(&routes, "SHOP.example", "/cart/1").unwrap().0,
+            HostMatch::Exact(_)
+        ));
         assert!(find(&routes, "shop.example", "/api").is_none());
     }
 

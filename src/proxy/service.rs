@@ -84,7 +84,9 @@ impl ProxyService {
             }
         };
         let client_version = parts.version;
-        let access = server.access_log.then(|| (parts.method.clone(), parts.uri.clone()));
+        let access = server
+            .access_log
+            .then(|| (parts.method.clone(), parts.uri.clone()));
         forward::strip_hop_by_hop(&mut parts.headers);
         if let Some(name) = &route.spec.override_name {
             parts.headers.remove(&name.header);
@@ -106,7 +108,9 @@ impl ProxyService {
             UpstreamBody::Client(body)
         };
 
-        let result = upstream.send(&instance, Request::from_parts(parts, upstream_body)).await;
+        let result = upstream
+            .send(&instance, Request::from_parts(parts, upstream_body))
+            .await;
         let elapsed = started.elapsed();
         let (outcome, response) = match result {
             Ok(response) => (Outcome::Status(response.status().as_u16()), Ok(response)),

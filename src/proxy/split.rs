@@ -41,7 +41,9 @@ impl KeySource {
             return Ok(Self::ClientIp);
         }
         let (kind, name) = text.split_once(':').ok_or_else(|| {
-            format!("{text:?} is not a key source (header:NAME, cookie:NAME, query:NAME or client_ip)")
+            format!(
+                "{text:?} is not a key source (header:NAME, cookie:NAME, query:NAME or client_ip)"
+            )
         })?;
         if name.is_empty() {
             return Err(format!("{text:?} has an empty name"));
@@ -52,7 +54,9 @@ impl KeySource {
                 .map_err(|_| format!("{name:?} is not a valid header name")),
             "cookie" => Ok(Self::Cookie(name.to_string())),
             "query" => Ok(Self::Query(name.to_string())),
-            _ => Err(format!("{text:?} has unknown source {kind:?} (header, cookie, query or client_ip)")),
+            _ => Err(format!(
+                "{text:?} has unknown source {kind:?} (header, cookie, query or client_ip)"
+            )),
         }
     }
 }
@@ -127,7 +131,12 @@ pub struct RequestView<'a> {
 }
 
 /// Decides the side of one request. `weight_bp` and `tripped` come from the live snapshot.
-pub fn decide(route: &RouteSpec, weight_bp: u32, tripped: bool, request: &RequestView<'_>) -> Decision {
+pub fn decide(
+    route: &RouteSpec,
+    weight_bp: u32,
+    tripped: bool,
+    request: &RequestView<'_>,
+) -> Decision {
     let fixed = |variant, reason| Decision {
         variant,
         reason,
@@ -189,11 +198,18 @@ pub fn decide(route: &RouteSpec, weight_bp: u32, tripped: bool, request: &Reques
 
 /// The first configured key source present, then the sticky cookie. The client IP is
 /// written as text into `ip_text`, so no source allocates.
-fn first_key<'a>(route: &RouteSpec, request: &RequestView<'a>, ip_text: &'a mut [u8; 64]) -> Option<&'a [u8]> {
+fn first_key<'a>(
+    route: &RouteSpec,
+    request: &RequestView<'a>,
+    ip_text: &'a mut [u8; 64],
+) -> Option<&'a [u8]> {
     let present = |v: &'a [u8]| (!v.is_empty()).then_some(v);
     for source in &route.split_key {
         let key = match source {
-            KeySource::Header(name) => request.headers.get(name).and_then(|v| present(v.as_bytes())),
+            KeySource::Header(name) => request
+                .headers
+                .get(name)
+                .and_then(|v| present(v.as_bytes())),
             KeySource::Cookie(name) => cookie(request.headers, name).and_then(present),
             KeySource::Query(name) => query_param(request.uri, name).and_then(present),
             KeySource::ClientIp => {

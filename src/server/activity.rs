@@ -40,7 +40,8 @@ impl Activity {
     }
 
     fn touch(&self) {
-        self.last_ms.store(self.origin.elapsed().as_millis() as u64, Relaxed);
+        self.last_ms
+            .store(self.origin.elapsed().as_millis() as u64, Relaxed);
     }
 
     /// When the connection will have been idle for `timeout`, if nothing happens first;
@@ -93,14 +94,20 @@ impl<I> Tracked<I> {
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.touch();
             let this = &mut *self;
             if let Some(scanner) = this.scanner.as_mut() {
-                if let Finding::Rejected { sequence, reason } = scanner.feed(&buf.filled()[before..]) {
+                if let Finding::Rejected { sequence, reason } =
+                    scanner.feed(&buf.filled()[before..])
+                {
                     let _ = this.activity.rejected.set((sequence, reason));
                     this.scanner = None;
                 }
@@ -111,7 +118,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -119,7 +130,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         polled
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();

@@ -33,13 +33,22 @@ enum State {
 #[derive(Clone, Copy)]
 enum Chunk {
     /// Reading the chunk-size line; the value so far and whether an extension began.
-    Size { value: u64, digits: u8, extension: bool },
-    SizeLf { value: u64 },
+    Size {
+        value: u64,
+        digits: u8,
+        extension: bool,
+    },
+    SizeLf {
+        value: u64,
+    },
     Data(u64),
     DataCr,
     DataLf,
     /// Reading trailer lines; `line_len` bytes of the current line seen.
-    Trailer { line_len: usize, cr: bool },
+    Trailer {
+        line_len: usize,
+        cr: bool,
+    },
 }
 
 /// The per-connection scanner.
@@ -55,7 +64,10 @@ pub struct HeadScanner {
 pub enum Finding {
     Nothing,
     /// The head with this sequence number (0-based) is bad.
-    Rejected { sequence: u64, reason: Rejection },
+    Rejected {
+        sequence: u64,
+        reason: Rejection,
+    },
 }
 
 impl Default for HeadScanner {
@@ -81,14 +93,19 @@ impl HeadScanner {
                 State::Head => {
                     // Empty lines before a request line are allowed (RFC 9112 §2.2).
                     if self.head.is_empty() {
-                        let skip = bytes.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                        let skip = bytes
+                            .iter()
+                            .take_while(|&&b| b == b'\r' || b == b'\n')
+                            .count();
                         bytes = &bytes[skip..];
                         if bytes.is_empty() {
                             break;
                         }
                     }
                     let searched_from = self.head.len().saturating_sub(3);
-                    let take = bytes.len().min(MAX_HEAD + 4 - self.head.len().min(MAX_HEAD));
+                    let take = bytes
+                        .len()
+                        .min(MAX_HEAD + 4 - self.head.len().min(MAX_HEAD));
                     self.head.extend_from_slice(&bytes[..take]);
                     match find_end(&self.head[searched_from..]) {
                         Some(end) => {
@@ -181,15 +198,24 @@ impl HeadScanner {
             if http10 {
                 return Err("Transfer-Encoding on HTTP/1.0");
             }
-            if transfer_encodings.len() != 1 || !transfer_encodings[0].eq_ignore_ascii_case(b"chunked") {
+            if transfer_encodings.len() != 1
+                || !transfer_encodings[0].eq_ignore_ascii_case(b"chunked")
+            {
                 return Err("Transfer-Encoding other than exactly \"chunked\"");
             }
-            State::Chunked(Chunk::Size { value: 0, digits: 0, extension: false })
+            State::Chunked(Chunk::Size {
+                value: 0,
+                digits: 0,
+                extension: false,
+            })
         } else if let Some(value) = content_length {
             if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
                 return Err("Content-Length is not a plain number");
             }
-            let n: u64 = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).ok_or("Content-Length is not a plain number")?;
+            let n: u64 = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or("Content-Length is not a plain number")?;
             if n == 0 {
                 State::Head
             } else {
@@ -205,7 +231,10 @@ impl HeadScanner {
 
 /// Position just past the first "\r\n\r\n" in `bytes`.
 fn find_end(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
 }
 
 /// Advances the chunked-body reader over `bytes`. Returns bytes consumed and the next
@@ -216,25 +245,48 @@ fn step_chunked(mut chunk: Chunk, bytes: &[u8]) -> (usize, Option<Option<Chunk>>
     while i < bytes.len() {
         let b = bytes[i];
         chunk = match chunk {
-            Chunk::Size { value, digits, extension } => match b {
+            Chunk::Size {
+                value,
+                digits,
+                extension,
+            } => match b {
                 b'\r' => Chunk::SizeLf { value },
-                _ if extension => Chunk::Size { value, digits, extension },
-                b';' => Chunk::Size { value, digits, extension: true },
+                _ if extension => Chunk::Size {
+                    value,
+                    digits,
+                    extension,
+                },
+                b';' => Chunk::Size {
+                    value,
+                    digits,
+                    extension: true,
+                },
                 _ if b.is_ascii_hexdigit() && digits < 16 => {
                     let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
-                    Chunk::Size { value: value * 16 + digit, digits: digits + 1, extension }
+                    Chunk::Size {
+                        value: value * 16 + digit,
+                        digits: digits + 1,
+                        extension,
+                    }
                 }
                 _ => return (i, None),
             },
             Chunk::SizeLf { value } => match b {
-                b'\n' if value == 0 => Chunk::Trailer { line_len: 0, cr: false },
+                b'\n' if value == 0 => Chunk::Trailer {
+                    line_len: 0,
+                    cr: false,
+                },
                 b'\n' => Chunk::Data(value),
                 _ => return (i, None),
             },
             Chunk::Data(remaining) => {
                 let n = remaining.min((bytes.len() - i) as u64);
                 i += n as usize;
-                chunk = if remaining == n { Chunk::DataCr } else { Chunk::Data(remaining - n) };
+                chunk = if remaining == n {
+                    Chunk::DataCr
+                } else {
+                    Chunk::Data(remaining - n)
+                };
                 continue;
             }
             Chunk::DataCr => match b {
@@ -242,14 +294,24 @@ fn step_chunked(mut chunk: Chunk, bytes: &[u8]) -> (usize, Option<Option<Chunk>>
                 _ => return (i, None),
             },
             Chunk::DataLf => match b {
-                b'\n' => Chunk::Size { value: 0, digits: 0, extension: false },
+                b'\n' => Chunk::Size {
+                    value: 0,
+                    digits: 0,
+                    extension: false,
+                },
                 _ => return (i, None),
             },
             Chunk::Trailer { line_len, cr } => match (b, cr) {
                 (b'\r', false) => Chunk::Trailer { line_len, cr: true },
                 (b'\n', true) if line_len == 0 => return (i + 1, Some(None)),
-                (b'\n', true) => Chunk::Trailer { line_len: 0, cr: false },
-                (_, false) if line_len < 8192 => Chunk::Trailer { line_len: line_len + 1, cr: false },
+                (b'\n', true) => Chunk::Trailer {
+                    line_len: 0,
+                    cr: false,
+                },
+                (_, false) if line_len < 8192 => Chunk::Trailer {
+                    line_len: line_len + 1,
+                    cr: false,
+                },
                 _ => return (i, None),
             },
         };
@@ -264,7 +326,11 @@ mod tests {
 
     fn scan(parts: &[&[u8]]) -> Vec<Finding> {
         let mut scanner = HeadScanner::new();
-        parts.iter().map(|p| scanner.feed(p)).filter(|f| *f != Finding::Nothing).collect()
+        parts
+            .iter()
+            .map(|p| scanner.feed(p))
+            .filter(|f| *f != Finding::Nothing)
+            .collect()
     }
 
     fn rejected(sequence: u64) -> impl Fn(&[Finding]) -> bool {
@@ -300,14 +366,18 @@ mod tests {
     #[test]
     fn body_bytes_that_look_like_heads_are_not_heads() {
         let body = b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let head = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", body.len());
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
         assert!(scan(&[head.as_bytes(), body]).is_empty());
     }
 
     #[test]
     fn http2_and_upgrades_stop_the_scan() {
         assert!(scan(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"garbage\r\n\r\n"]).is_empty());
-        let upgrade = b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        let upgrade =
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
         assert!(scan(&[upgrade, b"\x81\x05hello binary frames\r\n\r\n"]).is_empty());
     }
 }

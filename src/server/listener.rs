@@ -58,7 +58,11 @@ struct Listener {
 
 /// Accepts until `shutdown` turns true, then waits up to the drain timeout for open
 /// connections to finish their in-flight requests. Returns whether all finished.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) -> bool {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> bool {
     let server = shared.snapshot.load().settings.server.clone();
     let limits = Limits {
         max_connections: server.max_connections,
@@ -66,7 +70,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::
         drain_timeout: server.drain_timeout,
     };
     let state = Arc::new(Listener {
-        connections: shared.registry.gauge(CONNECTIONS, &[(LABEL_LISTENER, "http")]),
+        connections: shared
+            .registry
+            .gauge(CONNECTIONS, &[(LABEL_LISTENER, "http")]),
         builder: connection_builder(&server),
         shared,
         limits: limits.clone(),

@@ -53,8 +53,13 @@ pub async fn evaluate(state: &StateHandle, snapshot: &Snapshot) {
         if progress.paused {
             continue;
         }
-        let held = progress.held_ms + crate::timefmt::unix_ms().saturating_sub(progress.step_started_ms);
-        let slo_holds = route.spec.slo.as_ref().is_none_or(|spec| verdict::has_enough(spec, &canary));
+        let held =
+            progress.held_ms + crate::timefmt::unix_ms().saturating_sub(progress.step_started_ms);
+        let slo_holds = route
+            .spec
+            .slo
+            .as_ref()
+            .is_none_or(|spec| verdict::has_enough(spec, &canary));
         if held >= plan.interval.as_millis() as u64 && slo_holds {
             if let Err(error) = state.rollout_advance(name, progress.step).await {
                 tracing::error!(route = %name, %error, "could not advance rollout");

@@ -37,7 +37,9 @@ pub fn judge(spec: &SloSpec, canary: &WindowStats, stable: &WindowStats) -> Opti
         if c_err > max && !(baseline && stable_known && s_err > max) {
             return Some(Breach {
                 reason: "error_rate",
-                detail: format!("canary error rate {c_err:.4} > {max} over {n} requests (stable {s_err:.4})"),
+                detail: format!(
+                    "canary error rate {c_err:.4} > {max} over {n} requests (stable {s_err:.4})"
+                ),
             });
         }
     }
@@ -45,7 +47,9 @@ pub fn judge(spec: &SloSpec, canary: &WindowStats, stable: &WindowStats) -> Opti
         if c_p99 > max && !(baseline && stable_known && s_p99 > max) {
             return Some(Breach {
                 reason: "p99_latency",
-                detail: format!("canary p99 {c_p99:?} > {max:?} over {n} requests (stable {s_p99:?})"),
+                detail: format!(
+                    "canary p99 {c_p99:?} > {max:?} over {n} requests (stable {s_p99:?})"
+                ),
             });
         }
     }
@@ -101,8 +105,18 @@ mod tests {
     #[test]
     fn absolute_rules() {
         let healthy = stats(1000, 0, 10);
-        assert_eq!(judge(&spec(), &stats(100, 10, 10), &healthy).unwrap().reason, "error_rate");
-        assert_eq!(judge(&spec(), &stats(100, 0, 900), &healthy).unwrap().reason, "p99_latency");
+        assert_eq!(
+            judge(&spec(), &stats(100, 10, 10), &healthy)
+                .unwrap()
+                .reason,
+            "error_rate"
+        );
+        assert_eq!(
+            judge(&spec(), &stats(100, 0, 900), &healthy)
+                .unwrap()
+                .reason,
+            "p99_latency"
+        );
         assert!(judge(&spec(), &stats(100, 5, 700), &healthy).is_none());
     }
 
@@ -118,11 +132,16 @@ mod tests {
         let both_down = (stats(100, 60, 10), stats(1000, 580, 10));
         assert!(judge(&spec, &both_down.0, &both_down.1).is_none());
         let canary_only = (stats(100, 60, 10), stats(1000, 5, 10));
-        assert_eq!(judge(&spec, &canary_only.0, &canary_only.1).unwrap().reason, "error_rate");
+        assert_eq!(
+            judge(&spec, &canary_only.0, &canary_only.1).unwrap().reason,
+            "error_rate"
+        );
         let mut relative_only = spec.clone();
         relative_only.max_error_rate = None;
         assert_eq!(
-            judge(&relative_only, &canary_only.0, &canary_only.1).unwrap().reason,
+            judge(&relative_only, &canary_only.0, &canary_only.1)
+                .unwrap()
+                .reason,
             "error_rate_increase"
         );
     }
@@ -133,7 +152,12 @@ mod tests {
         spec.max_p99_latency = None;
         spec.max_error_rate = None;
         spec.max_p99_ratio = Some(2.0);
-        assert_eq!(judge(&spec, &stats(100, 0, 300), &stats(1000, 0, 100)).unwrap().reason, "p99_ratio");
+        assert_eq!(
+            judge(&spec, &stats(100, 0, 300), &stats(1000, 0, 100))
+                .unwrap()
+                .reason,
+            "p99_ratio"
+        );
         assert!(judge(&spec, &stats(100, 0, 150), &stats(1000, 0, 100)).is_none());
     }
 }

@@ -81,7 +81,13 @@ impl Window {
         let slice_no = now_ms / self.slice_ms + 1;
         let slot = &self.slots[(slice_no % SLOTS as u64) as usize];
         let seen = slot.epoch.load(Relaxed);
-        if seen != slice_no && seen < slice_no && slot.epoch.compare_exchange(seen, slice_no, Relaxed, Relaxed).is_ok() {
+        if seen != slice_no
+            && seen < slice_no
+            && slot
+                .epoch
+                .compare_exchange(seen, slice_no, Relaxed, Relaxed)
+                .is_ok()
+        {
             slot.requests.store(0, Relaxed);
             slot.errors.store(0, Relaxed);
             for bucket in slot.latency.iter() {
@@ -182,7 +188,10 @@ mod tests {
         assert_eq!(stats.errors, 100);
         for (got, want) in [(stats.p50, 500.0), (stats.p90, 900.0), (stats.p99, 990.0)] {
             let ms = got.as_secs_f64() * 1000.0;
-            assert!((ms - want).abs() / want < 0.04, "got {ms} ms, want about {want}");
+            assert!(
+                (ms - want).abs() / want < 0.04,
+                "got {ms} ms, want about {want}"
+            );
         }
     }
 

@@ -17,7 +17,11 @@ use super::store::SavedRoute;
 use crate::config::Settings;
 
 /// Combines the file with saved state. Returns the new state.
-pub fn merge(settings: &Settings, saved: &BTreeMap<String, SavedRoute>, corrupt: Option<&Trip>) -> BTreeMap<String, SavedRoute> {
+pub fn merge(
+    settings: &Settings,
+    saved: &BTreeMap<String, SavedRoute>,
+    corrupt: Option<&Trip>,
+) -> BTreeMap<String, SavedRoute> {
     settings
         .routes
         .iter()
@@ -37,12 +41,14 @@ pub fn merge(settings: &Settings, saved: &BTreeMap<String, SavedRoute>, corrupt:
                     trip: old.trip.clone(),
                     rollout: None,
                 },
-                (Some(old), _) if old.file_weight_bp == file_weight_bp && has_canary => SavedRoute {
-                    weight_bp: old.weight_bp,
-                    file_weight_bp,
-                    trip: None,
-                    rollout: old.rollout.clone().filter(|_| spec.rollout.is_some()),
-                },
+                (Some(old), _) if old.file_weight_bp == file_weight_bp && has_canary => {
+                    SavedRoute {
+                        weight_bp: old.weight_bp,
+                        file_weight_bp,
+                        trip: None,
+                        rollout: old.rollout.clone().filter(|_| spec.rollout.is_some()),
+                    }
+                }
                 _ => SavedRoute {
                     weight_bp: if has_canary { file_weight_bp } else { 0 },
                     file_weight_bp,

@@ -44,7 +44,10 @@ pub enum Loaded {
     Fresh,
     Routes(BTreeMap<String, SavedRoute>),
     /// The file could not be read as state. It was moved aside to `moved_to`.
-    Corrupt { reason: String, moved_to: PathBuf },
+    Corrupt {
+        reason: String,
+        moved_to: PathBuf,
+    },
 }
 
 /// One audit-log line.
@@ -70,7 +73,9 @@ impl Store {
     /// Opens (creating if needed) the state directory.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         fs::create_dir_all(dir)?;
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -90,7 +95,10 @@ impl Store {
             Ok(file) => format!("unknown format version {}", file.version),
             Err(e) => e.to_string(),
         };
-        let moved_to = self.dir.join(format!("{STATE_FILE}.corrupt-{}", crate::timefmt::unix_ms()));
+        let moved_to = self.dir.join(format!(
+            "{STATE_FILE}.corrupt-{}",
+            crate::timefmt::unix_ms()
+        ));
         fs::rename(&path, &moved_to)?;
         Ok(Loaded::Corrupt { reason, moved_to })
     }
@@ -118,7 +126,10 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut out = OpenOptions::new().create(true).append(true).open(self.dir.join(AUDIT_FILE))?;
+        let mut out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(AUDIT_FILE))?;
         let mut buf = Vec::new();
         for entry in entries {
             serde_json::to_writer(&mut buf, entry).map_err(std::io::Error::other)?;
@@ -138,7 +149,8 @@ mod tests {
     use super::*;
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("splitgate-store-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("splitgate-store-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
     }
@@ -150,7 +162,12 @@ mod tests {
         let mut routes = BTreeMap::new();
         routes.insert(
             "api".to_string(),
-            SavedRoute { weight_bp: 2500, file_weight_bp: 500, trip: None, rollout: None },
+            SavedRoute {
+                weight_bp: 2500,
+                file_weight_bp: 500,
+                trip: None,
+                rollout: None,
+            },
         );
         store.save(&routes).unwrap();
         match store.load().unwrap() {

@@ -6,7 +6,9 @@
 //! proxies in one process (tests, the demo) keep separate counts.
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 use super::names;
 
@@ -44,7 +46,8 @@ impl Registry {
     }
 
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
-        self.recorder.register_counter(&key(name, labels), &METADATA)
+        self.recorder
+            .register_counter(&key(name, labels), &METADATA)
     }
 
     pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
@@ -52,7 +55,8 @@ impl Registry {
     }
 
     pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
-        self.recorder.register_histogram(&key(name, labels), &METADATA)
+        self.recorder
+            .register_histogram(&key(name, labels), &METADATA)
     }
 }
 

@@ -38,7 +38,11 @@ pub struct SideMetrics {
 
 impl SideMetrics {
     fn new(registry: &Registry, route: &str, upstream: &str, variant: Variant) -> Self {
-        let side = [(LABEL_ROUTE, route), (LABEL_UPSTREAM, upstream), (LABEL_VARIANT, variant.as_str())];
+        let side = [
+            (LABEL_ROUTE, route),
+            (LABEL_UPSTREAM, upstream),
+            (LABEL_VARIANT, variant.as_str()),
+        ];
         let requests = CODE_LABELS.map(|code| {
             let [r, u, v] = side;
             registry.counter(REQUESTS_TOTAL, &[r, u, v, (LABEL_CODE, code)])
@@ -46,7 +50,11 @@ impl SideMetrics {
         let errors = ErrorKind::ALL.map(|kind| {
             registry.counter(
                 UPSTREAM_ERRORS_TOTAL,
-                &[(LABEL_ROUTE, route), (LABEL_UPSTREAM, upstream), (LABEL_KIND, kind.as_str())],
+                &[
+                    (LABEL_ROUTE, route),
+                    (LABEL_UPSTREAM, upstream),
+                    (LABEL_KIND, kind.as_str()),
+                ],
             )
         });
         Self {

@@ -57,7 +57,10 @@ impl Pool {
             Some(sender) => sender,
             None => self.connect(connect_timeout).await?,
         };
-        let response = sender.send_request(request).await.map_err(UpstreamError::from_hyper)?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(UpstreamError::from_hyper)?;
         let (parts, body) = response.into_parts();
         let mut pooled = PooledBody {
             inner: body,
@@ -140,7 +143,10 @@ impl Body for PooledBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.release(),

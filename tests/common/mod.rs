@@ -24,7 +24,9 @@ use tokio::net::{TcpListener, TcpStream};
 pub type TestBody = BoxBody<Bytes, hyper::Error>;
 
 pub fn full(text: impl Into<Bytes>) -> TestBody {
-    Full::new(text.into()).map_err(|never: Infallible| match never {}).boxed()
+    Full::new(text.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
 }
 
 /// A directory removed when dropped.
@@ -141,15 +143,31 @@ pub async fn closed_port() -> SocketAddr {
 
 /// A config for one route `main` with the given stable and optional canary.
 /// `route_extra` lines go into the route table, `server_extra` into `[server]`.
-pub fn config(state: &Path, stable: &[SocketAddr], canary: Option<&[SocketAddr]>, server_extra: &str, upstream_extra: &str, route_extra: &str) -> String {
-    let list = |addrs: &[SocketAddr]| addrs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+pub fn config(
+    state: &Path,
+    stable: &[SocketAddr],
+    canary: Option<&[SocketAddr]>,
+    server_extra: &str,
+    upstream_extra: &str,
+    route_extra: &str,
+) -> String {
+    let list = |addrs: &[SocketAddr]| {
+        addrs
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\naccess_log = false\n{server_extra}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[state]\ndir = \"{}\"\n\n[upstreams.stable-pool]\ninstances = [{}]\n{upstream_extra}\n",
         state.display(),
         list(stable)
     );
     if let Some(canary) = canary {
-        text.push_str(&format!("\n[upstreams.canary-pool]\ninstances = [{}]\n{upstream_extra}\n", list(canary)));
+        text.push_str(&format!(
+            "\n[upstreams.canary-pool]\ninstances = [{}]\n{upstream_extra}\n",
+            list(canary)
+        ));
     }
     text.push_str("\n[[routes]]\nname = \"main\"\nstable = \"stable-pool\"\n");
     if canary.is_some() {
@@ -184,7 +202,9 @@ pub async fn start_proxy(dir: Arc<TempDir>, text: &str) -> TestProxy {
     let config_path = dir.path().join("splitgate.toml");
     std::fs::write(&config_path, text).unwrap();
     let settings = splitgate::config::load(&config_path).unwrap();
-    let running = splitgate::app::start(settings, Some(config_path.clone())).await.unwrap();
+    let running = splitgate::app::start(settings, Some(config_path.clone()))
+        .await
+        .unwrap();
     TestProxy {
         addr: running.proxy_addr,
         admin: running.admin_addr,
@@ -212,17 +232,27 @@ pub async fn send(addr: SocketAddr, request: Request<TestBody>) -> Reply {
     try_send(addr, request).await.expect("request failed")
 }
 
-pub async fn try_send(addr: SocketAddr, mut request: Request<TestBody>) -> Result<Reply, hyper::Error> {
+pub async fn try_send(
+    addr: SocketAddr,
+    mut request: Request<TestBody>,
+) -> Result<Reply, hyper::Error> {
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     if !request.headers().contains_key("host") {
-        request.headers_mut().insert("host", addr.to_string().parse().unwrap());
+        request
+            .headers_mut()
+            .insert("host", addr.to_string().parse().unwrap());
     }
     let response = sender.send_request(request).await?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
-    Ok(Reply { status: parts.status, headers: parts.headers, body })
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
 }
 
 /// GET `path` with extra headers.
@@ -244,13 +274,25 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
 }
 
 /// Sends an admin request; returns status and parsed JSON (or Null).
-pub async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str, token: Option<&str>) -> (StatusCode, serde_json::Value) {
-    let mut request = Request::builder().method(method).uri(path).header("content-type", "application/json");
+pub async fn admin(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (StatusCode, serde_json::Value) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
     }
     let reply = send(addr, request.body(full(body.to_string())).unwrap()).await;
-    (reply.status, serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null))
+    (
+        reply.status,
+        serde_json::from_slice(&reply.body).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// A body of `remaining` copies of `chunk`, with no declared length.

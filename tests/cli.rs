@@ -1,0 +1,213 @@
+//! The `splitgate` binary as an operator runs it: `check`, `run` with a bad config,
+//! SIGTERM drain, kill -9 and restart, and the deploy CLI against a live admin API.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+const BIN: &str = env!("CARGO_BIN_EXE_splitgate");
+
+fn check(text: &str) -> (i32, String, String) {
+    let dir = TempDir::new("check");
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_example_config_checks_ok() {
+    let out = Command::new(BIN)
+        .args(["check", "-c", "config/splitgate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+}
+
+#[test]
+fn check_lists_every_semantic_error_with_its_field_and_exits_2() {
+    let (code, stdout, stderr) = check(
+        r#"
+[server]
+listen = "not-an-address"
+[upstreams.empty]
+instances = []
+[upstreams.good]
+instances = ["127.0.0.1:1"]
+[[routes]]
+name = "r"
+stable = "missing"
+canary = "good"
+canary_weight = 150
+[[routes]]
+name = "r"
+stable = "good"
+"#,
+    );
+    assert_eq!(code, 2);
+    assert!(stdout.is_empty());
+    for expected in [
+        "server.listen: \"not-an-address\" is not an address",
+        "upstreams.empty.instances: must list at least one instance",
+        "routes[0] (r).stable: unknown upstream \"missing\"",
+        "routes[0] (r).canary_weight: weight 150 is outside 0–100",
+        "routes[1] (r).name: duplicate route name \"r\"",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.lines().all(|l| l.contains("c.toml")),
+        "every line names the file:\n{stderr}"
+    );
+}
+
+#[test]
+fn check_names_unknown_fields_and_bad_durations() {
+    let base =
+        "[upstreams.a]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\nstable = \"a\"\n";
+    let (code, _, stderr) = check(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nlisten_backlog = 5\n{base}"
+    ));
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("unknown field `listen_backlog`"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = check(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"ten seconds\"\n{base}"
+    ));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("idle_timeout"), "{stderr}");
+    assert!(stderr.contains("duration"), "{stderr}");
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_exit_2() {
+    let dir = TempDir::new("run-bad");
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("routes: at least one route is required"));
+}
+
+/// A splitgate process; killed on drop.
+struct Process {
+    child: Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `splitgate run` and reads the bound addresses from its log.
+fn spawn(config: &std::path::Path) -> Process {
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "run", "-c"])
+        .arg(config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let (proxy, admin) = loop {
+        let line = lines
+            .next()
+            .expect("splitgate exited before serving")
+            .unwrap();
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if event["message"] == "splitgate serving" {
+            break (
+                event["proxy"].as_str().unwrap().parse().unwrap(),
+                event["admin"].as_str().unwrap().parse().unwrap(),
+            );
+        }
+    };
+    // Keep draining stderr so the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Process {
+        child,
+        proxy,
+        admin,
+    }
+}
+
+fn signal(process: &Process, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(process.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_slow_request_then_exits_0() {
+    let slow = upstream(|_req: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        Response::new(full("finished"))
+    })
+    .await;
+    let dir = TempDir::new("sigterm");
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        config(
+            dir.path(),
+            &[slow.addr],
+            None,
+            "drain_timeout = \"10s\"",
+            "",
+            "",
+        ),
+    )
+    .unwrap();
+    let mut process = spawn(&path);
+    let addr = process.proxy;
+    let in_flight = tokio::spawn(async move { get(addr, "/", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&process, "TERM");
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "finished");
+    let status = tokio::task::spawn_blocking(move || process.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
