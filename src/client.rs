@@ -112,8 +112,8 @@ pub fn status_table(routes: &[serde_json::Value]) -> String {
         out.push_str(&format!(
             "{:<16} {:>6}% {:>6}% {:<9} {:>8} {:>6.2}% {:>7.1}ms  {}\n",
             route["name"].as_str().unwrap_or("?"),
-            route["canary_weight"],
-            route["file_weight"],
+            percent(&route["canary_weight"]),
+            percent(&route["file_weight"]),
             route["slo"]["state"].as_str().unwrap_or("?"),
             canary["requests"],
             canary["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
@@ -130,10 +130,10 @@ pub fn status_table(routes: &[serde_json::Value]) -> String {
 /// What a change did, from the route's state before and after.
 pub fn change_summary(before: Option<&serde_json::Value>, after: &serde_json::Value) -> String {
     let name = after["name"].as_str().unwrap_or("?");
-    let old = before.map_or("?".to_string(), |b| b["canary_weight"].to_string());
+    let old = before.map_or("?".to_string(), |b| percent(&b["canary_weight"]));
     let mut line = format!(
         "{name}: canary weight {old}% -> {}%, slo {}",
-        after["canary_weight"],
+        percent(&after["canary_weight"]),
         after["slo"]["state"].as_str().unwrap_or("?")
     );
     if let Some(step) = after["rollout"]["step"].as_u64() {
@@ -141,4 +141,11 @@ pub fn change_summary(before: Option<&serde_json::Value>, after: &serde_json::Va
     }
     line.push('\n');
     line
+}
+
+/// A weight as people write it: `5`, `12.5`.
+fn percent(value: &serde_json::Value) -> String {
+    value
+        .as_f64()
+        .map_or_else(|| "?".to_string(), |v| v.to_string())
 }

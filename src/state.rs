@@ -528,12 +528,17 @@ impl Writer {
         let merged = merge::merge(&settings, &self.saved, None);
         let previous = self.settings.clone();
         self.install(Arc::new(settings));
-        if let Err(error) = self.commit(merged, source).await {
+        // Weight changes a reload causes come from the file, whoever asked for the reload.
+        if let Err(error) = self.commit(merged, Source::Reload).await {
             // Put the old config back: a reload that cannot be persisted changes nothing.
             self.install(previous);
             return Err(error);
         }
-        tracing::info!(generation = self.generation, "config reloaded");
+        tracing::info!(
+            generation = self.generation,
+            by = source.as_str(),
+            "config reloaded"
+        );
         Ok(warnings)
     }
 

@@ -211,3 +211,115 @@ async fn sigterm_drains_a_slow_request_then_exits_0() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+fn cli(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--admin", &format!("http://{admin}")])
+        .env_remove("SPLITGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn two_pool_config(dir: &TempDir) -> (std::path::PathBuf, TestUpstream, TestUpstream) {
+    let stable = named_upstream("stable").await;
+    let canary = named_upstream("canary").await;
+    let path = dir.path().join("c.toml");
+    let text = config(
+        dir.path(),
+        &[stable.addr],
+        Some(&[canary.addr]),
+        "",
+        "",
+        "canary_weight = 5",
+    );
+    std::fs::write(&path, text).unwrap();
+    (path, stable, canary)
+}
+
+#[tokio::test]
+async fn deploy_cli_moves_weights_and_a_weight_survives_kill_9() {
+    let dir = TempDir::new("deploy");
+    let (path, _stable, _canary) = two_pool_config(&dir).await;
+    let process = spawn(&path);
+    let admin = process.admin;
+    for (pct, shown) in [("25", "5% -> 25%"), ("50", "25% -> 50%")] {
+        let (code, stdout, stderr) =
+            tokio::task::spawn_blocking(move || cli(admin, &["weight", "main", pct]))
+                .await
+                .unwrap();
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains(shown), "{stdout}");
+    }
+    let (code, _, stderr) =
+        tokio::task::spawn_blocking(move || cli(admin, &["weight", "main", "250"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 1);
+    assert!(stderr.contains("outside 0–100"), "{stderr}");
+    let (code, stdout, _) = tokio::task::spawn_blocking(move || cli(admin, &["status"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("main") && l.contains("50%")),
+        "{stdout}"
+    );
+
+    // kill -9: nothing gets to flush, yet the acknowledged weight holds.
+    signal(&process, "KILL");
+    drop(process);
+    let process = spawn(&path);
+    let admin = process.admin;
+    let (_, stdout, _) =
+        tokio::task::spawn_blocking(move || cli(admin, &["status", "main", "--json"]))
+            .await
+            .unwrap();
+    let state: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(state["canary_weight"], 50.0);
+    let (code, stdout, _) = tokio::task::spawn_blocking(move || cli(admin, &["rollback", "main"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    assert!(stdout.contains("50% -> 0%"), "{stdout}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"source\":\"cli\""))
+            .count()
+            >= 3,
+        "{audit}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file() {
+    let dir = TempDir::new("sighup");
+    let (path, _stable, _canary) = two_pool_config(&dir).await;
+    let process = spawn(&path);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("canary_weight = 5", "canary_weight = 7");
+    std::fs::write(&path, text).unwrap();
+    signal(&process, "HUP");
+    let admin = process.admin;
+    let mut weight = 0.0;
+    for _ in 0..50 {
+        let reply = get(admin, "/admin/routes/main", &[]).await;
+        let state: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        weight = state["canary_weight"].as_f64().unwrap();
+        if weight == 7.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(weight, 7.0);
+}
