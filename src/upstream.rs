@@ -118,18 +118,19 @@ impl Upstream {
         &self.instances
     }
 
-    /// Sends a request to one instance, bounding the wait for the response head.
+    /// Sends a request to one instance: the connect (when no pooled connection is
+    /// free) and the wait for the response head are each bounded by their timeout.
     pub async fn send(
         &self,
         instance: &Arc<Pool>,
         request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let response_deadline = self.spec.connect_timeout + self.spec.response_timeout;
-        tokio::time::timeout(
-            response_deadline,
-            instance.send(request, self.spec.connect_timeout),
-        )
-        .await
-        .unwrap_or(Err(UpstreamError::ResponseTimeout))
+        instance
+            .send(
+                request,
+                self.spec.connect_timeout,
+                self.spec.response_timeout,
+            )
+            .await
     }
 }

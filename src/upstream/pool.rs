@@ -52,14 +52,15 @@ impl Pool {
         self: &Arc<Self>,
         request: Request<UpstreamBody>,
         connect_timeout: Duration,
+        response_timeout: Duration,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let mut sender = match self.checkout().await {
             Some(sender) => sender,
             None => self.connect(connect_timeout).await?,
         };
-        let response = sender
-            .send_request(request)
+        let response = tokio::time::timeout(response_timeout, sender.send_request(request))
             .await
+            .map_err(|_| UpstreamError::ResponseTimeout)?
             .map_err(UpstreamError::from_hyper)?;
         let (parts, body) = response.into_parts();
         let mut pooled = PooledBody {

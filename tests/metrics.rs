@@ -1,0 +1,269 @@
+//! Metrics through a real scrape: known traffic in, exact counts out, parsed by a
+//! Prometheus text-format parser.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use prometheus_parse::{Sample, Scrape, Value};
+
+fn labels_match(sample: &Sample, want: &[(&str, &str)]) -> bool {
+    want.iter().all(|(k, v)| sample.labels.get(k) == Some(*v))
+}
+
+fn value(scrape: &Scrape, name: &str, want: &[(&str, &str)]) -> f64 {
+    let found: Vec<&Sample> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels_match(s, want))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {name}{want:?}, found {}",
+        found.len()
+    );
+    match &found[0].value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        other => panic!("{name} is not a plain value: {other:?}"),
+    }
+}
+
+fn histogram_count(scrape: &Scrape, name: &str, want: &[(&str, &str)]) -> (f64, Vec<f64>) {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels_match(s, want))
+        .unwrap_or_else(|| panic!("no histogram {name}{want:?}"));
+    match &sample.value {
+        Value::Histogram(buckets) => (
+            buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .map_or(buckets.last().unwrap().count, |b| b.count),
+            buckets.iter().map(|b| b.less_than).collect(),
+        ),
+        other => panic!("{name} is not a histogram: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn known_traffic_gives_exact_counts() {
+    let stable = named_upstream("stable").await;
+    let canary = named_upstream("canary").await;
+    let closed = closed_port().await;
+    let slow = upstream(|_req: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Response::new(full("late"))
+    })
+    .await;
+    let dir = Arc::new(TempDir::new("metrics"));
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+access_log = false
+[admin]
+listen = "127.0.0.1:0"
+[state]
+dir = "{state}"
+[upstreams.v1]
+instances = ["{stable}"]
+[upstreams.v2]
+instances = ["{canary}"]
+[upstreams.gone]
+instances = ["{closed}"]
+[upstreams.slow]
+instances = ["{slow}"]
+response_timeout = "200ms"
+[[routes]]
+name = "main"
+stable = "v1"
+canary = "v2"
+canary_weight = 12.5
+[[routes]]
+name = "broken"
+path_prefix = "/broken"
+stable = "gone"
+[[routes]]
+name = "sluggish"
+path_prefix = "/slow"
+stable = "slow"
+"#,
+        state = dir.path().display(),
+        stable = stable.addr,
+        canary = canary.addr,
+        slow = slow.addr,
+    );
+    let proxy = start_proxy(dir, &text).await;
+    let (n, m, k) = (7, 5, 3);
+    for _ in 0..n {
+        assert_eq!(
+            get(proxy.addr, "/", &[("x-splitgate-variant", "stable")])
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+    for _ in 0..m {
+        assert_eq!(
+            get(proxy.addr, "/", &[("x-splitgate-variant", "canary")])
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+    for _ in 0..k {
+        assert_eq!(
+            get(proxy.addr, "/broken", &[]).await.status,
+            StatusCode::BAD_GATEWAY
+        );
+    }
+    assert_eq!(
+        get(proxy.addr, "/slow", &[]).await.status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+
+    let reply = get(proxy.admin, "/metrics", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let lines: Vec<std::io::Result<String>> =
+        reply.text().lines().map(|l| Ok(l.to_string())).collect();
+    let scrape = Scrape::parse(lines.into_iter()).expect("valid Prometheus text format");
+
+    let req = "splitgate_requests_total";
+    let main_stable = [("route", "main"), ("upstream", "v1"), ("variant", "stable")];
+    let main_canary = [("route", "main"), ("upstream", "v2"), ("variant", "canary")];
+    assert_eq!(
+        value(
+            &scrape,
+            req,
+            &[
+                main_stable[0],
+                main_stable[1],
+                main_stable[2],
+                ("code", "2xx")
+            ]
+        ),
+        n as f64
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            req,
+            &[
+                main_canary[0],
+                main_canary[1],
+                main_canary[2],
+                ("code", "2xx")
+            ]
+        ),
+        m as f64
+    );
+    assert_eq!(
+        value(&scrape, req, &[("route", "broken"), ("code", "error")]),
+        k as f64
+    );
+    assert_eq!(
+        value(&scrape, req, &[("route", "sluggish"), ("code", "error")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            req,
+            &[
+                main_stable[0],
+                main_stable[1],
+                main_stable[2],
+                ("code", "5xx")
+            ]
+        ),
+        0.0
+    );
+
+    let errors = "splitgate_upstream_errors_total";
+    assert_eq!(
+        value(
+            &scrape,
+            errors,
+            &[
+                ("route", "broken"),
+                ("upstream", "gone"),
+                ("kind", "connect")
+            ]
+        ),
+        k as f64
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            errors,
+            &[
+                ("route", "sluggish"),
+                ("upstream", "slow"),
+                ("kind", "timeout")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            errors,
+            &[("route", "main"), ("upstream", "v1"), ("kind", "reset")]
+        ),
+        0.0
+    );
+
+    let duration = "splitgate_request_duration_seconds";
+    let (count, bounds) = histogram_count(&scrape, duration, &main_stable);
+    assert_eq!(count, n as f64);
+    assert_eq!(bounds.first(), Some(&0.001));
+    assert!(bounds.contains(&10.0));
+    assert_eq!(histogram_count(&scrape, duration, &main_canary).0, m as f64);
+    assert_eq!(
+        histogram_count(&scrape, duration, &[("route", "broken")]).0,
+        k as f64
+    );
+
+    assert_eq!(
+        value(&scrape, "splitgate_canary_weight", &[("route", "main")]),
+        12.5
+    );
+    assert_eq!(
+        value(&scrape, "splitgate_slo_state", &[("route", "main")]),
+        0.0
+    );
+    assert!(value(&scrape, "splitgate_connections", &[("listener", "http")]) >= 0.0);
+
+    // Every label value is bounded: no paths, no user IDs.
+    let allowed: HashMap<&str, Vec<&str>> = HashMap::from([
+        ("route", vec!["main", "broken", "sluggish"]),
+        ("upstream", vec!["v1", "v2", "gone", "slow"]),
+        ("variant", vec!["stable", "canary"]),
+        ("code", vec!["1xx", "2xx", "3xx", "4xx", "5xx", "error"]),
+        ("kind", vec!["connect", "timeout", "reset", "protocol"]),
+        ("listener", vec!["http", "https"]),
+        ("outcome", vec!["ok", "error"]),
+    ]);
+    for sample in &scrape.samples {
+        for (key, val) in sample.labels.iter() {
+            if key == "le" || key == "quantile" {
+                continue;
+            }
+            let ok = allowed
+                .get(key.as_str())
+                .is_some_and(|vals| vals.contains(&val.as_str()));
+            assert!(ok, "{} has unexpected label {key}={val}", sample.metric);
+        }
+    }
+}
