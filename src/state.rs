@@ -651,6 +651,10 @@ impl Writer {
                     .metrics
                     .slo_state
                     .set(if saved.trip.is_some() { 1.0 } else { 0.0 });
+                parts
+                    .metrics
+                    .rollout_step
+                    .set(saved.rollout.as_ref().map_or(0.0, |r| (r.step + 1) as f64));
                 LiveRoute {
                     spec: spec.clone(),
                     weight_bp: saved.weight_bp,

@@ -81,6 +81,8 @@ pub struct RouteMetrics {
     pub canary: Option<SideMetrics>,
     pub canary_weight: Gauge,
     pub slo_state: Gauge,
+    /// Current rollout step, 1-based; 0 when no rollout runs.
+    pub rollout_step: Gauge,
 }
 
 impl RouteMetrics {
@@ -90,6 +92,7 @@ impl RouteMetrics {
             canary: canary.map(|c| SideMetrics::new(registry, route, c, Variant::Canary)),
             canary_weight: registry.gauge(CANARY_WEIGHT, &[(LABEL_ROUTE, route)]),
             slo_state: registry.gauge(SLO_STATE, &[(LABEL_ROUTE, route)]),
+            rollout_step: registry.gauge(ROLLOUT_STEP, &[(LABEL_ROUTE, route)]),
         }
     }
 

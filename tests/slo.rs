@@ -1,0 +1,395 @@
+//! The SLO guard: verdicts from the rolling windows, trips through the state writer, and
+//! progressive rollouts. Window contents are recorded directly where the test is about
+//! the verdict, and through real traffic where it is about the whole path.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use splitgate::proxy::split::Variant;
+use splitgate::slo::guard;
+use splitgate::telemetry::Outcome;
+use splitgate::upstream::ErrorKind;
+
+const SLO: &str = "[routes.slo]\nwindow = \"30s\"\nmin_requests = 50\nmax_error_rate = 0.05\nmax_p99_latency = \"800ms\"\n";
+
+async fn setup(route_extra: &str) -> (TestProxy, TestUpstream, TestUpstream) {
+    let stable = named_upstream("stable").await;
+    let canary = named_upstream("canary").await;
+    let dir = Arc::new(TempDir::new("slo"));
+    let text = config(
+        dir.path(),
+        &[stable.addr],
+        Some(&[canary.addr]),
+        "",
+        "",
+        &format!("canary_weight = 10\nsplit_key = [\"header:x-user-id\"]\n{route_extra}"),
+    );
+    (start_proxy(dir, &text).await, stable, canary)
+}
+
+/// Records `count` requests on one side of route `main`.
+fn record(
+    proxy: &TestProxy,
+    variant: Variant,
+    count: usize,
+    error_every: usize,
+    latency: impl Fn(usize) -> Duration,
+) {
+    let snapshot = proxy.state().shared.snapshot.load_full();
+    let route = snapshot.route("main").unwrap();
+    for i in 0..count {
+        let outcome = if error_every > 0 && i % error_every == 0 {
+            Outcome::Status(503)
+        } else {
+            Outcome::Status(200)
+        };
+        route.windows.record(variant, outcome, latency(i));
+    }
+}
+
+async fn evaluate(proxy: &TestProxy) {
+    let snapshot = proxy.state().shared.snapshot.load_full();
+    guard::evaluate(proxy.state(), &snapshot).await;
+}
+
+async fn route_state(proxy: &TestProxy) -> serde_json::Value {
+    admin(proxy.admin, "GET", "/admin/routes/main", "", None)
+        .await
+        .1
+}
+
+#[tokio::test]
+async fn a_canary_returning_500s_is_pulled_end_to_end() {
+    let stable = named_upstream("stable").await;
+    let failing = upstream(|_req: Request<Incoming>| async {
+        let mut response = Response::new(full("boom"));
+        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        response
+    })
+    .await;
+    let dir = Arc::new(TempDir::new("slo-e2e"));
+    let text = config(
+        dir.path(),
+        &[stable.addr],
+        Some(&[failing.addr]),
+        "",
+        "",
+        "canary_weight = 50\nsplit_key = [\"header:x-user-id\"]\n[routes.slo]\nwindow = \"10s\"\nmin_requests = 20\nmax_error_rate = 0.1\n",
+    );
+    let proxy = start_proxy(dir.clone(), &text).await;
+    let mut canary_served = 0;
+    for i in 0..400 {
+        let reply = get(proxy.addr, "/", &[("x-user-id", &format!("user-{i}"))]).await;
+        if reply.headers["x-splitgate-variant"] == "canary" {
+            canary_served += 1;
+        }
+        if route_state(&proxy).await["canary_weight"] == 0.0 {
+            break;
+        }
+    }
+    assert!(
+        canary_served >= 20,
+        "the guard judged before min_requests ({canary_served})"
+    );
+    // The guard runs every 250 ms; give it a generous bound.
+    let mut state = route_state(&proxy).await;
+    for _ in 0..40 {
+        if state["slo"]["state"] == "tripped" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        state = route_state(&proxy).await;
+    }
+    assert_eq!(state["slo"]["state"], "tripped", "{state}");
+    assert_eq!(state["slo"]["reason"], "error_rate");
+    assert_eq!(state["canary_weight"], 0.0);
+    // From now on every user gets stable.
+    for i in 0..50 {
+        let reply = get(proxy.addr, "/", &[("x-user-id", &format!("user-{i}"))]).await;
+        assert_eq!(reply.headers["x-splitgate-variant"], "stable");
+    }
+    let metrics = get(proxy.admin, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains("splitgate_slo_trips_total{route=\"main\",reason=\"error_rate\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("splitgate_slo_state{route=\"main\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("splitgate_canary_weight{route=\"main\"} 0"),
+        "{metrics}"
+    );
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let trip = audit
+        .lines()
+        .find(|l| l.contains("\"action\":\"trip\""))
+        .expect("a trip line");
+    assert!(
+        trip.contains("\"source\":\"slo\"") && trip.contains("canary error rate"),
+        "{trip}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_canary_trips_on_p99() {
+    let (proxy, _, _) = setup(SLO).await;
+    record(&proxy, Variant::Stable, 500, 0, |_| {
+        Duration::from_millis(20)
+    });
+    record(&proxy, Variant::Canary, 100, 0, |i| {
+        Duration::from_millis(if i % 50 == 0 { 5 } else { 1_200 })
+    });
+    evaluate(&proxy).await;
+    let state = route_state(&proxy).await;
+    assert_eq!(
+        (
+            state["slo"]["reason"].as_str(),
+            state["canary_weight"].as_f64()
+        ),
+        (Some("p99_latency"), Some(0.0))
+    );
+}
+
+#[tokio::test]
+async fn below_min_requests_nothing_trips() {
+    let (proxy, _, _) = setup(SLO).await;
+    record(&proxy, Variant::Canary, 49, 1, |_| Duration::from_secs(3));
+    for _ in 0..5 {
+        evaluate(&proxy).await;
+    }
+    let state = route_state(&proxy).await;
+    assert_eq!(
+        (
+            state["slo"]["state"].as_str(),
+            state["canary_weight"].as_f64()
+        ),
+        (Some("ok"), Some(10.0))
+    );
+    // One more request reaches min_requests, and the verdict comes.
+    record(&proxy, Variant::Canary, 1, 1, |_| Duration::from_secs(3));
+    evaluate(&proxy).await;
+    assert_eq!(route_state(&proxy).await["slo"]["state"], "tripped");
+}
+
+#[tokio::test]
+async fn a_healthy_canary_never_trips_under_jitter() {
+    let (proxy, _, _) = setup(SLO).await;
+    // Deterministic jitter: latencies spread over 1–700 ms, 2 % errors.
+    let mut seed: u64 = 7;
+    let mut jitter = move || {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        Duration::from_millis(1 + (seed >> 33) % 700)
+    };
+    for _ in 0..20 {
+        let latencies: Vec<Duration> = (0..500).map(|_| jitter()).collect();
+        record(&proxy, Variant::Canary, 500, 50, |i| latencies[i]);
+        record(&proxy, Variant::Stable, 500, 50, |i| latencies[i]);
+        evaluate(&proxy).await;
+    }
+    let state = route_state(&proxy).await;
+    assert_eq!(state["slo"]["state"], "ok", "{state}");
+    assert_eq!(state["window"]["canary"]["requests"], 10_000);
+}
+
+#[tokio::test]
+async fn the_relative_rule_ignores_a_shared_outage() {
+    let relative =
+        "[routes.slo]\nmin_requests = 50\nmax_error_rate = 0.05\nmax_error_rate_increase = 0.05\n";
+    let (proxy, _, _) = setup(relative).await;
+    // Both sides fail half their requests: a shared outage, not a bad canary.
+    record(&proxy, Variant::Stable, 1_000, 2, |_| {
+        Duration::from_millis(5)
+    });
+    record(&proxy, Variant::Canary, 100, 2, |_| {
+        Duration::from_millis(5)
+    });
+    evaluate(&proxy).await;
+    assert_eq!(route_state(&proxy).await["slo"]["state"], "ok");
+
+    // Only the canary fails: that trips.
+    let (proxy, _, _) = setup(relative).await;
+    record(&proxy, Variant::Stable, 1_000, 0, |_| {
+        Duration::from_millis(5)
+    });
+    record(&proxy, Variant::Canary, 100, 2, |_| {
+        Duration::from_millis(5)
+    });
+    evaluate(&proxy).await;
+    assert_eq!(route_state(&proxy).await["slo"]["state"], "tripped");
+}
+
+#[tokio::test]
+async fn transport_errors_count_and_4xx_do_not_by_default() {
+    let (proxy, _, _) = setup(SLO).await;
+    let snapshot = proxy.state().shared.snapshot.load_full();
+    let route = snapshot.route("main").unwrap();
+    for _ in 0..100 {
+        route.windows.record(
+            Variant::Canary,
+            Outcome::Status(404),
+            Duration::from_millis(5),
+        );
+    }
+    evaluate(&proxy).await;
+    assert_eq!(route_state(&proxy).await["slo"]["state"], "ok");
+    for _ in 0..10 {
+        route.windows.record(
+            Variant::Canary,
+            Outcome::Error(ErrorKind::Reset),
+            Duration::from_millis(5),
+        );
+    }
+    evaluate(&proxy).await;
+    assert_eq!(route_state(&proxy).await["slo"]["reason"], "error_rate");
+}
+
+const ROLLOUT: &str = "[routes.slo]\nmin_requests = 5\nmax_error_rate = 0.05\n[routes.rollout]\nsteps = [10, 50, 100]\ninterval = \"1s\"\n";
+
+/// Feeds healthy canary traffic into the window until the returned handle is dropped.
+fn keep_healthy(proxy: &TestProxy) -> tokio::task::JoinHandle<()> {
+    let shared = proxy.state().shared.clone();
+    tokio::spawn(async move {
+        loop {
+            let snapshot = shared.snapshot.load_full();
+            let route = snapshot.route("main").unwrap();
+            route.windows.record(
+                Variant::Canary,
+                Outcome::Status(200),
+                Duration::from_millis(3),
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+async fn wait_for(
+    proxy: &TestProxy,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..100 {
+        let state = route_state(proxy).await;
+        if check(&state) {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}: {}", route_state(proxy).await);
+}
+
+#[tokio::test]
+async fn a_rollout_walks_its_steps_while_the_slo_holds() {
+    let (proxy, _, _) = setup(ROLLOUT).await;
+    let (status, body) = admin(
+        proxy.admin,
+        "POST",
+        "/admin/routes/main/rollout/start",
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (
+            body["canary_weight"].as_f64(),
+            body["rollout"]["step"].as_u64()
+        ),
+        (Some(10.0), Some(0))
+    );
+
+    // Without samples, the step is held past its interval.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(route_state(&proxy).await["canary_weight"], 10.0);
+
+    let feeder = keep_healthy(&proxy);
+    wait_for(&proxy, "step 2 (50 %)", |s| s["canary_weight"] == 50.0).await;
+    let metrics = get(proxy.admin, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains("splitgate_rollout_step{route=\"main\"} 2"),
+        "{metrics}"
+    );
+    let done = wait_for(&proxy, "the rollout to finish at 100 %", |s| {
+        s["rollout"]["running"] == false
+    })
+    .await;
+    feeder.abort();
+    assert_eq!(done["canary_weight"], 100.0);
+    let metrics = get(proxy.admin, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains("splitgate_canary_weight{route=\"main\"} 100"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("splitgate_rollout_step{route=\"main\"} 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn pause_holds_a_rollout_and_a_trip_aborts_it_at_zero() {
+    let (proxy, _, _) = setup(ROLLOUT).await;
+    admin(
+        proxy.admin,
+        "POST",
+        "/admin/routes/main/rollout/start",
+        "",
+        None,
+    )
+    .await;
+    let (status, body) = admin(
+        proxy.admin,
+        "POST",
+        "/admin/routes/main/rollout/pause",
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["rollout"]["paused"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    let feeder = keep_healthy(&proxy);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        route_state(&proxy).await["canary_weight"],
+        10.0,
+        "a paused rollout must not advance"
+    );
+    admin(
+        proxy.admin,
+        "POST",
+        "/admin/routes/main/rollout/resume",
+        "",
+        None,
+    )
+    .await;
+    wait_for(&proxy, "step 2", |s| s["canary_weight"] == 50.0).await;
+    feeder.abort();
+
+    record(&proxy, Variant::Canary, 200, 1, |_| {
+        Duration::from_millis(3)
+    });
+    let state = wait_for(&proxy, "the trip", |s| s["slo"]["state"] == "tripped").await;
+    assert_eq!(state["canary_weight"], 0.0);
+    assert_eq!(state["rollout"]["running"], false);
+    let (status, _) = admin(
+        proxy.admin,
+        "POST",
+        "/admin/routes/main/rollout/start",
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a tripped route cannot start a rollout"
+    );
+}
