@@ -11,8 +11,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use tokio_rustls::TlsAcceptor;
+
 use crate::admin::{self, Admin};
 use crate::config::Settings;
+use crate::server::listener::Tls;
 use crate::state::{self, Source, StateHandle};
 
 /// Why splitgate could not start.
@@ -34,6 +37,8 @@ pub enum StartError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Tls(#[from] crate::server::tls::TlsError),
     #[error("cannot restore state: {0}")]
     Restore(#[from] state::ChangeError),
     #[error("signal handling: {0}")]
@@ -44,12 +49,15 @@ pub enum StartError {
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The HTTPS listener's address, when `[server.tls]` is configured.
+    pub tls_addr: Option<SocketAddr>,
     pub state: StateHandle,
     /// Stops the proxy listener (first).
     shutdown: watch::Sender<bool>,
     /// Stops the admin API and the guard (after the drain, so `/readyz` stays answerable).
     stop_admin: watch::Sender<bool>,
     proxy: JoinHandle<bool>,
+    proxy_tls: Option<JoinHandle<bool>>,
     admin: JoinHandle<()>,
     guard: JoinHandle<()>,
 }
@@ -83,14 +91,39 @@ pub async fn start(
     let admin_listener = bind("admin.listen", settings.admin.listen).await?;
     let proxy_addr = local_addr("server.listen", &proxy_listener, settings.server.listen)?;
     let admin_addr = local_addr("admin.listen", &admin_listener, settings.admin.listen)?;
+    let tls_settings = settings.server.tls.clone();
+    let tls_listener = match &tls_settings {
+        Some(tls) => Some(bind("server.tls.listen", tls.listen).await?),
+        None => None,
+    };
     let state = state::start(settings, config_path).await?;
     let (shutdown, stop) = watch::channel(false);
     let (stop_admin, admin_stop) = watch::channel(false);
     let proxy = tokio::spawn(crate::server::serve(
         proxy_listener,
         state.shared.clone(),
-        stop,
+        None,
+        stop.clone(),
     ));
+    let mut tls_addr = None;
+    let proxy_tls = match (tls_listener, tls_settings, &state.shared.certificates) {
+        (Some(listener), Some(tls), Some(certificates)) => {
+            tls_addr = Some(local_addr("server.tls.listen", &listener, tls.listen)?);
+            let config =
+                crate::server::tls::server_config(certificates.clone(), tls.session_resumption)?;
+            let tls = Tls {
+                acceptor: TlsAcceptor::from(config),
+                handshake_timeout: tls.handshake_timeout,
+            };
+            Some(tokio::spawn(crate::server::serve(
+                listener,
+                state.shared.clone(),
+                Some(tls),
+                stop,
+            )))
+        }
+        _ => None,
+    };
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(Admin {
@@ -100,14 +133,21 @@ pub async fn start(
         admin_stop.clone(),
     ));
     let guard = tokio::spawn(crate::slo::guard::run(state.clone(), admin_stop));
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "splitgate serving");
+    tracing::info!(
+        proxy = %proxy_addr,
+        https = tls_addr.map(tracing::field::display),
+        admin = %admin_addr,
+        "splitgate serving"
+    );
     Ok(Running {
         proxy_addr,
         admin_addr,
+        tls_addr,
         state,
         shutdown,
         stop_admin,
         proxy,
+        proxy_tls,
         admin,
         guard,
     })
@@ -141,7 +181,10 @@ impl Running {
     pub async fn shutdown(self) -> bool {
         self.state.shared.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
-        let drained = self.proxy.await.unwrap_or(false);
+        let mut drained = self.proxy.await.unwrap_or(false);
+        if let Some(tls) = self.proxy_tls {
+            drained &= tls.await.unwrap_or(false);
+        }
         let _ = self.stop_admin.send(true);
         let _ = self.admin.await;
         let _ = self.guard.await;

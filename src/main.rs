@@ -109,32 +109,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Check { config } => match config::load(&config) {
-            Ok(settings) => match splitgate::app::check_admin_exposure(
-                &settings,
-                splitgate::app::admin_token(&settings).as_deref(),
-            ) {
-                Ok(()) => {
-                    println!("ok");
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("{}: {error}", config.display());
-                    ExitCode::from(2)
-                }
-            },
-            Err(error) => {
-                eprintln!("{error}");
-                ExitCode::from(2)
+        Command::Check { config } => match load_and_preflight(&config) {
+            Ok(_) => {
+                println!("ok");
+                ExitCode::SUCCESS
             }
+            Err(code) => code,
         },
         Command::Run { config } => {
-            let settings = match config::load(&config) {
+            let settings = match load_and_preflight(&config) {
                 Ok(settings) => settings,
-                Err(error) => {
-                    eprintln!("{error}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             report(
                 runtime(settings.server.workers)
@@ -176,6 +161,37 @@ fn main() -> ExitCode {
             None,
         ),
     }
+}
+
+/// Loads the config and checks what needs the outside world (the admin token, the
+/// certificate files). Prints every problem, each naming the file; `Err` is exit 2.
+fn load_and_preflight(path: &Path) -> Result<Settings, ExitCode> {
+    let settings = config::load(path).map_err(|error| {
+        eprintln!("{error}");
+        ExitCode::from(2)
+    })?;
+    let mut problems = Vec::new();
+    let token = splitgate::app::admin_token(&settings);
+    if let Err(error) = splitgate::app::check_admin_exposure(&settings, token.as_deref()) {
+        problems.push(error.to_string());
+    }
+    if let Some(tls) = &settings.server.tls {
+        match splitgate::server::tls::load(tls) {
+            Ok((_, warnings)) => {
+                for warning in warnings {
+                    eprintln!("{}: warning: {warning}", path.display());
+                }
+            }
+            Err(error) => problems.push(error.to_string()),
+        }
+    }
+    if problems.is_empty() {
+        return Ok(settings);
+    }
+    for problem in problems {
+        eprintln!("{}: {problem}", path.display());
+    }
+    Err(ExitCode::from(2))
 }
 
 fn init_logging(format: LogFormat) {

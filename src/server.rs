@@ -4,6 +4,7 @@
 pub mod activity;
 pub mod head_scan;
 pub mod listener;
+pub mod tls;
 
 pub use listener::serve;
 

@@ -21,6 +21,7 @@ pub use store::{AuditEntry, Loaded, SavedRoute, Store};
 
 use crate::config::{self, bp_to_percent, ConfigError, RouteSpec, Settings};
 use crate::proxy::route::sort_for_matching;
+use crate::server::tls::{self, Certificates, TlsError};
 use crate::slo::{RouteWindows, DEFAULT_WINDOW};
 use crate::telemetry::names::{
     CONFIG_RELOADS_TOTAL, LABEL_OUTCOME, LABEL_REASON, LABEL_ROUTE, SLO_TRIPS_TOTAL,
@@ -35,6 +36,8 @@ pub struct Shared {
     pub registry: Registry,
     /// Set on SIGTERM; `/readyz` turns false.
     pub draining: AtomicBool,
+    /// The HTTPS listener's certificates, replaced on reload.
+    pub certificates: Option<Arc<Certificates>>,
     reloads_ok: Counter,
     reloads_failed: Counter,
 }
@@ -79,6 +82,8 @@ pub enum ChangeError {
     Persist(std::io::Error),
     #[error("{0}")]
     Config(ConfigError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
     #[error("no config file to reload")]
     NoConfigFile,
     #[error("the state writer has stopped")]
@@ -262,6 +267,16 @@ pub async fn start(
             (BTreeMap::new(), Some(trip))
         }
     };
+    let certificates = match &settings.server.tls {
+        Some(tls_settings) => {
+            let (set, warnings) = tls::load(tls_settings)?;
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+            Some(Certificates::new(set))
+        }
+        None => None,
+    };
     let registry = Registry::new();
     let reloads_ok = registry.counter(CONFIG_RELOADS_TOTAL, &[(LABEL_OUTCOME, "ok")]);
     let reloads_failed = registry.counter(CONFIG_RELOADS_TOTAL, &[(LABEL_OUTCOME, "error")]);
@@ -275,6 +290,7 @@ pub async fn start(
         snapshot: ArcSwap::from_pointee(placeholder),
         registry,
         draining: AtomicBool::new(false),
+        certificates,
         reloads_ok,
         reloads_failed,
     });
@@ -522,6 +538,24 @@ impl Writer {
         if settings.admin.listen != old.admin.listen {
             warnings.push("admin.listen changed; it takes effect at the next restart".to_string());
         }
+        if settings.server.tls.as_ref().map(|t| t.listen)
+            != old.server.tls.as_ref().map(|t| t.listen)
+        {
+            warnings.push("server.tls.listen changed (or TLS was added or removed); it takes effect at the next restart".to_string());
+        }
+        // Certificates are read before anything changes: a bad one refuses the reload.
+        let new_certificates = match (&settings.server.tls, &self.shared.certificates) {
+            (Some(tls_settings), Some(_)) => {
+                let tls_settings = tls_settings.clone();
+                let (set, cert_warnings) =
+                    tokio::task::spawn_blocking(move || tls::load(&tls_settings))
+                        .await
+                        .map_err(|e| ChangeError::Invalid(e.to_string()))??;
+                warnings.extend(cert_warnings);
+                Some(set)
+            }
+            _ => None,
+        };
         if settings.state_dir != old.state_dir {
             warnings.push("state.dir changed; it takes effect at the next restart".to_string());
         }
@@ -533,6 +567,9 @@ impl Writer {
             // Put the old config back: a reload that cannot be persisted changes nothing.
             self.install(previous);
             return Err(error);
+        }
+        if let (Some(set), Some(certificates)) = (new_certificates, &self.shared.certificates) {
+            certificates.replace(set);
         }
         tracing::info!(
             generation = self.generation,

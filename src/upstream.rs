@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod pool;
+pub mod tls;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -95,7 +96,10 @@ impl Upstream {
         let instances = spec
             .instances
             .iter()
-            .map(|&addr| Arc::new(Pool::new(addr, spec.max_idle_per_instance)))
+            .map(|&addr| {
+                let tls = spec.tls.as_ref().and_then(tls::UpstreamConnector::new);
+                Arc::new(Pool::new(addr, spec.max_idle_per_instance, tls))
+            })
             .collect();
         Self {
             spec,

@@ -128,6 +128,7 @@ fn change_error(error: ChangeError) -> Response<AdminBody> {
         ChangeError::UnknownRoute(_) => StatusCode::NOT_FOUND,
         ChangeError::Tripped { .. } => StatusCode::CONFLICT,
         ChangeError::NoCanary(_)
+        | ChangeError::Tls(_)
         | ChangeError::Invalid(_)
         | ChangeError::Config(_)
         | ChangeError::NoConfigFile => StatusCode::BAD_REQUEST,

@@ -36,6 +36,26 @@ pub struct ServerSettings {
     pub max_uri_bytes: usize,
     pub drain_timeout: Duration,
     pub access_log: bool,
+    pub tls: Option<TlsSettings>,
+}
+
+/// The HTTPS listener. Certificate files are read by `server::tls`, at check, start
+/// and reload, so that a bad file is refused each time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    pub certs: Vec<(PathBuf, PathBuf)>,
+    pub handshake_timeout: Duration,
+    pub session_resumption: bool,
+}
+
+/// TLS towards an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// SNI and the name the certificate must carry.
+    pub server_name: String,
+    /// Trusted CAs from `ca`; `None` means the webpki roots.
+    pub roots: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +72,7 @@ pub struct UpstreamSpec {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub max_idle_per_instance: usize,
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Which hosts a route answers for.
@@ -224,7 +245,32 @@ fn compile_server(file: &FileConfig, errors: &mut Errors) -> Option<ServerSettin
             errors.push(field, "must be longer than 0");
         }
     }
+    let tls = s.tls.as_ref().and_then(|t| {
+        let listen = net::socket_addr(&t.listen)
+            .map_err(|e| errors.push("server.tls.listen", e))
+            .ok();
+        if t.certs.is_empty() {
+            errors.push(
+                "server.tls.certs",
+                "must list at least one { cert, key } pair",
+            );
+        }
+        if t.handshake_timeout.is_zero() {
+            errors.push("server.tls.handshake_timeout", "must be longer than 0");
+        }
+        Some(TlsSettings {
+            listen: listen?,
+            certs: t
+                .certs
+                .iter()
+                .map(|p| (p.cert.clone(), p.key.clone()))
+                .collect(),
+            handshake_timeout: t.handshake_timeout,
+            session_resumption: t.session_resumption,
+        })
+    });
     Some(ServerSettings {
+        tls,
         listen: listen?,
         workers: s.workers,
         trusted_proxies,
@@ -266,13 +312,68 @@ fn compile_upstream(
             errors.push(&format!("{field}.{key}"), "must be longer than 0");
         }
     }
+    let tls = compile_upstream_tls(&field, section, errors);
+    if !section.tls && (section.sni.is_some() || section.ca.is_some()) {
+        errors.push(&format!("{field}.tls"), "sni and ca need tls = true");
+    }
     (instances.len() == section.instances.len() && !instances.is_empty()).then(|| UpstreamSpec {
+        tls,
         name: name.to_string(),
         instances,
         connect_timeout: section.connect_timeout,
         response_timeout: section.response_timeout,
         max_idle_per_instance: section.max_idle_per_instance,
     })
+}
+
+fn compile_upstream_tls(
+    field: &str,
+    section: &UpstreamSection,
+    errors: &mut Errors,
+) -> Option<UpstreamTls> {
+    if !section.tls {
+        return None;
+    }
+    let server_name = match &section.sni {
+        Some(name) => name.clone(),
+        None => {
+            let first = section
+                .instances
+                .first()
+                .map(String::as_str)
+                .unwrap_or_default();
+            let host = first.rsplit_once(':').map_or(first, |(host, _)| host);
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        }
+    };
+    if rustls::pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+        errors.push(
+            &format!("{field}.sni"),
+            format!("{server_name:?} is not a valid server name"),
+        );
+    }
+    let roots = section.ca.as_ref().and_then(|path| {
+        use rustls::pki_types::pem::PemObject;
+        let certs: Result<Vec<_>, _> =
+            rustls::pki_types::CertificateDer::pem_file_iter(path).and_then(|iter| iter.collect());
+        match certs {
+            Ok(certs) if !certs.is_empty() => Some(certs),
+            Ok(_) => {
+                errors.push(
+                    &format!("{field}.ca"),
+                    format!("{} holds no PEM certificate", path.display()),
+                );
+                None
+            }
+            Err(e) => {
+                errors.push(&format!("{field}.ca"), format!("{}: {e}", path.display()));
+                None
+            }
+        }
+    });
+    Some(UpstreamTls { server_name, roots })
 }
 
 fn compile_route(

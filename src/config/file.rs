@@ -65,6 +65,35 @@ pub struct ServerSection {
     /// One INFO line per request.
     #[serde(default = "defaults::yes")]
     pub access_log: bool,
+    /// Optional HTTPS listener.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub listen: String,
+    /// Certificate chains and keys (PEM). SNI picks the first whose names match; the
+    /// first is also the default for clients that send no SNI or an unknown name.
+    #[serde(default)]
+    pub certs: Vec<CertPair>,
+    /// A client that has not finished the handshake by then is dropped.
+    #[serde(
+        default = "defaults::handshake_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub handshake_timeout: Duration,
+    /// TLS session resumption (tickets for 1.3, session IDs for 1.2).
+    #[serde(default = "defaults::yes")]
+    pub session_resumption: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +148,16 @@ pub struct UpstreamSection {
     /// Idle pooled connections kept per instance.
     #[serde(default = "defaults::max_idle_per_instance")]
     pub max_idle_per_instance: usize,
+    /// Speak TLS to the instances, verifying their certificates.
+    #[serde(default)]
+    pub tls: bool,
+    /// Name to send as SNI and to verify the certificate against; defaults to the
+    /// first instance's host.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM file of CA certificates to trust instead of the webpki roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,6 +255,9 @@ mod defaults {
     }
     pub fn max_uri_bytes() -> usize {
         8 * 1024
+    }
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 use super::activity::{Activity, Tracked};
 use super::stopped;
@@ -53,17 +54,27 @@ struct Listener {
     builder: auto::Builder<TokioExecutor>,
     limits: Limits,
     connections: Gauge,
-    tls: bool,
+    tls: Option<Tls>,
+}
+
+/// The TLS side of an HTTPS listener.
+#[derive(Clone)]
+pub struct Tls {
+    pub acceptor: TlsAcceptor,
+    pub handshake_timeout: Duration,
 }
 
 /// Accepts until `shutdown` turns true, then waits up to the drain timeout for open
 /// connections to finish their in-flight requests. Returns whether all finished.
+/// With `tls`, each connection first completes a TLS handshake within its timeout.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    tls: Option<Tls>,
     shutdown: watch::Receiver<bool>,
 ) -> bool {
     let server = shared.snapshot.load().settings.server.clone();
+    let name = if tls.is_some() { "https" } else { "http" };
     let limits = Limits {
         max_connections: server.max_connections,
         idle_timeout: server.idle_timeout,
@@ -72,11 +83,11 @@ pub async fn serve(
     let state = Arc::new(Listener {
         connections: shared
             .registry
-            .gauge(CONNECTIONS, &[(LABEL_LISTENER, "http")]),
+            .gauge(CONNECTIONS, &[(LABEL_LISTENER, name)]),
         builder: connection_builder(&server),
         shared,
         limits: limits.clone(),
-        tls: false,
+        tls,
     });
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut stop = shutdown.clone();
@@ -97,8 +108,22 @@ pub async fn serve(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = ConnInfo { peer, tls: state.tls };
-                tokio::spawn(serve_connection(state.clone(), stream, conn, shutdown.clone(), permit));
+                let conn = ConnInfo { peer, tls: state.tls.is_some() };
+                match state.tls.clone() {
+                    None => {
+                        tokio::spawn(serve_connection(state.clone(), stream, conn, shutdown.clone(), permit));
+                    }
+                    Some(tls) => {
+                        let (state, shutdown) = (state.clone(), shutdown.clone());
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => serve_connection(state, stream, conn, shutdown, permit).await,
+                                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
             }
             _ = stopped(&mut stop) => break,
         }

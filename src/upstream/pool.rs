@@ -19,20 +19,23 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
+use super::tls::UpstreamConnector;
 use super::UpstreamError;
 
 /// Idle connections to one upstream address.
 pub struct Pool {
     addr: SocketAddr,
     max_idle: usize,
+    tls: Option<UpstreamConnector>,
     idle: Mutex<Vec<SendRequest<UpstreamBody>>>,
 }
 
 impl Pool {
-    pub fn new(addr: SocketAddr, max_idle: usize) -> Self {
+    pub fn new(addr: SocketAddr, max_idle: usize, tls: Option<UpstreamConnector>) -> Self {
         Self {
             addr,
             max_idle,
+            tls,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -88,22 +91,29 @@ impl Pool {
         }
     }
 
+    /// Opens a connection (TCP, then TLS when configured) within `timeout`. A failed
+    /// TLS handshake or certificate verification is a connect error.
     async fn connect(&self, timeout: Duration) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
+        let connect = async {
+            let stream = TcpStream::connect(self.addr)
+                .await
+                .map_err(UpstreamError::Connect)?;
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => handshake(stream).await,
+                Some(tls) => {
+                    let stream = tls
+                        .connector
+                        .connect(tls.server_name.clone(), stream)
+                        .await
+                        .map_err(UpstreamError::Connect)?;
+                    handshake(stream).await
+                }
+            }
+        };
+        tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| UpstreamError::ConnectTimeout)?
-            .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::from_hyper)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
     }
 
     fn put_back(&self, sender: SendRequest<UpstreamBody>) {
@@ -116,6 +126,24 @@ impl Pool {
             }
         }
     }
+}
+
+/// HTTP/1.1 over an open stream; the connection task runs until the peer or the pool
+/// lets go of it.
+async fn handshake<I>(io: I) -> Result<SendRequest<UpstreamBody>, UpstreamError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::from_hyper)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// A connection on loan to one response.
