@@ -26,7 +26,16 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Removes the hop-by-hop headers, including every header the `Connection` header names.
+///
+/// Most messages carry none, or only `Connection`; one pass over the names (no hashing)
+/// finds out before any removal is paid for.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let present = headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || *name == PROXY_CONNECTION);
+    if !present {
+        return;
+    }
     if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
         let (_, listed) = entry.remove_entry_mult();
         let listed: Vec<HeaderValue> = listed.collect();
@@ -61,8 +70,19 @@ pub fn add_via(headers: &mut HeaderMap, version: Version) {
 /// Facts about the client connection the forwarding headers need.
 pub struct Peer<'a> {
     pub ip: IpAddr,
+    /// `ip` as a header value, made once per connection.
+    pub ip_value: &'a HeaderValue,
     pub tls: bool,
     pub trusted_proxies: &'a [IpRange],
+}
+
+/// An IP address as a header value (its text form).
+pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    let mut text = [0u8; 64];
+    let mut cursor = &mut text[..];
+    let _ = write!(cursor, "{ip}");
+    let written = 64 - cursor.len();
+    HeaderValue::from_bytes(&text[..written]).expect("an IP address is a valid header value")
 }
 
 impl Peer<'_> {
@@ -75,12 +95,6 @@ impl Peer<'_> {
 /// kept and the peer appended; anyone else's is replaced, so a client cannot forge the
 /// chain.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer<'_>) {
-    let mut text = [0u8; 64];
-    let mut cursor = &mut text[..];
-    let _ = write!(cursor, "{}", peer.ip);
-    let written = 64 - cursor.len();
-    let ip_value =
-        HeaderValue::from_bytes(&text[..written]).expect("an IP address is a valid header value");
     if peer.is_trusted() {
         let prior: Vec<&[u8]> = headers
             .get_all(&X_FORWARDED_FOR)
@@ -90,7 +104,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer<'_>) {
         if !prior.is_empty() {
             let mut joined = prior.join(&b", "[..]);
             joined.extend_from_slice(b", ");
-            joined.extend_from_slice(&text[..written]);
+            joined.extend_from_slice(peer.ip_value.as_bytes());
             if let Ok(value) = HeaderValue::from_bytes(&joined) {
                 headers.insert(&X_FORWARDED_FOR, value);
                 set_proto(headers, peer.tls, true);
@@ -98,7 +112,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: &Peer<'_>) {
             }
         }
     }
-    headers.insert(&X_FORWARDED_FOR, ip_value);
+    headers.insert(&X_FORWARDED_FOR, peer.ip_value.clone());
     set_proto(headers, peer.tls, false);
 }
 
@@ -153,10 +167,12 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         let ip = "10.0.0.7".parse().unwrap();
+        let ip_value = ip_header_value(ip);
         set_forwarded(
             &mut headers,
             &Peer {
                 ip,
+                ip_value: &ip_value,
                 tls: false,
                 trusted_proxies: &[],
             },
@@ -170,6 +186,7 @@ mod tests {
             &mut headers,
             &Peer {
                 ip,
+                ip_value: &ip_value,
                 tls: true,
                 trusted_proxies: &trusted,
             },

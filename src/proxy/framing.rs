@@ -16,8 +16,17 @@ pub fn check(parts: &Parts, max_uri_bytes: usize) -> Result<(), ProxyError> {
     if uri_len > max_uri_bytes {
         return Err(ProxyError::UriTooLong);
     }
-    let te_count = headers.get_all(TRANSFER_ENCODING).iter().count();
-    let cl_count = headers.get_all(CONTENT_LENGTH).iter().count();
+    // One pass over the headers, comparing names, instead of a hashed lookup per rule.
+    let (mut te_count, mut cl_count, mut host_count) = (0, 0, 0);
+    for name in headers.iter().map(|(name, _)| name) {
+        if *name == TRANSFER_ENCODING {
+            te_count += 1;
+        } else if *name == CONTENT_LENGTH {
+            cl_count += 1;
+        } else if *name == HOST {
+            host_count += 1;
+        }
+    }
     if te_count > 0 && cl_count > 0 {
         return Err(ProxyError::BadRequest(
             "both Content-Length and Transfer-Encoding",
@@ -48,11 +57,10 @@ pub fn check(parts: &Parts, max_uri_bytes: usize) -> Result<(), ProxyError> {
             ));
         }
     }
-    check_host(parts)
+    check_host(parts, host_count)
 }
 
-fn check_host(parts: &Parts) -> Result<(), ProxyError> {
-    let hosts = parts.headers.get_all(HOST).iter().count();
+fn check_host(parts: &Parts, hosts: usize) -> Result<(), ProxyError> {
     if hosts > 1 {
         return Err(ProxyError::BadRequest("more than one Host"));
     }

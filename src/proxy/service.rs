@@ -23,10 +23,22 @@ use crate::upstream::UpstreamBody;
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Facts about the client connection a request came in on.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's IP as a header value, for X-Forwarded-For; made once per connection.
+    pub peer_ip_value: HeaderValue,
     pub tls: bool,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        Self {
+            peer,
+            peer_ip_value: forward::ip_header_value(peer.ip()),
+            tls,
+        }
+    }
 }
 
 /// The proxy service of one client connection.
@@ -77,8 +89,7 @@ impl ProxyService {
         let request_id = match parts.headers.get(&X_REQUEST_ID) {
             Some(id) if !id.is_empty() && id.len() <= 128 => id.clone(),
             _ => {
-                let id = HeaderValue::try_from(format!("{:032x}", fastrand::u128(..)))
-                    .expect("hex is a valid header value");
+                let id = new_request_id();
                 parts.headers.insert(&X_REQUEST_ID, id.clone());
                 id
             }
@@ -97,6 +108,7 @@ impl ProxyService {
             &mut parts.headers,
             &Peer {
                 ip: self.conn.peer.ip(),
+                ip_value: &self.conn.peer_ip_value,
                 tls: self.conn.tls,
                 trusted_proxies: &server.trusted_proxies,
             },
@@ -174,6 +186,17 @@ impl ProxyService {
         }
         Ok(response)
     }
+}
+
+/// A fresh request ID: 128 random bits as 32 lower-case hex digits, without `format!`.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = fastrand::u128(..);
+    let mut text = [0u8; 32];
+    for (i, digit) in text.iter_mut().enumerate() {
+        *digit = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
 }
 
 /// A request without a body sends none upstream (and could be rebuilt for a retry).

@@ -13,6 +13,8 @@
 //! an upgrade, a CONNECT, or anything it cannot follow; hyper's own checks and the
 //! service's still apply there.
 
+use std::mem::MaybeUninit;
+
 /// Why a request head was refused.
 pub type Rejection = &'static str;
 
@@ -91,21 +93,25 @@ impl HeadScanner {
             match &mut self.state {
                 State::Stopped => return Finding::Nothing,
                 State::Head => {
-                    // Empty lines before a request line are allowed (RFC 9112 §2.2).
                     if self.head.is_empty() {
-                        let skip = bytes
-                            .iter()
-                            .take_while(|&&b| b == b'\r' || b == b'\n')
-                            .count();
+                        // Empty lines before a request line are allowed (RFC 9112 §2.2).
+                        let skip = bytes.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
                         bytes = &bytes[skip..];
                         if bytes.is_empty() {
                             break;
                         }
+                        // The usual case: the whole head arrived in one read; judge it in place.
+                        if let Some(end) = find_end(bytes) {
+                            let (head, rest) = bytes.split_at(end);
+                            bytes = rest;
+                            if let Some(finding) = self.finish_head(head) {
+                                return finding;
+                            }
+                            continue;
+                        }
                     }
                     let searched_from = self.head.len().saturating_sub(3);
-                    let take = bytes
-                        .len()
-                        .min(MAX_HEAD + 4 - self.head.len().min(MAX_HEAD));
+                    let take = bytes.len().min(MAX_HEAD + 4 - self.head.len().min(MAX_HEAD));
                     self.head.extend_from_slice(&bytes[..take]);
                     match find_end(&self.head[searched_from..]) {
                         Some(end) => {
@@ -113,13 +119,12 @@ impl HeadScanner {
                             let rest_in_head = self.head.len() - head_len;
                             // Bytes after the head go back to the loop as body.
                             bytes = &bytes[take - rest_in_head..];
-                            let sequence = self.heads;
-                            self.heads += 1;
-                            let verdict = self.judge_head(head_len);
+                            let head = std::mem::take(&mut self.head);
+                            let finding = self.finish_head(&head[..head_len]);
+                            self.head = head;
                             self.head.clear();
-                            if let Err(reason) = verdict {
-                                self.state = State::Stopped;
-                                return Finding::Rejected { sequence, reason };
+                            if let Some(finding) = finding {
+                                return finding;
                             }
                         }
                         None if self.head.len() > MAX_HEAD => {
@@ -156,77 +161,86 @@ impl HeadScanner {
         self.head = Vec::new();
     }
 
-    /// Checks the head in `self.head[..len]` and sets the state for its body.
-    fn judge_head(&mut self, len: usize) -> Result<(), Rejection> {
-        if self.head.starts_with(b"PRI * HTTP/2.0") {
-            self.stop();
-            return Ok(());
-        }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&self.head[..len]) {
-            Ok(httparse::Status::Complete(_)) => {}
-            // hyper will refuse what httparse cannot read; nothing more to follow.
-            _ => {
-                self.state = State::Stopped;
-                return Ok(());
+    /// Counts a complete head, judges it, and sets the state for its body. Returns a
+    /// finding when the head is refused.
+    fn finish_head(&mut self, head: &[u8]) -> Option<Finding> {
+        let sequence = self.heads;
+        self.heads += 1;
+        match judge(head) {
+            Ok(next) => {
+                if matches!(next, State::Stopped) {
+                    self.stop();
+                } else {
+                    self.state = next;
+                }
+                None
+            }
+            Err(reason) => {
+                self.stop();
+                Some(Finding::Rejected { sequence, reason })
             }
         }
-        let http10 = request.version == Some(0);
-        let mut content_length: Option<&[u8]> = None;
-        let mut content_lengths = 0;
-        let mut transfer_encodings: Vec<&[u8]> = Vec::new();
-        let mut upgrade = request.method == Some("CONNECT");
-        for header in request.headers.iter() {
-            let name = header.name;
-            if name.eq_ignore_ascii_case("content-length") {
-                content_lengths += 1;
-                content_length = Some(header.value);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                transfer_encodings.push(header.value);
-            } else if name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
-            }
-        }
-        if content_lengths > 0 && !transfer_encodings.is_empty() {
-            return Err("both Content-Length and Transfer-Encoding");
-        }
-        if content_lengths > 1 {
-            return Err("more than one Content-Length");
-        }
-        let body = if !transfer_encodings.is_empty() {
-            if http10 {
-                return Err("Transfer-Encoding on HTTP/1.0");
-            }
-            if transfer_encodings.len() != 1
-                || !transfer_encodings[0].eq_ignore_ascii_case(b"chunked")
-            {
-                return Err("Transfer-Encoding other than exactly \"chunked\"");
-            }
-            State::Chunked(Chunk::Size {
-                value: 0,
-                digits: 0,
-                extension: false,
-            })
-        } else if let Some(value) = content_length {
-            if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-                return Err("Content-Length is not a plain number");
-            }
-            let n: u64 = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .ok_or("Content-Length is not a plain number")?;
-            if n == 0 {
-                State::Head
-            } else {
-                State::Body(n)
-            }
-        } else {
-            State::Head
-        };
-        self.state = if upgrade { State::Stopped } else { body };
-        Ok(())
     }
+}
+
+/// Checks one request head; returns the state for its body.
+fn judge(head: &[u8]) -> Result<State, Rejection> {
+    if head.starts_with(b"PRI * HTTP/2.0") {
+        return Ok(State::Stopped);
+    }
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    match request.parse_with_uninit_headers(head, &mut headers) {
+        Ok(httparse::Status::Complete(_)) => {}
+        // hyper will refuse what httparse cannot read; nothing more to follow.
+        _ => return Ok(State::Stopped),
+    }
+    let http10 = request.version == Some(0);
+    let mut content_length: Option<&[u8]> = None;
+    let mut content_lengths = 0;
+    let mut transfer_encodings = 0;
+    let mut chunked_only = true;
+    let mut upgrade = request.method == Some("CONNECT");
+    for header in request.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            content_lengths += 1;
+            content_length = Some(header.value);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encodings += 1;
+            chunked_only &= header.value.eq_ignore_ascii_case(b"chunked");
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    if content_lengths > 0 && transfer_encodings > 0 {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if content_lengths > 1 {
+        return Err("more than one Content-Length");
+    }
+    let body = if transfer_encodings > 0 {
+        if http10 {
+            return Err("Transfer-Encoding on HTTP/1.0");
+        }
+        if transfer_encodings != 1 || !chunked_only {
+            return Err("Transfer-Encoding other than exactly \"chunked\"");
+        }
+        State::Chunked(Chunk::Size { value: 0, digits: 0, extension: false })
+    } else if let Some(value) = content_length {
+        if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+            return Err("Content-Length is not a plain number");
+        }
+        let n = value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if n == 0 {
+            State::Head
+        } else {
+            State::Body(n)
+        }
+    } else {
+        State::Head
+    };
+    Ok(if upgrade { State::Stopped } else { body })
 }
 
 /// Position just past the first "\r\n\r\n" in `bytes`.

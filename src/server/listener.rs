@@ -108,7 +108,7 @@ pub async fn serve(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = ConnInfo { peer, tls: state.tls.is_some() };
+                let conn = ConnInfo::new(peer, state.tls.is_some());
                 match state.tls.clone() {
                     None => {
                         tokio::spawn(serve_connection(state.clone(), stream, conn, shutdown.clone(), permit));
@@ -144,6 +144,7 @@ async fn serve_connection<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     listener.connections.increment(1.0);
+    let peer = conn.peer;
     let activity = Activity::new();
     let service = ProxyService {
         shared: listener.shared.clone(),
@@ -175,7 +176,7 @@ async fn serve_connection<I>(
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
-                    tracing::debug!(peer = %conn.peer, %error, "client connection ended with an error");
+                    tracing::debug!(%peer, %error, "client connection ended with an error");
                 }
                 break;
             }
