@@ -19,7 +19,11 @@ use tokio_rustls::TlsConnector;
 #[tokio::main]
 async fn main() {
     let full_run = std::env::args().any(|a| a == "--bench");
-    let duration = if full_run { Duration::from_secs(5) } else { Duration::from_millis(300) };
+    let duration = if full_run {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_millis(300)
+    };
     for server_resumption in [false, true] {
         let (addr, cert_der, _proxy) = start(server_resumption).await;
         for client_resumption in [false, true] {
@@ -36,11 +40,20 @@ async fn main() {
     }
 }
 
-async fn start(session_resumption: bool) -> (std::net::SocketAddr, rustls::pki_types::CertificateDer<'static>, TestProxy) {
+async fn start(
+    session_resumption: bool,
+) -> (
+    std::net::SocketAddr,
+    rustls::pki_types::CertificateDer<'static>,
+    TestProxy,
+) {
     let stable = named_upstream("stable").await;
     let dir = Arc::new(TempDir::new("tls-bench"));
     let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["bench.test".to_string()]).unwrap().self_signed(&key).unwrap();
+    let cert = CertificateParams::new(vec!["bench.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
     let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("c.key"));
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
@@ -49,21 +62,33 @@ async fn start(session_resumption: bool) -> (std::net::SocketAddr, rustls::pki_t
         cert_path.display(),
         key_path.display()
     );
-    let text = config(dir.path(), &[stable.addr], None, "", "", "").replace("\n[admin]", &format!("{tls}\n[admin]"));
+    let text = config(dir.path(), &[stable.addr], None, "", "", "")
+        .replace("\n[admin]", &format!("{tls}\n[admin]"));
     let proxy = start_proxy(dir, &text).await;
     let addr = proxy.running.as_ref().unwrap().tls_addr.unwrap();
     (addr, cert.der().clone(), proxy)
 }
 
-async fn handshakes(addr: std::net::SocketAddr, cert: &rustls::pki_types::CertificateDer<'static>, resumption: bool, duration: Duration) -> f64 {
+async fn handshakes(
+    addr: std::net::SocketAddr,
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    resumption: bool,
+    duration: Duration,
+) -> f64 {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.resumption = if resumption { Resumption::in_memory_sessions(256) } else { Resumption::disabled() };
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.resumption = if resumption {
+        Resumption::in_memory_sessions(256)
+    } else {
+        Resumption::disabled()
+    };
     let connector = TlsConnector::from(Arc::new(config));
     let started = Instant::now();
     let tasks: Vec<_> = (0..4)
@@ -77,7 +102,12 @@ async fn handshakes(addr: std::net::SocketAddr, cert: &rustls::pki_types::Certif
                     let name = ServerName::try_from("bench.test").unwrap();
                     let mut stream = connector.connect(name, tcp).await.unwrap();
                     // One request, so the client also reads the server's session ticket.
-                    stream.write_all(b"GET / HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n").await.unwrap();
+                    stream
+                        .write_all(
+                            b"GET / HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n",
+                        )
+                        .await
+                        .unwrap();
                     let mut sink = Vec::new();
                     let _ = stream.read_to_end(&mut sink).await;
                     done += 1;

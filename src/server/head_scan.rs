@@ -95,7 +95,10 @@ impl HeadScanner {
                 State::Head => {
                     if self.head.is_empty() {
                         // Empty lines before a request line are allowed (RFC 9112 §2.2).
-                        let skip = bytes.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                        let skip = bytes
+                            .iter()
+                            .take_while(|&&b| b == b'\r' || b == b'\n')
+                            .count();
                         bytes = &bytes[skip..];
                         if bytes.is_empty() {
                             break;
@@ -111,7 +114,9 @@ impl HeadScanner {
                         }
                     }
                     let searched_from = self.head.len().saturating_sub(3);
-                    let take = bytes.len().min(MAX_HEAD + 4 - self.head.len().min(MAX_HEAD));
+                    let take = bytes
+                        .len()
+                        .min(MAX_HEAD + 4 - self.head.len().min(MAX_HEAD));
                     self.head.extend_from_slice(&bytes[..take]);
                     match find_end(&self.head[searched_from..]) {
                         Some(end) => {
@@ -226,7 +231,11 @@ fn judge(head: &[u8]) -> Result<State, Rejection> {
         if transfer_encodings != 1 || !chunked_only {
             return Err("Transfer-Encoding other than exactly \"chunked\"");
         }
-        State::Chunked(Chunk::Size { value: 0, digits: 0, extension: false })
+        State::Chunked(Chunk::Size {
+            value: 0,
+            digits: 0,
+            extension: false,
+        })
     } else if let Some(value) = content_length {
         if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
             return Err("Content-Length is not a plain number");
