@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Load checks for splitgate beyond CPU per request (run by benches/load_checks.sh):
+
+  weights   errors while the weight changes 100 times per second under wrk load
+  idle      RSS with 10 000 idle keep-alive client connections, per connection
+  h2        h2load, h2c multiplexed (-c10 -m100), splitgate against nginx
+
+Loopback only; every loop is bounded in count and time.
+"""
+import http.client, json, os, re, resource, signal, socket, subprocess, sys, threading, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER = os.path.join(ROOT, "benches", "peer")
+BIN = os.path.join(ROOT, "target", "release", "splitgate")
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+    return 0
+
+
+def wait_up(port):
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def start_splitgate(extra_server=""):
+    state = "/tmp/splitgate-loadcheck-state"
+    subprocess.run(["rm", "-rf", state])
+    text = open(os.path.join(PEER, "splitgate.toml")).read()
+    text = text.replace("/tmp/splitgate-bench-state", state)
+    text = text.replace("access_log = false", "access_log = false\n" + extra_server)
+    path = "/tmp/splitgate-loadcheck.toml"
+    open(path, "w").write(text)
+    p = subprocess.Popen(["taskset", "-c", "0", BIN, "run", "-c", path],
+                         stdout=subprocess.DEVNULL, stderr=open("/tmp/splitgate-loadcheck.log", "w"))
+    wait_up(18084)
+    wait_up(19901)
+    return p
+
+
+def weights():
+    p = start_splitgate()
+    try:
+        changes, refused = 0, 0
+        stop = time.time() + 10
+
+        def mover():
+            nonlocal changes, refused
+            conn = http.client.HTTPConnection("127.0.0.1", 19901)
+            i = 0
+            while time.time() < stop and changes < 1000:
+                t0 = time.time()
+                weight = (i * 37) % 101
+                conn.request("PUT", "/admin/routes/bench/weight", json.dumps({"canary_weight": weight}))
+                r = conn.getresponse()
+                r.read()
+                changes += 1
+                refused += r.status != 200
+                i += 1
+                time.sleep(max(0.0, 0.01 - (time.time() - t0)))
+
+        t = threading.Thread(target=mover)
+        t.start()
+        out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c64", "-d10s", "--latency", "-s",
+                              os.path.join(PEER, "users.lua"), "http://127.0.0.1:18084/"],
+                             capture_output=True, text=True).stdout
+        t.join()
+        reqs = int(re.search(r"(\d+) requests in", out).group(1))
+        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        sock = re.search(r"Socket errors: (.*)", out)
+        print(json.dumps(dict(check="weights", weight_changes=changes, changes_refused=refused, requests=reqs,
+                              rps=round(reqs / 10), non2xx=int(bad.group(1)) if bad else 0,
+                              socket_errors=sock.group(1) if sock else "none")))
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+
+
+def idle(count=10_000):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    p = start_splitgate("max_connections = 20000\nidle_timeout = \"10m\"")
+    socks = []
+    try:
+        time.sleep(0.5)
+        before = rss_kib(p.pid)
+        request = b"GET / HTTP/1.1\r\nHost: bench\r\nX-User-Id: idle\r\n\r\n"
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", 18084))
+            s.sendall(request)
+            socks.append(s)
+        for s in socks:
+            s.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += s.recv(4096)
+        time.sleep(1)
+        after = rss_kib(p.pid)
+        print(json.dumps(dict(check="idle", connections=count, rss_before_kib=before, rss_after_kib=after,
+                              bytes_per_connection=round((after - before) * 1024 / count))))
+    finally:
+        for s in socks:
+            s.close()
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+
+
+def h2():
+    results = []
+    nginx = subprocess.Popen(["taskset", "-c", "0", "nginx", "-c", os.path.join(PEER, "proxy-nginx-h2c.conf")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_up(18082)
+        results.append(("nginx", h2load(18082)))
+    finally:
+        nginx.send_signal(signal.SIGTERM)
+        nginx.wait()
+    p = start_splitgate()
+    try:
+        results.append(("splitgate", h2load(18084)))
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+    for name, r in results:
+        print(json.dumps(dict(check="h2", name=name, **r)))
+
+
+def h2load(port):
+    subprocess.run(["h2load", "-n", "20000", "-c", "10", "-m", "100", f"http://127.0.0.1:{port}/"],
+                   capture_output=True)  # warm-up
+    out = subprocess.run(["taskset", "-c", "1", "h2load", "-n", "200000", "-c", "10", "-m", "100",
+                          "-H", "x-user-id: h2", f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    rps = float(re.search(r"finished in .*?, ([\d.]+) req/s", out).group(1))
+    m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    return dict(rps=round(rps), done=int(m.group(2)), succeeded=int(m.group(3)), failed=int(m.group(4)),
+                errored=int(m.group(5)))
+
+
+if __name__ == "__main__":
+    checks = sys.argv[1:] or ["weights", "idle", "h2"]
+    for check in checks:
+        globals()[check]()
