@@ -194,8 +194,11 @@ impl Running {
 
 /// Serves until SIGTERM or SIGINT, reloading on SIGHUP.
 pub async fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
+    // Handlers first: a SIGHUP that arrives once "serving" is logged must reload, not
+    // take the default action and end the process.
+    let signals = Signals::install()?;
     let running = start(settings, Some(config_path)).await?;
-    wait_for_signals(&running.state).await?;
+    signals.wait(&running.state).await;
     tracing::info!("shutting down: draining in-flight requests");
     if running.shutdown().await {
         tracing::info!("drained; bye");
@@ -205,32 +208,54 @@ pub async fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartEr
     Ok(())
 }
 
+/// SIGTERM and SIGINT drain; SIGHUP reloads.
 #[cfg(unix)]
-async fn wait_for_signals(state: &StateHandle) -> Result<(), StartError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => {
-                match state.reload(Source::Reload).await {
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> Result<Self, StartError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(StartError::Signals)?,
+            int: signal(SignalKind::interrupt()).map_err(StartError::Signals)?,
+            hup: signal(SignalKind::hangup()).map_err(StartError::Signals)?,
+        })
+    }
+
+    /// Returns on SIGTERM or SIGINT, reloading on each SIGHUP meanwhile.
+    async fn wait(mut self, state: &StateHandle) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => match state.reload(Source::Reload).await {
                     Ok(warnings) => {
                         for warning in warnings {
                             tracing::warn!("{warning}");
                         }
                     }
                     Err(error) => tracing::error!(%error, "SIGHUP reload refused; nothing changed"),
-                }
+                },
             }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_state: &StateHandle) -> Result<(), StartError> {
-    tokio::signal::ctrl_c().await.map_err(StartError::Signals)?;
-    Ok(())
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> Result<Self, StartError> {
+        Ok(Self)
+    }
+
+    async fn wait(self, _state: &StateHandle) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

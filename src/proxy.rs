@@ -9,6 +9,7 @@ pub mod framing;
 pub mod route;
 pub mod service;
 pub mod split;
+pub mod upgrade;
 
 pub use body::ProxyBody;
 pub use error::ProxyError;

@@ -14,7 +14,7 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::forward::{self, Peer};
 use super::split::{self, RequestView};
-use super::{framing, route};
+use super::{framing, route, upgrade};
 use crate::state::Shared;
 use crate::telemetry::access_log::{self, AccessRecord};
 use crate::telemetry::Outcome;
@@ -98,7 +98,13 @@ impl ProxyService {
         let access = server
             .access_log
             .then(|| (parts.method.clone(), parts.uri.clone()));
+        // An upgrade (WebSocket) keeps its Upgrade header and goes upstream on a
+        // connection of its own; the tunnel opens only if the upstream answers 101.
+        let upgrade = upgrade::take(&mut parts);
         forward::strip_hop_by_hop(&mut parts.headers);
+        if let Some(upgrade) = &upgrade {
+            upgrade.restore(&mut parts.headers);
+        }
         if let Some(name) = &route.spec.override_name {
             parts.headers.remove(&name.header);
         }
@@ -134,7 +140,15 @@ impl ProxyService {
         let mut response = match response {
             Ok(response) => {
                 let (mut head, body) = response.into_parts();
+                let switching = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
+                let response_upgrade = match (switching, upgrade) {
+                    (true, Some(client)) => upgrade::tunnel(client, &mut head),
+                    _ => None,
+                };
                 forward::strip_hop_by_hop(&mut head.headers);
+                if let Some(upgrade) = &response_upgrade {
+                    upgrade.restore(&mut head.headers);
+                }
                 forward::add_via(&mut head.headers, Version::HTTP_11);
                 Response::from_parts(head, ProxyBody::Upstream(body))
             }

@@ -162,7 +162,7 @@ async fn serve_connection<I>(
     });
     let connection = listener
         .builder
-        .serve_connection(TokioIo::new(Tracked::new(io, activity.clone())), svc);
+        .serve_connection_with_upgrades(TokioIo::new(Tracked::new(io, activity.clone())), svc);
     tokio::pin!(connection);
     let idle_timeout = listener.limits.idle_timeout;
     let mut closing = *shutdown.borrow();

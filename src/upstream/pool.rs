@@ -11,12 +11,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::UPGRADE;
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::body::UpstreamBody;
 use super::tls::UpstreamConnector;
@@ -27,7 +29,8 @@ pub struct Pool {
     addr: SocketAddr,
     max_idle: usize,
     tls: Option<UpstreamConnector>,
-    idle: Mutex<Vec<SendRequest<UpstreamBody>>>,
+    /// Idle senders and when each went idle.
+    idle: Mutex<Vec<(SendRequest<UpstreamBody>, Instant)>>,
 }
 
 impl Pool {
@@ -44,11 +47,6 @@ impl Pool {
         self.addr
     }
 
-    /// Number of idle pooled connections (for tests and status).
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
-    }
-
     /// Sends one request on a pooled or new connection. The response body holds the
     /// connection until it ends; then the connection returns to the pool.
     pub async fn send(
@@ -57,36 +55,58 @@ impl Pool {
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let mut sender = match self.checkout().await {
-            Some(sender) => sender,
+        // An upgrade takes its connection for good: never from or back to the pool.
+        let upgrade = request.headers().contains_key(UPGRADE);
+        let pooled = if upgrade { None } else { self.checkout().await };
+        // A connection that sat idle may have been closed by the upstream just as we
+        // send. A bodiless idempotent request is then safe to send again, once, on a
+        // fresh connection; keep a copy of its head for that. Connections reused under
+        // load (idle for less than STALE_AFTER) skip the copy.
+        let retry = match &pooled {
+            Some((_, idle_since)) if idle_since.elapsed() >= STALE_AFTER => retry_copy(&request),
+            _ => None,
+        };
+        let mut sender = match pooled {
+            Some((sender, _)) => sender,
             None => self.connect(connect_timeout).await?,
         };
-        let response = tokio::time::timeout(response_timeout, sender.send_request(request))
+        let sent = tokio::time::timeout(response_timeout, sender.send_request(request))
             .await
-            .map_err(|_| UpstreamError::ResponseTimeout)?
-            .map_err(UpstreamError::from_hyper)?;
-        let (parts, body) = response.into_parts();
-        let mut pooled = PooledBody {
-            inner: body,
-            lease: Some(Lease {
-                pool: self.clone(),
-                sender,
-            }),
+            .map_err(|_| UpstreamError::ResponseTimeout)?;
+        let response = match (sent, retry) {
+            (Ok(response), _) => response,
+            (Err(error), Some(again))
+                if error.is_incomplete_message() || error.is_canceled() || error.is_closed() =>
+            {
+                tracing::debug!(%error, addr = %self.addr, "stale pooled connection; retrying once on a fresh one");
+                sender = self.connect(connect_timeout).await?;
+                tokio::time::timeout(response_timeout, sender.send_request(again))
+                    .await
+                    .map_err(|_| UpstreamError::ResponseTimeout)?
+                    .map_err(UpstreamError::from_hyper)?
+            }
+            (Err(error), _) => return Err(UpstreamError::from_hyper(error)),
         };
+        let (parts, body) = response.into_parts();
+        let lease = (!upgrade).then(|| Lease {
+            pool: self.clone(),
+            sender,
+        });
+        let mut pooled = PooledBody { inner: body, lease };
         if pooled.inner.is_end_stream() {
             pooled.release();
         }
         Ok(Response::from_parts(parts, pooled))
     }
 
-    async fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
+    async fn checkout(&self) -> Option<(SendRequest<UpstreamBody>, Instant)> {
         loop {
-            let mut sender = self.idle.lock().ok()?.pop()?;
+            let (mut sender, idle_since) = self.idle.lock().ok()?.pop()?;
             if sender.is_closed() {
                 continue;
             }
             if sender.is_ready() || sender.ready().await.is_ok() {
-                return Some(sender);
+                return Some((sender, idle_since));
             }
         }
     }
@@ -122,10 +142,31 @@ impl Pool {
         }
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() < self.max_idle {
-                idle.push(sender);
+                idle.push((sender, Instant::now()));
             }
         }
     }
+}
+
+/// A pooled connection idle this long may have been closed by the upstream's own
+/// keep-alive timeout; requests sent on it keep a copy for one retry.
+const STALE_AFTER: Duration = Duration::from_millis(250);
+
+/// A copy of a request that may be sent again: GET, HEAD or OPTIONS without a body.
+fn retry_copy(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    let idempotent = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if !idempotent || !matches!(request.body(), UpstreamBody::Empty) {
+        return None;
+    }
+    let mut copy = Request::new(UpstreamBody::Empty);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
 }
 
 /// HTTP/1.1 over an open stream; the connection task runs until the peer or the pool
@@ -139,7 +180,7 @@ where
         .await
         .map_err(UpstreamError::from_hyper)?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
+        if let Err(error) = connection.with_upgrades().await {
             tracing::debug!(%error, "upstream connection ended with an error");
         }
     });

@@ -1,0 +1,69 @@
+//! HTTP/1.1 upgrades (WebSocket and the like). The request keeps its `Upgrade` header
+//! and goes upstream on a connection of its own. Only when the upstream answers
+//! `101 Switching Protocols` does a tunnel open, copying bytes both ways; any other
+//! answer is an ordinary response, and the client connection carries on as HTTP.
+
+use http::header::{HeaderValue, CONNECTION, UPGRADE};
+use http::{request, response, HeaderMap, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+/// An upgrade asked for by the client.
+pub struct ClientUpgrade {
+    protocol: HeaderValue,
+    on_upgrade: OnUpgrade,
+}
+
+/// The protocol named in an `Upgrade` header, to put back after hop-by-hop stripping.
+pub struct Protocol(HeaderValue);
+
+impl ClientUpgrade {
+    pub fn restore(&self, headers: &mut HeaderMap) {
+        Protocol(self.protocol.clone()).restore(headers);
+    }
+}
+
+impl Protocol {
+    pub fn restore(&self, headers: &mut HeaderMap) {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, self.0.clone());
+    }
+}
+
+/// Takes the upgrade out of an HTTP/1.1 request that asks for one.
+pub fn take(parts: &mut request::Parts) -> Option<ClientUpgrade> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let protocol = parts.headers.get(UPGRADE)?.clone();
+    let on_upgrade = parts.extensions.remove::<OnUpgrade>()?;
+    Some(ClientUpgrade {
+        protocol,
+        on_upgrade,
+    })
+}
+
+/// On a 101 from the upstream: spawns the tunnel between the two upgraded connections
+/// and returns the protocol to name in the response.
+pub fn tunnel(client: ClientUpgrade, head: &mut response::Parts) -> Option<Protocol> {
+    let upstream = head.extensions.remove::<OnUpgrade>()?;
+    let protocol = head
+        .headers
+        .get(UPGRADE)
+        .cloned()
+        .unwrap_or(client.protocol);
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client.on_upgrade, upstream) {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::debug!(%error, "upgrade did not complete");
+                return;
+            }
+        };
+        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(%error, "upgraded tunnel ended with an error");
+        }
+    });
+    Some(Protocol(protocol))
+}

@@ -1,0 +1,114 @@
+//! Upgrades through the proxy: a real WebSocket echo, and an upgrade the upstream
+//! declines, with a request pipelined behind it.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use futures_like::{next_message, send_message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Minimal stream helpers over tungstenite's Sink/Stream without a futures crate.
+mod futures_like {
+    use std::future::poll_fn;
+    use std::pin::Pin;
+
+    use tokio::io::{AsyncRead, AsyncWrite};
+    use tokio_tungstenite::tungstenite::{Error, Message};
+    use tokio_tungstenite::WebSocketStream;
+
+    pub async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(
+        ws: &mut WebSocketStream<S>,
+        message: Message,
+    ) -> Result<(), Error> {
+        use futures_sink::Sink;
+        poll_fn(|cx| Pin::new(&mut *ws).poll_ready(cx)).await?;
+        Pin::new(&mut *ws).start_send(message)?;
+        poll_fn(|cx| Pin::new(&mut *ws).poll_flush(cx)).await
+    }
+
+    pub async fn next_message<S: AsyncRead + AsyncWrite + Unpin>(
+        ws: &mut WebSocketStream<S>,
+    ) -> Option<Result<Message, Error>> {
+        use futures_core::Stream;
+        poll_fn(|cx| Pin::new(&mut *ws).poll_next(cx)).await
+    }
+}
+
+/// A WebSocket echo server on 127.0.0.1:0.
+async fn websocket_echo() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = next_message(&mut ws).await {
+                    if message.is_close() {
+                        break;
+                    }
+                    if send_message(&mut ws, message).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_websocket_echo_works_through_the_proxy() {
+    let echo = websocket_echo().await;
+    let dir = Arc::new(TempDir::new("ws"));
+    let proxy = start_proxy(dir.clone(), &config(dir.path(), &[echo], None, "", "", "")).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let url = format!("ws://{}/chat", proxy.addr);
+    let (mut ws, response) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    assert_eq!(response.status(), 101);
+    for text in ["hello", "through", "splitgate"] {
+        send_message(&mut ws, Message::Text(text.into()))
+            .await
+            .unwrap();
+        let echoed = next_message(&mut ws).await.unwrap().unwrap();
+        assert_eq!(echoed, Message::Text(text.into()));
+    }
+    send_message(&mut ws, Message::Binary(vec![0, 1, 2, 255]))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut ws).await.unwrap().unwrap(),
+        Message::Binary(vec![0, 1, 2, 255])
+    );
+}
+
+#[tokio::test]
+async fn a_declined_upgrade_opens_no_tunnel_and_the_next_request_is_routed() {
+    let echo = named_upstream("plain").await;
+    let dir = Arc::new(TempDir::new("ws-declined"));
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[echo.addr], None, "", "", ""),
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let pipelined = b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\nGET /second HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    stream.write_all(pipelined).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut out),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(!text.contains("101"), "{text}");
+    assert_eq!(echo.hits(), 2, "both requests were routed as HTTP");
+}
