@@ -2,6 +2,7 @@
 //! pooled keep-alive HTTP/1.1 connections per instance.
 
 pub mod body;
+pub mod health;
 pub mod pool;
 pub mod tls;
 
@@ -28,6 +29,8 @@ pub enum UpstreamError {
     Reset(hyper::Error),
     #[error("upstream broke HTTP: {0}")]
     Protocol(hyper::Error),
+    #[error("upstream response framing is ambiguous: {0}")]
+    Ambiguous(&'static str),
 }
 
 impl UpstreamError {
@@ -52,7 +55,7 @@ impl UpstreamError {
             UpstreamError::Connect(_) => ErrorKind::Connect,
             UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => ErrorKind::Timeout,
             UpstreamError::Reset(_) => ErrorKind::Reset,
-            UpstreamError::Protocol(_) => ErrorKind::Protocol,
+            UpstreamError::Protocol(_) | UpstreamError::Ambiguous(_) => ErrorKind::Protocol,
         }
     }
 }
@@ -98,7 +101,8 @@ impl Upstream {
             .iter()
             .map(|&addr| {
                 let tls = spec.tls.as_ref().and_then(tls::UpstreamConnector::new);
-                Arc::new(Pool::new(addr, spec.max_idle_per_instance, tls))
+                let health = health::Health::new(spec.eject_after, spec.eject_for);
+                Arc::new(Pool::new(addr, spec.max_idle_per_instance, tls, health))
             })
             .collect();
         Self {
@@ -112,8 +116,19 @@ impl Upstream {
         &self.spec.name
     }
 
-    /// The next instance in round-robin order.
-    pub fn pick(&self) -> &Arc<Pool> {
+    /// The next instance in round-robin order that is not ejected; `None` when every
+    /// instance is.
+    pub fn pick(&self) -> Option<&Arc<Pool>> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.instances.len();
+        (0..n)
+            .map(|i| &self.instances[(start + i) % n])
+            .find(|instance| instance.health.is_available())
+    }
+
+    /// The next instance in round-robin order, ejected or not: when every instance is
+    /// ejected, trying one beats refusing everyone (Envoy's "panic mode").
+    pub fn pick_any(&self) -> &Arc<Pool> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.instances.len();
         &self.instances[i]
     }
@@ -129,12 +144,17 @@ impl Upstream {
         instance: &Arc<Pool>,
         request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        instance
+        let result = instance
             .send(
                 request,
                 self.spec.connect_timeout,
                 self.spec.response_timeout,
             )
-            .await
+            .await;
+        match &result {
+            Ok(_) => instance.health.success(),
+            Err(_) => instance.health.failure(instance.addr()),
+        }
+        result
     }
 }

@@ -72,7 +72,18 @@ pub struct UpstreamSpec {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub max_idle_per_instance: usize,
+    pub eject_after: u32,
+    pub eject_for: Duration,
     pub tls: Option<UpstreamTls>,
+}
+
+/// What a route does when every canary instance is ejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CanaryUnavailable {
+    /// 503 at once.
+    Fail,
+    /// Serve from stable.
+    Stable,
 }
 
 /// Which hosts a route answers for.
@@ -99,6 +110,7 @@ pub struct RouteSpec {
     pub sticky_cookie: Option<String>,
     pub override_name: Option<OverrideName>,
     pub canary_allow_list: HashSet<String>,
+    pub canary_unavailable: CanaryUnavailable,
     pub variant_header: Option<HeaderName>,
     pub slo: Option<SloSpec>,
     pub rollout: Option<RolloutSpec>,
@@ -323,6 +335,8 @@ fn compile_upstream(
         connect_timeout: section.connect_timeout,
         response_timeout: section.response_timeout,
         max_idle_per_instance: section.max_idle_per_instance,
+        eject_after: section.eject_after,
+        eject_for: section.eject_for,
     })
 }
 
@@ -477,6 +491,17 @@ fn compile_route(
             })
             .ok()
     });
+    let canary_unavailable = match r.canary_unavailable.as_str() {
+        "fail" => CanaryUnavailable::Fail,
+        "stable" => CanaryUnavailable::Stable,
+        other => {
+            errors.push(
+                &format!("{field}.canary_unavailable"),
+                format!("{other:?} is not \"fail\" or \"stable\""),
+            );
+            CanaryUnavailable::Fail
+        }
+    };
     let slo = r
         .slo
         .as_ref()
@@ -523,6 +548,7 @@ fn compile_route(
         sticky_cookie,
         override_name,
         canary_allow_list: r.canary_allow_list.iter().cloned().collect(),
+        canary_unavailable,
         variant_header,
         slo,
         rollout,

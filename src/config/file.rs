@@ -148,6 +148,15 @@ pub struct UpstreamSection {
     /// Idle pooled connections kept per instance.
     #[serde(default = "defaults::max_idle_per_instance")]
     pub max_idle_per_instance: usize,
+    /// Consecutive connect, timeout or reset failures that eject an instance; 0 never ejects.
+    #[serde(default = "defaults::eject_after")]
+    pub eject_after: u32,
+    /// How long an ejected instance gets no traffic.
+    #[serde(
+        default = "defaults::eject_for",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub eject_for: Duration,
     /// Speak TLS to the instances, verifying their certificates.
     #[serde(default)]
     pub tls: bool,
@@ -189,6 +198,10 @@ pub struct RouteSection {
     /// Keys always sent to the canary while it has a non-zero weight, e.g. testers' user IDs.
     #[serde(default)]
     pub canary_allow_list: Vec<String>,
+    /// When every canary instance is ejected: "fail" answers 503 at once, "stable" sends
+    /// the request to stable. Either way the canary's SLO window records an error.
+    #[serde(default = "defaults::canary_unavailable")]
+    pub canary_unavailable: String,
     /// Response header naming the side that served. Empty switches it off.
     #[serde(default = "defaults::variant_header")]
     pub variant_header: String,
@@ -281,6 +294,15 @@ mod defaults {
         // Enough for 1 000 concurrent client connections without churning upstream
         // connections (measured in benches/compare.sh with 1 000 connections).
         1024
+    }
+    pub fn eject_after() -> u32 {
+        5
+    }
+    pub fn eject_for() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn canary_unavailable() -> String {
+        "fail".into()
     }
     pub fn any_host() -> String {
         "*".into()

@@ -18,6 +18,9 @@ pub enum ProxyError {
     UriTooLong,
     #[error("no route matches this host and path")]
     NoRoute,
+    /// Every instance of the chosen pool is ejected and the route fails fast.
+    #[error("no healthy instance to serve this request")]
+    NoHealthyInstance,
     /// Upstream's fault.
     #[error("upstream {upstream}: {source}")]
     Upstream {
@@ -32,6 +35,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream { source, .. } => match source {
                 UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
                     StatusCode::GATEWAY_TIMEOUT
@@ -89,6 +93,10 @@ mod tests {
         );
         assert_eq!(ProxyError::UriTooLong.status(), StatusCode::URI_TOO_LONG);
         assert_eq!(ProxyError::NoRoute.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            ProxyError::NoHealthyInstance.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert_eq!(
             upstream(UpstreamError::Connect(refused)).status(),

@@ -90,6 +90,15 @@ fn check_host(parts: &Parts, hosts: usize) -> Result<(), ProxyError> {
     }
 }
 
+/// Checks an upstream response head: Content-Length beside Transfer-Encoding is the
+/// response-side smuggling shape, refused rather than re-framed.
+pub fn check_response(headers: &HeaderMap) -> Result<(), &'static str> {
+    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+        return Err("response has both Content-Length and Transfer-Encoding");
+    }
+    Ok(())
+}
+
 /// The host a request is for, lower-cased by the caller's comparison, without port:
 /// the URI authority (absolute form, HTTP/2) or else the Host header.
 pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> &'a str {

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, SET_COOKIE};
 use http::{Request, Response, Version};
@@ -13,12 +14,15 @@ use tokio::time::Instant;
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::forward::{self, Peer};
+use super::split::Variant;
 use super::split::{self, RequestView};
 use super::{framing, route, upgrade};
+use crate::config::compile::CanaryUnavailable;
 use crate::state::Shared;
 use crate::telemetry::access_log::{self, AccessRecord};
 use crate::telemetry::Outcome;
-use crate::upstream::UpstreamBody;
+use crate::upstream::ErrorKind;
+use crate::upstream::{UpstreamBody, UpstreamError};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -83,8 +87,34 @@ impl ProxyService {
                 client_ip: self.conn.peer.ip(),
             },
         );
-        let (upstream, variant) = route.upstream(decision.variant);
-        let instance = upstream.pick().clone();
+        let (mut upstream, mut variant) = route.upstream(decision.variant);
+        let instance = match upstream.pick() {
+            Some(instance) => instance.clone(),
+            None if variant == Variant::Canary => {
+                // Every canary instance is ejected. The guard must see it either way.
+                let outcome = Outcome::Error(ErrorKind::Connect);
+                route
+                    .windows
+                    .record(Variant::Canary, outcome, Duration::ZERO);
+                match route.spec.canary_unavailable {
+                    CanaryUnavailable::Fail => {
+                        route
+                            .metrics
+                            .side(Variant::Canary)
+                            .record(outcome, started.elapsed());
+                        return Ok(ProxyError::NoHealthyInstance.into_response());
+                    }
+                    CanaryUnavailable::Stable => {
+                        (upstream, variant) = route.upstream(Variant::Stable);
+                        upstream
+                            .pick()
+                            .unwrap_or_else(|| upstream.pick_any())
+                            .clone()
+                    }
+                }
+            }
+            None => upstream.pick_any().clone(),
+        };
 
         let request_id = match parts.headers.get(&X_REQUEST_ID) {
             Some(id) if !id.is_empty() && id.len() <= 128 => id.clone(),
@@ -130,6 +160,15 @@ impl ProxyService {
             .send(&instance, Request::from_parts(parts, upstream_body))
             .await;
         let elapsed = started.elapsed();
+        // A response whose framing the upstream made ambiguous is not passed on: the
+        // connection is dropped with it, never pooled.
+        let result =
+            result.and_then(
+                |response| match framing::check_response(response.headers()) {
+                    Ok(()) => Ok(response),
+                    Err(reason) => Err(UpstreamError::Ambiguous(reason)),
+                },
+            );
         let (outcome, response) = match result {
             Ok(response) => (Outcome::Status(response.status().as_u16()), Ok(response)),
             Err(error) => (Outcome::Error(error.kind()), Err(error)),

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::body::UpstreamBody;
+use super::health::Health;
 use super::tls::UpstreamConnector;
 use super::UpstreamError;
 
@@ -29,16 +30,24 @@ pub struct Pool {
     addr: SocketAddr,
     max_idle: usize,
     tls: Option<UpstreamConnector>,
+    /// Passive health: consecutive failures eject the instance for a while.
+    pub health: Health,
     /// Idle senders and when each went idle.
     idle: Mutex<Vec<(SendRequest<UpstreamBody>, Instant)>>,
 }
 
 impl Pool {
-    pub fn new(addr: SocketAddr, max_idle: usize, tls: Option<UpstreamConnector>) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        max_idle: usize,
+        tls: Option<UpstreamConnector>,
+        health: Health,
+    ) -> Self {
         Self {
             addr,
             max_idle,
             tls,
+            health,
             idle: Mutex::new(Vec::new()),
         }
     }

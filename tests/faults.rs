@@ -1,0 +1,274 @@
+//! Faulty upstreams: ejection, a canary with no healthy instance, garbage and ambiguous
+//! responses, stale keep-alive, and cross-talk under random aborts.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[tokio::test]
+async fn a_failing_instance_is_ejected_and_traffic_goes_to_the_others() {
+    let good = named_upstream("good").await;
+    let dead = closed_port().await;
+    let dir = Arc::new(TempDir::new("eject"));
+    let text = config(
+        dir.path(),
+        &[dead, good.addr],
+        None,
+        "",
+        "eject_after = 2\neject_for = \"30s\"",
+        "",
+    );
+    let proxy = start_proxy(dir, &text).await;
+    let mut failures = 0;
+    for _ in 0..6 {
+        if get(proxy.addr, "/", &[]).await.status != StatusCode::OK {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 2, "two failures eject the dead instance");
+    for _ in 0..20 {
+        assert_eq!(get(proxy.addr, "/", &[]).await.status, StatusCode::OK);
+    }
+}
+
+async fn canary_down(policy: &str) -> (TestProxy, TestUpstream) {
+    let stable = named_upstream("stable").await;
+    let dead = closed_port().await;
+    let dir = Arc::new(TempDir::new("canary-down"));
+    let route = format!(
+        "canary_weight = 100\ncanary_unavailable = \"{policy}\"\n[routes.slo]\nmin_requests = 5\nmax_error_rate = 0.1\n"
+    );
+    let text = config(
+        dir.path(),
+        &[stable.addr],
+        Some(&[dead]),
+        "",
+        "eject_after = 1\neject_for = \"60s\"",
+        &route,
+    );
+    (start_proxy(dir, &text).await, stable)
+}
+
+async fn wait_tripped(proxy: &TestProxy) -> serde_json::Value {
+    for _ in 0..40 {
+        let (_, state) = admin(proxy.admin, "GET", "/admin/routes/main", "", None).await;
+        if state["slo"]["state"] == "tripped" {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the SLO guard never saw the dead canary");
+}
+
+#[tokio::test]
+async fn a_canary_with_no_healthy_instance_fails_fast_and_the_guard_sees_it() {
+    let (proxy, _) = canary_down("fail").await;
+    assert_eq!(
+        get(proxy.addr, "/", &[]).await.status,
+        StatusCode::BAD_GATEWAY,
+        "the first failure ejects"
+    );
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        assert_eq!(
+            get(proxy.addr, "/", &[]).await.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+    let state = wait_tripped(&proxy).await;
+    assert_eq!(state["canary_weight"], 0.0);
+    assert_eq!(
+        get(proxy.addr, "/", &[]).await.status,
+        StatusCode::OK,
+        "after the trip, stable serves"
+    );
+}
+
+#[tokio::test]
+async fn a_canary_with_no_healthy_instance_can_fall_back_to_stable() {
+    let (proxy, stable) = canary_down("stable").await;
+    get(proxy.addr, "/", &[]).await;
+    for _ in 0..5 {
+        let reply = get(proxy.addr, "/", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.headers["x-splitgate-variant"], "stable");
+    }
+    assert!(stable.hits() >= 5);
+    wait_tripped(&proxy).await;
+}
+
+#[tokio::test]
+async fn garbage_and_ambiguous_upstream_responses_give_502() {
+    for reply in [
+        &b"this is not http\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    ] {
+        let bad = raw_upstream(Box::leak(reply.to_vec().into_boxed_slice())).await;
+        let dir = Arc::new(TempDir::new("garbage"));
+        let proxy = start_proxy(dir.clone(), &config(dir.path(), &[bad.addr], None, "", "", "")).await;
+        let status = try_send(proxy.addr, Request::get("/").body(full("")).unwrap()).await.map(|r| r.status);
+        assert!(
+            matches!(status, Ok(StatusCode::BAD_GATEWAY)),
+            "{:?} gave {status:?}",
+            String::from_utf8_lossy(reply)
+        );
+    }
+}
+
+/// An upstream that serves keep-alive but closes a connection idle for `idle`, and
+/// counts the requests by method.
+async fn closing_upstream(
+    idle: Duration,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (gets, posts) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (g, p) = (gets.clone(), posts.clone());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (g, p) = (g.clone(), p.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = match tokio::time::timeout(idle, stream.read(&mut chunk)).await {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => return, // idle, closed or failed: close
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let body_len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("content-length: ")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + body_len {
+                            break;
+                        }
+                        buf.drain(..end + 4 + body_len);
+                        if head.starts_with("post") {
+                            p.fetch_add(1, Ordering::SeqCst)
+                        } else {
+                            g.fetch_add(1, Ordering::SeqCst)
+                        };
+                        if stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, gets, posts)
+}
+
+#[tokio::test]
+async fn stale_keep_alive_connections_retry_gets_and_never_repeat_posts() {
+    let idle = Duration::from_millis(400);
+    let (addr, gets, posts) = closing_upstream(idle).await;
+    let dir = Arc::new(TempDir::new("stale"));
+    let proxy = start_proxy(dir.clone(), &config(dir.path(), &[addr], None, "", "", "")).await;
+    // Send right around the moment the upstream closes the idle connection.
+    let mut get_errors = 0;
+    let mut posts_ok = 0;
+    for i in 0..12u64 {
+        tokio::time::sleep(idle - Duration::from_millis(2) + Duration::from_micros(i * 350)).await;
+        if i % 2 == 0 {
+            if get(proxy.addr, "/", &[]).await.status != StatusCode::OK {
+                get_errors += 1;
+            }
+        } else {
+            let request = Request::post("/")
+                .header("content-length", "4")
+                .body(full("data"))
+                .unwrap();
+            if send(proxy.addr, request).await.status == StatusCode::OK {
+                posts_ok += 1;
+            }
+        }
+    }
+    assert_eq!(
+        get_errors, 0,
+        "GETs on a stale connection are retried once on a fresh one"
+    );
+    assert!(gets.load(Ordering::SeqCst) >= 6);
+    assert_eq!(
+        posts.load(Ordering::SeqCst),
+        posts_ok,
+        "a POST is never sent twice"
+    );
+}
+
+#[tokio::test]
+async fn no_cross_talk_under_random_upstream_aborts() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let echo = upstream(move |request: Request<Incoming>| {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        let id = request
+            .headers()
+            .get("x-request-id")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        async move {
+            if n % 13 == 5 {
+                // Abort: the connection task panics out of this response.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                panic!("simulated upstream abort");
+            }
+            Response::new(full(id))
+        }
+    })
+    .await;
+    let dir = Arc::new(TempDir::new("crosstalk"));
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[echo.addr], None, "", "eject_after = 0", ""),
+    )
+    .await;
+    let addr = proxy.addr;
+    let tasks: Vec<_> = (0..20)
+        .map(|c| {
+            tokio::spawn(async move {
+                let mut ok = 0;
+                for i in 0..100 {
+                    let id = format!("req-{c}-{i}");
+                    let reply = get(addr, "/", &[("x-request-id", &id)]).await;
+                    if reply.status == StatusCode::OK {
+                        assert_eq!(
+                            reply.text(),
+                            id,
+                            "a response carried another request's body"
+                        );
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        ok += task.await.unwrap();
+    }
+    assert!(ok > 1_500, "only {ok} of 2000 succeeded");
+}
