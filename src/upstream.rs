@@ -29,6 +29,10 @@ pub enum UpstreamError {
     Reset(hyper::Error),
     #[error("upstream broke HTTP: {0}")]
     Protocol(hyper::Error),
+    /// The client's body failed (stalled past its timeout, or the client went away);
+    /// not the upstream's fault.
+    #[error("client body failed: {0}")]
+    ClientBody(hyper::Error),
     #[error("upstream response framing is ambiguous: {0}")]
     Ambiguous(&'static str),
 }
@@ -36,6 +40,9 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Sorts hyper's errors into reset (the peer went away) and protocol (it spoke badly).
     pub fn from_hyper(error: hyper::Error) -> Self {
+        if error.is_user() {
+            return UpstreamError::ClientBody(error);
+        }
         let reset = error.is_incomplete_message()
             || error.is_canceled()
             || error.is_closed()
@@ -54,7 +61,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(_) => ErrorKind::Connect,
             UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => ErrorKind::Timeout,
-            UpstreamError::Reset(_) => ErrorKind::Reset,
+            UpstreamError::Reset(_) | UpstreamError::ClientBody(_) => ErrorKind::Reset,
             UpstreamError::Protocol(_) | UpstreamError::Ambiguous(_) => ErrorKind::Protocol,
         }
     }
@@ -153,6 +160,7 @@ impl Upstream {
             .await;
         match &result {
             Ok(_) => instance.health.success(),
+            Err(UpstreamError::ClientBody(_)) => {}
             Err(_) => instance.health.failure(instance.addr()),
         }
         result

@@ -349,3 +349,152 @@ async fn graceful_drain_lets_a_slow_request_finish() {
         "drain should complete before the deadline"
     );
 }
+
+/// Reads until the peer closes; returns the bytes and how long it took.
+async fn read_until_closed(stream: &mut TcpStream) -> (String, Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+fn within(took: Duration, target: Duration) -> bool {
+    // The configured timeout, +10 % and a little scheduling slack.
+    took >= target.mul_f64(0.9) && took <= target.mul_f64(1.1) + Duration::from_millis(100)
+}
+
+#[tokio::test]
+async fn slow_clients_are_closed_at_their_timeouts() {
+    use tokio::io::AsyncWriteExt;
+    // Reads the whole body before answering, as most applications do.
+    let stable = upstream(|request: Request<Incoming>| async move {
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Response::new(full(format!("got {} bytes", body.len())))
+    })
+    .await;
+    let big = upstream(|_req: Request<Incoming>| async {
+        Response::new(full(vec![b'x'; 64 * 1024 * 1024]))
+    })
+    .await;
+    let dir = Arc::new(TempDir::new("slow"));
+    let server = "header_read_timeout = \"600ms\"\nclient_body_timeout = \"600ms\"\nidle_timeout = \"600ms\"";
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[stable.addr], None, server, "", ""),
+    )
+    .await;
+    let target = Duration::from_millis(600);
+
+    // Slowloris: a head that never ends.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let (_, took) = read_until_closed(&mut stream).await;
+    assert!(within(took, target), "slowloris closed after {took:?}");
+
+    // A body that stops halfway: 408, closed.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nhalf")
+        .await
+        .unwrap();
+    let (reply, took) = read_until_closed(&mut stream).await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    assert!(within(took, target), "slow body closed after {took:?}");
+
+    // A reader that stops reading a large response: closed at the idle timeout.
+    let dir = Arc::new(TempDir::new("slow-reader"));
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[big.addr], None, server, "", ""),
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (reply, _) = read_until_closed(&mut stream).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "{}",
+        &reply[..reply.len().min(100)]
+    );
+    assert!(
+        reply.len() < 64 * 1024 * 1024,
+        "a reader that stalls past the idle timeout must not get the whole body"
+    );
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_new_connections_are_refused_and_the_others_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stable = named_upstream("stable").await;
+    let dir = Arc::new(TempDir::new("cap"));
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(
+            dir.path(),
+            &[stable.addr],
+            None,
+            "max_connections = 3",
+            "",
+            "",
+        ),
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let response = sender
+            .send_request(
+                Request::get("/")
+                    .header("host", "a")
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        held.push(sender);
+    }
+    // The fourth is accepted and closed at once.
+    let mut extra = TcpStream::connect(proxy.addr).await.unwrap();
+    let _ = extra.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection over the cap got {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    // The held connections keep working.
+    for sender in &mut held {
+        let response = sender
+            .send_request(
+                Request::get("/")
+                    .header("host", "a")
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}

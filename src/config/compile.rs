@@ -30,6 +30,7 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<IpRange>,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    pub client_body_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_headers: usize,
     pub max_header_bytes: usize,
@@ -251,6 +252,7 @@ fn compile_server(file: &FileConfig, errors: &mut Errors) -> Option<ServerSettin
     }
     for (field, value) in [
         ("server.header_read_timeout", s.header_read_timeout),
+        ("server.client_body_timeout", s.client_body_timeout),
         ("server.idle_timeout", s.idle_timeout),
     ] {
         if value.is_zero() {
@@ -288,6 +290,7 @@ fn compile_server(file: &FileConfig, errors: &mut Errors) -> Option<ServerSettin
         trusted_proxies,
         max_connections: s.max_connections,
         header_read_timeout: s.header_read_timeout,
+        client_body_timeout: s.client_body_timeout,
         idle_timeout: s.idle_timeout,
         max_headers: s.max_headers,
         max_header_bytes: s.max_header_bytes,

@@ -44,6 +44,12 @@ pub struct ServerSection {
         deserialize_with = "duration::deserialize"
     )]
     pub header_read_timeout: Duration,
+    /// A request body that stops arriving for this long is abandoned with a 408.
+    #[serde(
+        default = "defaults::client_body_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub client_body_timeout: Duration,
     /// A keep-alive connection with no request in flight and no bytes moving is closed after this.
     #[serde(
         default = "defaults::idle_timeout",
@@ -256,6 +262,9 @@ mod defaults {
     }
     pub fn header_read_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn client_body_timeout() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(60)

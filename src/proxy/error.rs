@@ -37,6 +37,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream { source, .. } => match source {
+                UpstreamError::ClientBody(_) => StatusCode::REQUEST_TIMEOUT,
                 UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
                     StatusCode::GATEWAY_TIMEOUT
                 }
@@ -47,7 +48,15 @@ impl ProxyError {
 
     /// Whether the client connection must close after this response.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, ProxyError::BadRequest(_) | ProxyError::UriTooLong)
+        matches!(
+            self,
+            ProxyError::BadRequest(_)
+                | ProxyError::UriTooLong
+                | ProxyError::Upstream {
+                    source: UpstreamError::ClientBody(_),
+                    ..
+                }
+        )
     }
 
     /// The response the client sees: status, a one-line plain-text reason.

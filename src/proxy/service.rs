@@ -21,6 +21,7 @@ use crate::config::compile::CanaryUnavailable;
 use crate::state::Shared;
 use crate::telemetry::access_log::{self, AccessRecord};
 use crate::telemetry::Outcome;
+use crate::upstream::body::ClientBody;
 use crate::upstream::ErrorKind;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
@@ -153,7 +154,7 @@ impl ProxyService {
         let upstream_body = if body_is_empty(&body) {
             UpstreamBody::Empty
         } else {
-            UpstreamBody::Client(body)
+            UpstreamBody::Client(ClientBody::new(body, server.client_body_timeout))
         };
 
         let result = upstream
@@ -171,6 +172,8 @@ impl ProxyService {
             );
         let (outcome, response) = match result {
             Ok(response) => (Outcome::Status(response.status().as_u16()), Ok(response)),
+            // The client's own body failed: not held against the upstream.
+            Err(error @ UpstreamError::ClientBody(_)) => (Outcome::Status(408), Err(error)),
             Err(error) => (Outcome::Error(error.kind()), Err(error)),
         };
         route.metrics.side(variant).record(outcome, elapsed);

@@ -169,10 +169,15 @@ async fn serve_connection<I>(
     if closing {
         connection.as_mut().graceful_shutdown();
     }
+    // Set when the idle timeout asked hyper to close: if the connection is still stuck
+    // (a client that stopped reading a response) one more idle period later, it is
+    // dropped outright.
+    let mut hard_close_at: Option<Instant> = None;
     loop {
         let idle_at = activity
             .idle_deadline(idle_timeout)
             .unwrap_or_else(|| Instant::now() + idle_timeout);
+        let wake_at = hard_close_at.map_or(idle_at, |hard| hard.max(idle_at));
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
@@ -180,10 +185,15 @@ async fn serve_connection<I>(
                 }
                 break;
             }
-            _ = tokio::time::sleep_until(idle_at), if !closing => {
+            _ = tokio::time::sleep_until(wake_at) => {
                 if activity.idle_deadline(idle_timeout).is_some_and(|at| at <= Instant::now()) {
+                    if hard_close_at.is_some() {
+                        tracing::debug!(%peer, "idle connection did not close gracefully; dropping it");
+                        break;
+                    }
                     connection.as_mut().graceful_shutdown();
                     closing = true;
+                    hard_close_at = Some(Instant::now() + idle_timeout);
                 }
             }
             _ = stopped(&mut shutdown), if !closing => {
