@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Load checks for splitgate beyond CPU per request (run by benches/load_checks.sh):
 
-  weights   errors while the weight changes 100 times per second under wrk load
+  weights   errors while the weight changes 100 times per second (and the config
+            reloads 50 times) under wrk load
   idle      RSS with 10 000 idle keep-alive client connections, per connection
   h2        h2load, h2c multiplexed (-c10 -m100), splitgate against nginx
 
@@ -49,11 +50,11 @@ def start_splitgate(extra_server=""):
 def weights():
     p = start_splitgate()
     try:
-        changes, refused = 0, 0
+        changes, refused, reloads, reloads_refused = 0, 0, 0, 0
         stop = time.time() + 10
 
         def mover():
-            nonlocal changes, refused
+            nonlocal changes, refused, reloads, reloads_refused
             conn = http.client.HTTPConnection("127.0.0.1", 19901)
             i = 0
             while time.time() < stop and changes < 1000:
@@ -64,6 +65,12 @@ def weights():
                 r.read()
                 changes += 1
                 refused += r.status != 200
+                if i % 20 == 0 and reloads < 50:
+                    conn.request("POST", "/admin/reload", "")
+                    r = conn.getresponse()
+                    r.read()
+                    reloads += 1
+                    reloads_refused += r.status != 200
                 i += 1
                 time.sleep(max(0.0, 0.01 - (time.time() - t0)))
 
@@ -76,7 +83,8 @@ def weights():
         reqs = int(re.search(r"(\d+) requests in", out).group(1))
         bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         sock = re.search(r"Socket errors: (.*)", out)
-        print(json.dumps(dict(check="weights", weight_changes=changes, changes_refused=refused, requests=reqs,
+        print(json.dumps(dict(check="weights", weight_changes=changes, changes_refused=refused, reloads=reloads,
+                              reloads_refused=reloads_refused, requests=reqs,
                               rps=round(reqs / 10), non2xx=int(bad.group(1)) if bad else 0,
                               socket_errors=sock.group(1) if sock else "none")))
     finally:

@@ -464,7 +464,7 @@ async fn a_corrupt_state_file_starts_every_canary_at_zero_tripped() {
 }
 
 #[tokio::test]
-async fn weight_changes_under_load_drop_no_request_and_mix_no_generations() {
+async fn weight_changes_and_reloads_under_load_drop_no_request_and_mix_no_generations() {
     let s = setup("", "").await;
     let addr = s.proxy.addr;
     let a = s.proxy.admin;
@@ -502,6 +502,10 @@ async fn weight_changes_under_load_drop_no_request_and_mix_no_generations() {
         )
         .await;
         assert_eq!(status, StatusCode::OK);
+        if i % 5 == 0 {
+            let (status, _) = admin(a, "POST", "/admin/reload", "", None).await;
+            assert_eq!(status, StatusCode::OK);
+        }
     }
     let mut total = 0;
     for client in clients {

@@ -323,3 +323,55 @@ async fn sighup_reloads_the_config_file() {
     }
     assert_eq!(weight, 7.0);
 }
+
+#[tokio::test]
+async fn kill_9_right_after_an_slo_trip_keeps_the_route_tripped() {
+    let stable = named_upstream("stable").await;
+    let failing = upstream(|_req: Request<Incoming>| async {
+        let mut response = Response::new(full("boom"));
+        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        response
+    })
+    .await;
+    let dir = TempDir::new("kill-trip");
+    let path = dir.path().join("c.toml");
+    let route = "canary_weight = 50\n[routes.slo]\nmin_requests = 5\nmax_error_rate = 0.1\n";
+    std::fs::write(
+        &path,
+        config(
+            dir.path(),
+            &[stable.addr],
+            Some(&[failing.addr]),
+            "",
+            "",
+            route,
+        ),
+    )
+    .unwrap();
+    let process = spawn(&path);
+    for _ in 0..10 {
+        get(process.proxy, "/", &[("x-splitgate-variant", "canary")]).await;
+    }
+    let admin = process.admin;
+    let mut tripped = false;
+    for _ in 0..40 {
+        let state: serde_json::Value =
+            serde_json::from_slice(&get(admin, "/admin/routes/main", &[]).await.body).unwrap();
+        if state["slo"]["state"] == "tripped" {
+            tripped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(tripped);
+    signal(&process, "KILL");
+    drop(process);
+
+    let process = spawn(&path);
+    let state: serde_json::Value =
+        serde_json::from_slice(&get(process.admin, "/admin/routes/main", &[]).await.body).unwrap();
+    assert_eq!(state["slo"]["state"], "tripped");
+    assert_eq!(state["canary_weight"], 0.0);
+    let reply = get(process.proxy, "/", &[("x-user-id", "anyone")]).await;
+    assert_eq!(reply.headers["x-splitgate-variant"], "stable");
+}

@@ -498,3 +498,66 @@ async fn at_the_connection_cap_new_connections_are_refused_and_the_others_served
         assert_eq!(response.status(), StatusCode::OK);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_200_in_flight_requests_and_sends_h2_goaway() {
+    let slow = upstream(|_req: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        Response::new(full("done"))
+    })
+    .await;
+    let dir = Arc::new(TempDir::new("drain-200"));
+    let text = config(
+        dir.path(),
+        &[slow.addr],
+        None,
+        "drain_timeout = \"10s\"",
+        "",
+        "",
+    );
+    let mut proxy = start_proxy(dir, &text).await;
+    let addr = proxy.addr;
+
+    // An idle h2 client: on shutdown it must get GOAWAY, which ends its connection.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut h2, h2_conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
+    let warm = h2
+        .send_request(
+            Request::get(format!("http://{addr}/"))
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), StatusCode::OK);
+
+    let in_flight: Vec<_> = (0..200)
+        .map(|_| tokio::spawn(async move { get(addr, "/", &[]).await }))
+        .collect();
+    // Shut down only once all 200 are in flight at the upstream.
+    for _ in 0..100 {
+        if slow.hits() >= 201 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(slow.hits(), 201);
+    let started = std::time::Instant::now();
+    let drained = proxy.shutdown().await;
+    let took = started.elapsed();
+    for request in in_flight {
+        let reply = request.await.unwrap();
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (StatusCode::OK, "done")
+        );
+    }
+    assert!(drained, "every connection finished before the deadline");
+    assert!(took < Duration::from_secs(5), "drain took {took:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(2), h2_conn).await;
+    assert!(ended.is_ok(), "the h2 connection did not end: no GOAWAY");
+}
