@@ -109,7 +109,13 @@ impl Upstream {
             .map(|&addr| {
                 let tls = spec.tls.as_ref().and_then(tls::UpstreamConnector::new);
                 let health = health::Health::new(spec.eject_after, spec.eject_for);
-                Arc::new(Pool::new(addr, spec.max_idle_per_instance, tls, health))
+                Arc::new(Pool::new(
+                    addr,
+                    spec.max_idle_per_instance,
+                    spec.max_connections_per_instance,
+                    tls,
+                    health,
+                ))
             })
             .collect();
         Self {

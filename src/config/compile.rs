@@ -73,6 +73,7 @@ pub struct UpstreamSpec {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub max_idle_per_instance: usize,
+    pub max_connections_per_instance: usize,
     pub eject_after: u32,
     pub eject_for: Duration,
     pub tls: Option<UpstreamTls>,
@@ -327,6 +328,12 @@ fn compile_upstream(
             errors.push(&format!("{field}.{key}"), "must be longer than 0");
         }
     }
+    if section.max_connections_per_instance == 0 {
+        errors.push(
+            &format!("{field}.max_connections_per_instance"),
+            "must be greater than 0",
+        );
+    }
     let tls = compile_upstream_tls(&field, section, errors);
     if !section.tls && (section.sni.is_some() || section.ca.is_some()) {
         errors.push(&format!("{field}.tls"), "sni and ca need tls = true");
@@ -338,6 +345,7 @@ fn compile_upstream(
         connect_timeout: section.connect_timeout,
         response_timeout: section.response_timeout,
         max_idle_per_instance: section.max_idle_per_instance,
+        max_connections_per_instance: section.max_connections_per_instance,
         eject_after: section.eject_after,
         eject_for: section.eject_for,
     })

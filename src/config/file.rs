@@ -154,6 +154,10 @@ pub struct UpstreamSection {
     /// Idle pooled connections kept per instance.
     #[serde(default = "defaults::max_idle_per_instance")]
     pub max_idle_per_instance: usize,
+    /// Connections to one instance at most; further requests wait (within the connect
+    /// timeout) for one to come free, as HAProxy's per-server maxconn queues.
+    #[serde(default = "defaults::max_connections_per_instance")]
+    pub max_connections_per_instance: usize,
     /// Consecutive connect, timeout or reset failures that eject an instance; 0 never ejects.
     #[serde(default = "defaults::eject_after")]
     pub eject_after: u32,
@@ -302,6 +306,9 @@ mod defaults {
     pub fn max_idle_per_instance() -> usize {
         // Enough for 1 000 concurrent client connections without churning upstream
         // connections (measured in benches/compare.sh with 1 000 connections).
+        1024
+    }
+    pub fn max_connections_per_instance() -> usize {
         1024
     }
     pub fn eject_after() -> u32 {

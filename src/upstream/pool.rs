@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::body::UpstreamBody;
@@ -32,6 +33,10 @@ pub struct Pool {
     tls: Option<UpstreamConnector>,
     /// Passive health: consecutive failures eject the instance for a while.
     pub health: Health,
+    /// Connection slots: at most this many connections to the instance at once.
+    slots: Arc<Semaphore>,
+    /// Signalled when a connection returns to the pool.
+    returned: Notify,
     /// Idle senders and when each went idle.
     idle: Mutex<Vec<(SendRequest<UpstreamBody>, Instant)>>,
 }
@@ -40,10 +45,13 @@ impl Pool {
     pub fn new(
         addr: SocketAddr,
         max_idle: usize,
+        max_connections: usize,
         tls: Option<UpstreamConnector>,
         health: Health,
     ) -> Self {
         Self {
+            slots: Arc::new(Semaphore::new(max_connections)),
+            returned: Notify::new(),
             addr,
             max_idle,
             tls,
@@ -66,19 +74,16 @@ impl Pool {
     ) -> Result<Response<PooledBody>, UpstreamError> {
         // An upgrade takes its connection for good: never from or back to the pool.
         let upgrade = request.headers().contains_key(UPGRADE);
-        let pooled = if upgrade { None } else { self.checkout().await };
+        let (sender, pooled) = self.acquire(upgrade, connect_timeout).await?;
         // A connection that sat idle may have been closed by the upstream just as we
         // send. A bodiless idempotent request is then safe to send again, once, on a
         // fresh connection; keep a copy of its head for that. Connections reused under
         // load (idle for less than STALE_AFTER) skip the copy.
-        let retry = match &pooled {
-            Some((_, idle_since)) if idle_since.elapsed() >= STALE_AFTER => retry_copy(&request),
+        let retry = match pooled {
+            Some(idle_since) if idle_since.elapsed() >= STALE_AFTER => retry_copy(&request),
             _ => None,
         };
-        let mut sender = match pooled {
-            Some((sender, _)) => sender,
-            None => self.connect(connect_timeout).await?,
-        };
+        let mut sender = sender;
         let sent = tokio::time::timeout(response_timeout, sender.send_request(request))
             .await
             .map_err(|_| UpstreamError::ResponseTimeout)?;
@@ -88,7 +93,7 @@ impl Pool {
                 if error.is_incomplete_message() || error.is_canceled() || error.is_closed() =>
             {
                 tracing::debug!(%error, addr = %self.addr, "stale pooled connection; retrying once on a fresh one");
-                sender = self.connect(connect_timeout).await?;
+                sender = self.acquire(true, connect_timeout).await?.0;
                 tokio::time::timeout(response_timeout, sender.send_request(again))
                     .await
                     .map_err(|_| UpstreamError::ResponseTimeout)?
@@ -120,23 +125,58 @@ impl Pool {
         }
     }
 
+    /// A connection for one request: an idle pooled one (returned with the time it went
+    /// idle), else a new one if the instance is below its connection cap, else the first
+    /// of those two to come free. Waiting counts against `connect_timeout`; `fresh`
+    /// skips the pool (upgrades, retries).
+    async fn acquire(
+        &self,
+        fresh: bool,
+        connect_timeout: Duration,
+    ) -> Result<(SendRequest<UpstreamBody>, Option<Instant>), UpstreamError> {
+        let deadline = Instant::now() + connect_timeout;
+        loop {
+            if !fresh {
+                if let Some((sender, idle_since)) = self.checkout().await {
+                    return Ok((sender, Some(idle_since)));
+                }
+            }
+            let returned = self.returned.notified();
+            let permit = match self.slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => tokio::select! {
+                    permit = self.slots.clone().acquire_owned() => permit.map_err(|_| UpstreamError::ConnectTimeout)?,
+                    _ = returned, if !fresh => continue,
+                    _ = tokio::time::sleep_until(deadline) => return Err(UpstreamError::ConnectTimeout),
+                },
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            return Ok((self.connect(permit, left).await?, None));
+        }
+    }
+
     /// Opens a connection (TCP, then TLS when configured) within `timeout`. A failed
-    /// TLS handshake or certificate verification is a connect error.
-    async fn connect(&self, timeout: Duration) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+    /// TLS handshake or certificate verification is a connect error. The connection
+    /// holds `permit`, one of the instance's connection slots, until it closes.
+    async fn connect(
+        &self,
+        permit: OwnedSemaphorePermit,
+        timeout: Duration,
+    ) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
         let connect = async {
             let stream = TcpStream::connect(self.addr)
                 .await
                 .map_err(UpstreamError::Connect)?;
             let _ = stream.set_nodelay(true);
             match &self.tls {
-                None => handshake(stream).await,
+                None => handshake(stream, permit).await,
                 Some(tls) => {
                     let stream = tls
                         .connector
                         .connect(tls.server_name.clone(), stream)
                         .await
                         .map_err(UpstreamError::Connect)?;
-                    handshake(stream).await
+                    handshake(stream, permit).await
                 }
             }
         };
@@ -154,6 +194,8 @@ impl Pool {
                 idle.push((sender, Instant::now()));
             }
         }
+        // Wake one request waiting for a connection at the cap.
+        self.returned.notify_one();
     }
 }
 
@@ -180,7 +222,10 @@ fn retry_copy(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> 
 
 /// HTTP/1.1 over an open stream; the connection task runs until the peer or the pool
 /// lets go of it.
-async fn handshake<I>(io: I) -> Result<SendRequest<UpstreamBody>, UpstreamError>
+async fn handshake<I>(
+    io: I,
+    permit: OwnedSemaphorePermit,
+) -> Result<SendRequest<UpstreamBody>, UpstreamError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -192,6 +237,7 @@ where
         if let Err(error) = connection.with_upgrades().await {
             tracing::debug!(%error, "upstream connection ended with an error");
         }
+        drop(permit);
     });
     Ok(sender)
 }
