@@ -1,6 +1,7 @@
 //! The background guard: every 250 ms it judges each route's canary window, trips a
 //! breaching route through the state writer, and advances progressive rollouts whose
-//! step has been held for its interval while the SLO held.
+//! step has been held for its interval while the SLO held. Every 5 s it also folds
+//! histogram samples into buckets (see `telemetry::Registry::upkeep`).
 
 use std::time::Duration;
 
@@ -12,13 +13,23 @@ use crate::state::{Snapshot, StateHandle, Trip};
 /// How often the windows are judged.
 pub const EVALUATION_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How often histogram samples are folded into buckets when nobody scrapes.
+const METRICS_UPKEEP_EVERY: u32 = 20;
+
 /// Runs until `shutdown` turns true.
 pub async fn run(state: StateHandle, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(EVALUATION_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u32;
     loop {
         tokio::select! {
-            _ = tick.tick() => evaluate(&state, &state.shared.snapshot.load_full()).await,
+            _ = tick.tick() => {
+                evaluate(&state, &state.shared.snapshot.load_full()).await;
+                ticks = ticks.wrapping_add(1);
+                if ticks % METRICS_UPKEEP_EVERY == 0 {
+                    state.shared.registry.upkeep();
+                }
+            }
             _ = crate::server::stopped(&mut shutdown) => return,
         }
     }

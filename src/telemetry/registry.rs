@@ -45,6 +45,13 @@ impl Registry {
         self.handle.render()
     }
 
+    /// Folds recorded histogram samples into their buckets. The recorder keeps raw
+    /// samples until then, so without a scrape memory would grow with traffic; the
+    /// guard calls this every few seconds.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
         self.recorder
             .register_counter(&key(name, labels), &METADATA)
