@@ -39,24 +39,22 @@ struct WeightBody {
     canary_weight: f64,
 }
 
+/// Parses a `PUT .../weight` body into basis points, or says what is wrong with it.
+pub fn parse_weight(body: &[u8]) -> Result<u32, String> {
+    let parsed: WeightBody = serde_json::from_slice(body)
+        .map_err(|e| format!("body must be {{\"canary_weight\": PERCENT}}: {e}"))?;
+    weight_to_bp(parsed.canary_weight)
+}
+
 pub async fn set_weight(
     state: &StateHandle,
     name: &str,
     body: &Bytes,
     source: Source,
 ) -> Response<AdminBody> {
-    let parsed: WeightBody = match serde_json::from_slice(body) {
-        Ok(parsed) => parsed,
-        Err(e) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                &format!("body must be {{\"canary_weight\": PERCENT}}: {e}"),
-            )
-        }
-    };
-    let weight_bp = match weight_to_bp(parsed.canary_weight) {
+    let weight_bp = match parse_weight(body) {
         Ok(bp) => bp,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+        Err(reason) => return json_error(StatusCode::BAD_REQUEST, &reason),
     };
     let result = state.set_weight(name, weight_bp, source).await;
     after_change(state, name, result)

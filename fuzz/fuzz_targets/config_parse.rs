@@ -1,0 +1,9 @@
+//! Any text given as a config file: an error or settings, never a panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = splitgate::config::parse(std::path::Path::new("fuzz.toml"), text);
+    }
+});
