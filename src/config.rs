@@ -64,11 +64,17 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
 
 /// Parses and validates config text; `path` is only used in messages.
 pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
+    parse_with(path, text, net::Names::Resolve)
+}
+
+/// `parse`, choosing how host names in addresses are treated (fuzzing uses
+/// `Names::LiteralOnly`, so that random input never becomes DNS traffic).
+pub fn parse_with(path: &Path, text: &str, names: net::Names) -> Result<Settings, ConfigError> {
     let file: file::FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         message: flatten_toml_error(&e, text),
     })?;
-    compile::compile(&file).map_err(|errors| ConfigError::Invalid {
+    compile::compile(&file, names).map_err(|errors| ConfigError::Invalid {
         path: path.to_path_buf(),
         errors,
     })

@@ -10,6 +10,10 @@ fuzz_target!(|data: &[u8]| {
     let mut split = HeadScanner::new();
     let first = split.feed(&data[..cut]);
     let second = split.feed(&data[cut..]);
-    let pieces = if first != splitgate::server::head_scan::Finding::Nothing { first } else { second };
+    let pieces = if first != splitgate::server::head_scan::Finding::Nothing {
+        first
+    } else {
+        second
+    };
     assert_eq!(whole, pieces);
 });

@@ -8,7 +8,9 @@ fuzz_target!(|data: &[u8]| {
     let mut headers = http::HeaderMap::new();
     let mut named = Vec::new();
     for line in data.split(|&b| b == b'\n') {
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
         let (Ok(name), Ok(value)) = (
             http::HeaderName::from_bytes(&line[..colon]),
             http::HeaderValue::from_bytes(&line[colon + 1..]),
@@ -25,10 +27,21 @@ fuzz_target!(|data: &[u8]| {
         headers.append(name, value);
     }
     strip_hop_by_hop(&mut headers);
-    for gone in ["connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-connection"] {
+    for gone in [
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    ] {
         assert!(!headers.contains_key(gone), "{gone} survived");
     }
     for name in &named {
-        assert!(!headers.contains_key(name), "{name} was named in Connection but survived");
+        assert!(
+            !headers.contains_key(name),
+            "{name} was named in Connection but survived"
+        );
     }
 });

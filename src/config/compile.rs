@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 use super::file::{FileConfig, RouteSection, SloSection, UpstreamSection};
-use super::net::{self, IpRange};
+use super::net::{self, IpRange, Names};
 use crate::proxy::split::{KeySource, SaltKey};
 
 /// The validated config.
@@ -172,11 +172,11 @@ impl Errors {
 }
 
 /// Validates the whole file, returning every problem found.
-pub fn compile(file: &FileConfig) -> Result<Settings, Vec<String>> {
+pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>> {
     let mut errors = Errors::default();
-    let server = compile_server(file, &mut errors);
+    let server = compile_server(file, names, &mut errors);
     let admin = AdminSettings {
-        listen: net::socket_addr(&file.admin.listen)
+        listen: net::socket_addr(&file.admin.listen, names)
             .map_err(|e| errors.push("admin.listen", e))
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
         token_env: file.admin.token_env.clone(),
@@ -188,7 +188,7 @@ pub fn compile(file: &FileConfig) -> Result<Settings, Vec<String>> {
         .upstreams
         .iter()
         .filter_map(|(name, section)| {
-            compile_upstream(name, section, &mut errors).map(|spec| (name.clone(), spec))
+            compile_upstream(name, section, names, &mut errors).map(|spec| (name.clone(), spec))
         })
         .collect::<BTreeMap<_, _>>();
     if file.routes.is_empty() {
@@ -223,9 +223,9 @@ pub fn compile(file: &FileConfig) -> Result<Settings, Vec<String>> {
     }
 }
 
-fn compile_server(file: &FileConfig, errors: &mut Errors) -> Option<ServerSettings> {
+fn compile_server(file: &FileConfig, names: Names, errors: &mut Errors) -> Option<ServerSettings> {
     let s = &file.server;
-    let listen = net::socket_addr(&s.listen)
+    let listen = net::socket_addr(&s.listen, names)
         .map_err(|e| errors.push("server.listen", e))
         .ok();
     let trusted_proxies = s
@@ -261,7 +261,7 @@ fn compile_server(file: &FileConfig, errors: &mut Errors) -> Option<ServerSettin
         }
     }
     let tls = s.tls.as_ref().and_then(|t| {
-        let listen = net::socket_addr(&t.listen)
+        let listen = net::socket_addr(&t.listen, names)
             .map_err(|e| errors.push("server.tls.listen", e))
             .ok();
         if t.certs.is_empty() {
@@ -304,6 +304,7 @@ fn compile_server(file: &FileConfig, errors: &mut Errors) -> Option<ServerSettin
 fn compile_upstream(
     name: &str,
     section: &UpstreamSection,
+    names: Names,
     errors: &mut Errors,
 ) -> Option<UpstreamSpec> {
     let field = format!("upstreams.{name}");
@@ -315,7 +316,7 @@ fn compile_upstream(
     }
     let mut instances = Vec::with_capacity(section.instances.len());
     for (i, text) in section.instances.iter().enumerate() {
-        match net::socket_addr(text) {
+        match net::socket_addr(text, names) {
             Ok(addr) => instances.push(addr),
             Err(e) => errors.push(&format!("{field}.instances[{i}]"), e),
         }

@@ -3,9 +3,18 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
+/// How names in addresses are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Names {
+    /// Resolve through the system resolver (normal loading).
+    Resolve,
+    /// Only literal IPs and `localhost` (fuzzing: no DNS traffic).
+    LiteralOnly,
+}
+
 /// Parses "ip:port" or "name:port". Names are resolved once, when the config loads,
 /// so a request never waits on DNS.
-pub fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+pub fn socket_addr(text: &str, names: Names) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
@@ -14,6 +23,9 @@ pub fn socket_addr(text: &str) -> Result<SocketAddr, String> {
     };
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(format!("{text:?} is not an address (expected host:port)"));
+    }
+    if names == Names::LiteralOnly && host != "localhost" {
+        return Err(format!("{text:?}: names are not resolved here"));
     }
     text.to_socket_addrs()
         .map_err(|e| format!("{text:?} does not resolve: {e}"))?
@@ -113,10 +125,10 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert!(socket_addr("127.0.0.1:80").is_ok());
-        assert!(socket_addr("localhost:80").is_ok());
-        assert!(socket_addr("127.0.0.1").is_err());
-        assert!(socket_addr("127.0.0.1:99999").is_err());
-        assert!(socket_addr("host:notaport").is_err());
+        assert!(socket_addr("127.0.0.1:80", Names::Resolve).is_ok());
+        assert!(socket_addr("localhost:80", Names::Resolve).is_ok());
+        assert!(socket_addr("127.0.0.1", Names::Resolve).is_err());
+        assert!(socket_addr("127.0.0.1:99999", Names::Resolve).is_err());
+        assert!(socket_addr("host:notaport", Names::Resolve).is_err());
     }
 }
