@@ -327,12 +327,7 @@ async fn sighup_reloads_the_config_file() {
 #[tokio::test]
 async fn kill_9_right_after_an_slo_trip_keeps_the_route_tripped() {
     let stable = named_upstream("stable").await;
-    let failing = upstream(|_req: Request<Incoming>| async {
-        let mut response = Response::new(full("boom"));
-        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-        response
-    })
-    .await;
+    let failing = failing_upstream().await;
     let dir = TempDir::new("kill-trip");
     let path = dir.path().join("c.toml");
     let route = "canary_weight = 50\n[routes.slo]\nmin_requests = 5\nmax_error_rate = 0.1\n";

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::StatusCode;
 use splitgate::proxy::split::Variant;
 use splitgate::slo::guard;
 use splitgate::telemetry::Outcome;
@@ -66,12 +65,7 @@ async fn route_state(proxy: &TestProxy) -> serde_json::Value {
 #[tokio::test]
 async fn a_canary_returning_500s_is_pulled_end_to_end() {
     let stable = named_upstream("stable").await;
-    let failing = upstream(|_req: Request<Incoming>| async {
-        let mut response = Response::new(full("boom"));
-        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-        response
-    })
-    .await;
+    let failing = failing_upstream().await;
     let dir = Arc::new(TempDir::new("slo-e2e"));
     let text = config(
         dir.path(),

@@ -109,6 +109,16 @@ pub async fn named_upstream(name: &'static str) -> TestUpstream {
     .await
 }
 
+/// An upstream that answers every request with 500.
+pub async fn failing_upstream() -> TestUpstream {
+    upstream(|_request: Request<Incoming>| async {
+        let mut response = Response::new(full("boom"));
+        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        response
+    })
+    .await
+}
+
 /// A raw TCP upstream: reads a request head, writes `reply`, then closes.
 pub async fn raw_upstream(reply: &'static [u8]) -> TestUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
