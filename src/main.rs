@@ -149,7 +149,7 @@ fn main() -> ExitCode {
             change(&admin, &route, Method::PUT, "weight", Some(body))
         }
         Command::Status { route, json, admin } => status(&admin, route.as_deref(), json),
-        Command::Health { admin } => admin_call(&admin, Method::GET, "/healthz", None),
+        Command::Health { admin } => health(&admin),
         Command::Rollback { route, admin } => {
             change(&admin, &route, Method::POST, "rollback", None)
         }
@@ -317,29 +317,13 @@ fn print_result(result: anyhow::Result<String>) -> ExitCode {
     }
 }
 
-/// Calls the admin API, prints the answer, exits 1 when refused.
-fn admin_call(args: &AdminArgs, method: Method, path: &str, body: Option<String>) -> ExitCode {
-    let result = runtime(1).and_then(|rt| {
-        rt.block_on(async {
-            let client = AdminClient::new(&args.admin, args.token.clone())?;
-            Ok(client.call(method, path, body).await?)
-        })
+/// `splitgate health`: exit 0 when `/healthz` answers 200.
+fn health(args: &AdminArgs) -> ExitCode {
+    let result = with_client(args, async |client| {
+        let (status, text) = client.call(Method::GET, "/healthz", None).await?;
+        expect_ok(status, &text).map(|_| text)
     });
-    match result {
-        Ok((status, text)) => {
-            print!("{text}");
-            if status.is_success() {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("splitgate: refused: {status}");
-                ExitCode::FAILURE
-            }
-        }
-        Err(error) => {
-            eprintln!("splitgate: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    print_result(result)
 }
 
 async fn demo(port: u16, admin_port: u16) -> anyhow::Result<()> {

@@ -134,7 +134,7 @@ impl ProxyService {
         let upgrade = upgrade::take(&mut parts);
         forward::strip_hop_by_hop(&mut parts.headers);
         if let Some(upgrade) = &upgrade {
-            upgrade.restore(&mut parts.headers);
+            upgrade.protocol.restore(&mut parts.headers);
         }
         if let Some(name) = &route.spec.override_name {
             parts.headers.remove(&name.header);

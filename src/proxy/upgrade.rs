@@ -10,18 +10,12 @@ use hyper_util::rt::TokioIo;
 
 /// An upgrade asked for by the client.
 pub struct ClientUpgrade {
-    protocol: HeaderValue,
+    pub protocol: Protocol,
     on_upgrade: OnUpgrade,
 }
 
 /// The protocol named in an `Upgrade` header, to put back after hop-by-hop stripping.
 pub struct Protocol(HeaderValue);
-
-impl ClientUpgrade {
-    pub fn restore(&self, headers: &mut HeaderMap) {
-        Protocol(self.protocol.clone()).restore(headers);
-    }
-}
 
 impl Protocol {
     pub fn restore(&self, headers: &mut HeaderMap) {
@@ -35,7 +29,7 @@ pub fn take(parts: &mut request::Parts) -> Option<ClientUpgrade> {
     if parts.version != Version::HTTP_11 {
         return None;
     }
-    let protocol = parts.headers.get(UPGRADE)?.clone();
+    let protocol = Protocol(parts.headers.get(UPGRADE)?.clone());
     let on_upgrade = parts.extensions.remove::<OnUpgrade>()?;
     Some(ClientUpgrade {
         protocol,
@@ -51,7 +45,7 @@ pub fn tunnel(client: ClientUpgrade, head: &mut response::Parts) -> Option<Proto
         .headers
         .get(UPGRADE)
         .cloned()
-        .unwrap_or(client.protocol);
+        .map_or(client.protocol, Protocol);
     tokio::spawn(async move {
         let (client, upstream) = match tokio::try_join!(client.on_upgrade, upstream) {
             Ok(pair) => pair,
@@ -65,5 +59,5 @@ pub fn tunnel(client: ClientUpgrade, head: &mut response::Parts) -> Option<Proto
             tracing::debug!(%error, "upgraded tunnel ended with an error");
         }
     });
-    Some(Protocol(protocol))
+    Some(protocol)
 }

@@ -1,0 +1,523 @@
+//! The writer task: applies each command to the saved state, persists it, then builds
+//! and swaps in the new snapshot. See the parent module for why there is only one.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+
+use super::{
+    merge, AuditEntry, ChangeError, Command, LiveRoute, Loaded, RolloutAction, RolloutProgress,
+    SavedRoute, Shared, Snapshot, Source, StateHandle, Store, Trip,
+};
+use crate::config::{self, bp_to_percent, RouteSpec, Settings};
+use crate::proxy::route::sort_for_matching;
+use crate::server::tls::{self, Certificates};
+use crate::slo::{RouteWindows, DEFAULT_WINDOW};
+use crate::telemetry::names::{
+    CONFIG_RELOADS_TOTAL, LABEL_OUTCOME, LABEL_REASON, LABEL_ROUTE, SLO_TRIPS_TOTAL,
+};
+use crate::telemetry::{Registry, RouteMetrics};
+use crate::upstream::Upstream;
+
+/// Per-route runtime objects kept across snapshots while the route's shape is unchanged.
+struct RouteParts {
+    key: (String, Option<String>, Option<crate::config::SloSpec>),
+    metrics: Arc<RouteMetrics>,
+    windows: Arc<RouteWindows>,
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    config_path: Option<PathBuf>,
+    settings: Arc<Settings>,
+    specs: Vec<Arc<RouteSpec>>,
+    saved: BTreeMap<String, SavedRoute>,
+    upstreams: BTreeMap<String, Arc<Upstream>>,
+    parts: BTreeMap<String, RouteParts>,
+    store: Store,
+    generation: u64,
+}
+
+/// Starts the writer: loads saved state, merges it with `settings`, persists the result
+/// and publishes the first snapshot. `config_path` is what reloads re-read.
+pub async fn start(
+    settings: Settings,
+    config_path: Option<PathBuf>,
+) -> Result<StateHandle, ChangeError> {
+    let store = Store::open(&settings.state_dir).map_err(ChangeError::Persist)?;
+    let loaded = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.load())
+            .await
+            .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?
+            .map_err(ChangeError::Persist)?
+    };
+    let (saved, corrupt) = match loaded {
+        Loaded::Fresh => (BTreeMap::new(), None),
+        Loaded::Routes(routes) => (routes, None),
+        Loaded::Corrupt { reason, moved_to } => {
+            tracing::error!(
+                %reason,
+                moved_to = %moved_to.display(),
+                "state file is corrupt; every canary starts at weight 0, tripped, until reset"
+            );
+            let trip = Trip {
+                reason: "corrupt_state".into(),
+                detail: format!(
+                    "state file unreadable ({reason}); kept as {}",
+                    moved_to.display()
+                ),
+                at: crate::timefmt::now_rfc3339(),
+            };
+            (BTreeMap::new(), Some(trip))
+        }
+    };
+    let certificates = match &settings.server.tls {
+        Some(tls_settings) => {
+            let (set, warnings) = tls::load(tls_settings)?;
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+            Some(Certificates::new(set))
+        }
+        None => None,
+    };
+    let registry = Registry::new();
+    let reloads_ok = registry.counter(CONFIG_RELOADS_TOTAL, &[(LABEL_OUTCOME, "ok")]);
+    let reloads_failed = registry.counter(CONFIG_RELOADS_TOTAL, &[(LABEL_OUTCOME, "error")]);
+    let merged = merge::merge(&settings, &saved, corrupt.as_ref());
+    let placeholder = Snapshot {
+        generation: 0,
+        settings: Arc::new(settings.clone()),
+        routes: Box::new([]),
+    };
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(placeholder),
+        registry,
+        draining: AtomicBool::new(false),
+        certificates,
+        reloads_ok,
+        reloads_failed,
+    });
+    let mut writer = Writer {
+        shared: shared.clone(),
+        config_path,
+        settings: Arc::new(settings),
+        specs: Vec::new(),
+        saved: BTreeMap::new(),
+        upstreams: BTreeMap::new(),
+        parts: BTreeMap::new(),
+        store,
+        generation: 0,
+    };
+    writer.install(writer.settings.clone());
+    writer.commit(merged, Source::Start).await?;
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(writer.run(rx));
+    Ok(StateHandle { tx, shared })
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(command) = rx.recv().await {
+            match command {
+                Command::SetWeight {
+                    route,
+                    weight_bp,
+                    source,
+                    reply,
+                } => {
+                    let _ = reply.send(self.set_weight(&route, weight_bp, source).await);
+                }
+                Command::Reset {
+                    route,
+                    source,
+                    reply,
+                } => {
+                    let _ = reply.send(self.reset(&route, source).await);
+                }
+                Command::Reload { source, reply } => {
+                    let _ = reply.send(self.reload(source).await);
+                }
+                Command::Trip { route, trip, reply } => {
+                    let _ = reply.send(self.trip(&route, trip).await);
+                }
+                Command::Rollout {
+                    route,
+                    action,
+                    source,
+                    reply,
+                } => {
+                    let _ = reply.send(self.rollout(&route, action, source).await);
+                }
+                Command::RolloutAdvance { route, step, reply } => {
+                    let _ = reply.send(self.rollout_advance(&route, step).await);
+                }
+            }
+        }
+    }
+
+    fn route_state(&self, route: &str) -> Result<(&Arc<RouteSpec>, &SavedRoute), ChangeError> {
+        let spec = self
+            .specs
+            .iter()
+            .find(|s| s.name == route)
+            .ok_or_else(|| ChangeError::UnknownRoute(route.to_string()))?;
+        Ok((spec, &self.saved[route]))
+    }
+
+    async fn set_weight(
+        &mut self,
+        route: &str,
+        weight_bp: u32,
+        source: Source,
+    ) -> Result<(), ChangeError> {
+        let (spec, current) = self.route_state(route)?;
+        if spec.canary.is_none() && weight_bp > 0 {
+            return Err(ChangeError::NoCanary(route.to_string()));
+        }
+        if let Some(trip) = &current.trip {
+            if weight_bp > 0 {
+                return Err(ChangeError::Tripped {
+                    route: route.to_string(),
+                    reason: trip.reason.clone(),
+                });
+            }
+        }
+        let mut next = self.saved.clone();
+        let entry = next.get_mut(route).expect("route_state checked it exists");
+        entry.weight_bp = weight_bp;
+        // A hand-set weight takes over from a running rollout.
+        entry.rollout = None;
+        self.commit(next, source).await
+    }
+
+    async fn reset(&mut self, route: &str, source: Source) -> Result<(), ChangeError> {
+        self.route_state(route)?;
+        let mut next = self.saved.clone();
+        next.get_mut(route).expect("checked").trip = None;
+        self.commit(next, source).await
+    }
+
+    async fn trip(&mut self, route: &str, trip: Trip) -> Result<(), ChangeError> {
+        let (_, current) = self.route_state(route)?;
+        if current.trip.is_some() {
+            return Ok(());
+        }
+        let mut next = self.saved.clone();
+        let entry = next.get_mut(route).expect("checked");
+        entry.weight_bp = 0;
+        entry.rollout = None;
+        entry.trip = Some(trip.clone());
+        tracing::warn!(route, reason = %trip.reason, detail = %trip.detail, "SLO breached: canary weight set to 0");
+        self.shared
+            .registry
+            .counter(
+                SLO_TRIPS_TOTAL,
+                &[(LABEL_ROUTE, route), (LABEL_REASON, &trip.reason)],
+            )
+            .increment(1);
+        match self.commit(next.clone(), Source::Slo).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // Safety first: stop the canary in memory even if the disk refused.
+                tracing::error!(route, %error, "trip could not be persisted; applied in memory only");
+                self.saved = next;
+                self.publish();
+                Err(error)
+            }
+        }
+    }
+
+    async fn rollout(
+        &mut self,
+        route: &str,
+        action: RolloutAction,
+        source: Source,
+    ) -> Result<(), ChangeError> {
+        let (spec, current) = self.route_state(route)?;
+        let Some(plan) = &spec.rollout else {
+            return Err(ChangeError::Invalid(format!(
+                "route {route:?} has no [routes.rollout] in the config"
+            )));
+        };
+        let now = crate::timefmt::unix_ms();
+        let mut entry = current.clone();
+        match action {
+            RolloutAction::Start => {
+                if let Some(trip) = &current.trip {
+                    return Err(ChangeError::Tripped {
+                        route: route.into(),
+                        reason: trip.reason.clone(),
+                    });
+                }
+                entry.rollout = Some(RolloutProgress {
+                    step: 0,
+                    paused: false,
+                    step_started_ms: now,
+                    held_ms: 0,
+                });
+                entry.weight_bp = plan.steps[0];
+            }
+            RolloutAction::Pause | RolloutAction::Resume => {
+                let Some(progress) = entry.rollout.as_mut() else {
+                    return Err(ChangeError::Invalid(format!(
+                        "route {route:?} has no rollout running"
+                    )));
+                };
+                let pause = action == RolloutAction::Pause;
+                if progress.paused != pause {
+                    if pause {
+                        progress.held_ms += now.saturating_sub(progress.step_started_ms);
+                    } else {
+                        progress.step_started_ms = now;
+                    }
+                    progress.paused = pause;
+                }
+            }
+            RolloutAction::Abort => {
+                if entry.rollout.take().is_none() {
+                    return Err(ChangeError::Invalid(format!(
+                        "route {route:?} has no rollout running"
+                    )));
+                }
+                entry.weight_bp = 0;
+            }
+        }
+        let mut next = self.saved.clone();
+        next.insert(route.to_string(), entry);
+        self.commit(next, source).await
+    }
+
+    async fn rollout_advance(&mut self, route: &str, step: usize) -> Result<(), ChangeError> {
+        let (spec, current) = self.route_state(route)?;
+        let (Some(plan), Some(progress)) = (&spec.rollout, &current.rollout) else {
+            return Ok(());
+        };
+        if progress.step != step || progress.paused || current.trip.is_some() {
+            return Ok(());
+        }
+        let mut entry = current.clone();
+        let next_step = step + 1;
+        match plan.steps.get(next_step) {
+            Some(&weight_bp) => {
+                entry.weight_bp = weight_bp;
+                entry.rollout = Some(RolloutProgress {
+                    step: next_step,
+                    paused: false,
+                    step_started_ms: crate::timefmt::unix_ms(),
+                    held_ms: 0,
+                });
+            }
+            // The last step has been held: the rollout is complete at its final weight.
+            None => entry.rollout = None,
+        }
+        let mut next = self.saved.clone();
+        next.insert(route.to_string(), entry);
+        self.commit(next, Source::Rollout).await
+    }
+
+    async fn reload(&mut self, source: Source) -> Result<Vec<String>, ChangeError> {
+        let result = self.try_reload(source).await;
+        match &result {
+            Ok(_) => self.shared.reloads_ok.increment(1),
+            Err(error) => {
+                self.shared.reloads_failed.increment(1);
+                tracing::warn!(%error, "config reload refused; nothing changed");
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&mut self, source: Source) -> Result<Vec<String>, ChangeError> {
+        let path = self.config_path.clone().ok_or(ChangeError::NoConfigFile)?;
+        let settings = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .map_err(|e| ChangeError::Invalid(e.to_string()))?
+            .map_err(ChangeError::Config)?;
+        let mut warnings = Vec::new();
+        let old = &self.settings;
+        if settings.server.listen != old.server.listen {
+            warnings.push("server.listen changed; it takes effect at the next restart".to_string());
+        }
+        if settings.admin.listen != old.admin.listen {
+            warnings.push("admin.listen changed; it takes effect at the next restart".to_string());
+        }
+        if settings.server.tls.as_ref().map(|t| t.listen)
+            != old.server.tls.as_ref().map(|t| t.listen)
+        {
+            warnings.push("server.tls.listen changed (or TLS was added or removed); it takes effect at the next restart".to_string());
+        }
+        // Certificates are read before anything changes: a bad one refuses the reload.
+        let new_certificates = match (&settings.server.tls, &self.shared.certificates) {
+            (Some(tls_settings), Some(_)) => {
+                let tls_settings = tls_settings.clone();
+                let (set, cert_warnings) =
+                    tokio::task::spawn_blocking(move || tls::load(&tls_settings))
+                        .await
+                        .map_err(|e| ChangeError::Invalid(e.to_string()))??;
+                warnings.extend(cert_warnings);
+                Some(set)
+            }
+            _ => None,
+        };
+        if settings.state_dir != old.state_dir {
+            warnings.push("state.dir changed; it takes effect at the next restart".to_string());
+        }
+        let merged = merge::merge(&settings, &self.saved, None);
+        let previous = self.settings.clone();
+        self.install(Arc::new(settings));
+        // Weight changes a reload causes come from the file, whoever asked for the reload.
+        if let Err(error) = self.commit(merged, Source::Reload).await {
+            // Put the old config back: a reload that cannot be persisted changes nothing.
+            self.install(previous);
+            return Err(error);
+        }
+        if let (Some(set), Some(certificates)) = (new_certificates, &self.shared.certificates) {
+            certificates.replace(set);
+        }
+        tracing::info!(
+            generation = self.generation,
+            by = source.as_str(),
+            "config reloaded"
+        );
+        Ok(warnings)
+    }
+
+    /// Makes `settings` current: reuses upstream pools and route parts that did not change.
+    fn install(&mut self, settings: Arc<Settings>) {
+        let mut upstreams = BTreeMap::new();
+        for (name, spec) in &settings.upstreams {
+            let upstream = match self.upstreams.get(name) {
+                Some(existing) if existing.spec == *spec => existing.clone(),
+                _ => Arc::new(Upstream::new(spec.clone())),
+            };
+            upstreams.insert(name.clone(), upstream);
+        }
+        let mut parts = BTreeMap::new();
+        for spec in &settings.routes {
+            let key = (spec.stable.clone(), spec.canary.clone(), spec.slo.clone());
+            let part = match self.parts.remove(&spec.name) {
+                Some(existing) if existing.key == key => existing,
+                _ => {
+                    let window = spec.slo.as_ref().map_or(DEFAULT_WINDOW, |s| s.window);
+                    let count_4xx = spec.slo.as_ref().is_some_and(|s| s.count_4xx);
+                    RouteParts {
+                        metrics: Arc::new(RouteMetrics::new(
+                            &self.shared.registry,
+                            &spec.name,
+                            &spec.stable,
+                            spec.canary.as_deref(),
+                        )),
+                        windows: Arc::new(RouteWindows::new(window, count_4xx)),
+                        key,
+                    }
+                }
+            };
+            parts.insert(spec.name.clone(), part);
+        }
+        self.specs = settings.routes.iter().cloned().map(Arc::new).collect();
+        self.upstreams = upstreams;
+        self.parts = parts;
+        self.settings = settings;
+    }
+
+    /// Persists `next` and the audit lines for what it changes, then publishes it.
+    /// On a persist error nothing changes.
+    async fn commit(
+        &mut self,
+        next: BTreeMap<String, SavedRoute>,
+        source: Source,
+    ) -> Result<(), ChangeError> {
+        let time = crate::timefmt::now_rfc3339();
+        let mut lines = Vec::new();
+        for (route, new) in &next {
+            let old = self.saved.get(route);
+            let old_weight = old.map_or(new.file_weight_bp, |o| o.weight_bp);
+            let action = match (old.and_then(|o| o.trip.as_ref()), &new.trip) {
+                _ if old.is_none() => "init",
+                (None, Some(_)) => "trip",
+                (Some(_), None) => "reset",
+                _ if old.map(|o| &o.rollout) != Some(&new.rollout) => "rollout",
+                _ if old_weight != new.weight_bp => "weight",
+                _ => continue,
+            };
+            lines.push((
+                route.clone(),
+                action,
+                old_weight,
+                new.weight_bp,
+                new.trip.as_ref().map(|t| t.detail.clone()),
+            ));
+        }
+        let store = self.store.clone();
+        let to_save = next.clone();
+        tokio::task::spawn_blocking(move || {
+            store.save(&to_save)?;
+            let entries: Vec<AuditEntry<'_>> = lines
+                .iter()
+                .map(|(route, action, old, new, detail)| AuditEntry {
+                    time: time.clone(),
+                    route,
+                    action,
+                    old_weight: bp_to_percent(*old),
+                    new_weight: bp_to_percent(*new),
+                    source: source.as_str(),
+                    detail: detail.as_deref(),
+                })
+                .collect();
+            store.audit(&entries)
+        })
+        .await
+        .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?
+        .map_err(ChangeError::Persist)?;
+        self.saved = next;
+        self.publish();
+        Ok(())
+    }
+
+    /// Builds the snapshot from the current settings and state, and swaps it in.
+    fn publish(&mut self) {
+        self.generation += 1;
+        let mut routes: Vec<LiveRoute> = self
+            .specs
+            .iter()
+            .map(|spec| {
+                let saved = &self.saved[&spec.name];
+                let parts = &self.parts[&spec.name];
+                parts
+                    .metrics
+                    .canary_weight
+                    .set(bp_to_percent(saved.weight_bp));
+                parts
+                    .metrics
+                    .slo_state
+                    .set(if saved.trip.is_some() { 1.0 } else { 0.0 });
+                parts
+                    .metrics
+                    .rollout_step
+                    .set(saved.rollout.as_ref().map_or(0.0, |r| (r.step + 1) as f64));
+                LiveRoute {
+                    spec: spec.clone(),
+                    weight_bp: saved.weight_bp,
+                    trip: saved.trip.clone().map(Arc::new),
+                    rollout: saved.rollout.clone(),
+                    stable: self.upstreams[&spec.stable].clone(),
+                    canary: spec.canary.as_ref().map(|c| self.upstreams[c].clone()),
+                    metrics: parts.metrics.clone(),
+                    windows: parts.windows.clone(),
+                }
+            })
+            .collect();
+        sort_for_matching(&mut routes);
+        self.shared.snapshot.store(Arc::new(Snapshot {
+            generation: self.generation,
+            settings: self.settings.clone(),
+            routes: routes.into_boxed_slice(),
+        }));
+    }
+}
