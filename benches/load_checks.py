@@ -4,6 +4,7 @@
   weights   errors while the weight changes 100 times per second (and the config
             reloads 50 times) under wrk load
   idle      RSS with 10 000 idle keep-alive client connections, per connection
+  slowloris wrk p99 alone, then with 500 slowloris connections trickling headers
   h2        h2load, h2c multiplexed (-c10 -m100), splitgate against nginx
 
 Loopback only; every loop is bounded in count and time.
@@ -121,6 +122,49 @@ def idle(count=10_000):
         p.wait()
 
 
+def wrk_p99(seconds=5):
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s",
+                          os.path.join(PEER, "users.lua"), "http://127.0.0.1:18084/"], capture_output=True, text=True).stdout
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return p99, reqs, int(bad.group(1)) if bad else 0
+
+
+def slowloris(count=500):
+    p = start_splitgate()
+    socks = []
+    try:
+        base = wrk_p99()
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", 18084))
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n")
+            socks.append(s)
+        stop = time.time() + 6
+
+        def trickle():
+            while time.time() < stop:
+                for s in socks:
+                    try:
+                        s.sendall(b"X-a: b\r\n")
+                    except OSError:
+                        pass
+                time.sleep(1)
+
+        t = threading.Thread(target=trickle)
+        t.start()
+        loaded = wrk_p99()
+        t.join()
+        print(json.dumps(dict(check="slowloris", slow_connections=count, p99_alone=base[0], requests_alone=base[1],
+                              p99_with_slowloris=loaded[0], requests_with_slowloris=loaded[1],
+                              non2xx=base[2] + loaded[2])))
+    finally:
+        for s in socks:
+            s.close()
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+
+
 def h2():
     results = []
     nginx = subprocess.Popen(["taskset", "-c", "0", "nginx", "-c", os.path.join(PEER, "proxy-nginx-h2c.conf")],
@@ -153,6 +197,6 @@ def h2load(port):
 
 
 if __name__ == "__main__":
-    checks = sys.argv[1:] or ["weights", "idle", "h2"]
+    checks = sys.argv[1:] or ["weights", "idle", "slowloris", "h2"]
     for check in checks:
         globals()[check]()
