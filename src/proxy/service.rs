@@ -14,16 +14,14 @@ use tokio::time::Instant;
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::forward::{self, Peer};
-use super::split::Variant;
-use super::split::{self, RequestView};
+use super::split::{self, RequestView, Variant};
 use super::{framing, route, upgrade};
 use crate::config::compile::CanaryUnavailable;
-use crate::state::Shared;
+use crate::state::{LiveRoute, Shared};
 use crate::telemetry::access_log::{self, AccessRecord};
 use crate::telemetry::Outcome;
 use crate::upstream::body::ClientBody;
-use crate::upstream::ErrorKind;
-use crate::upstream::{UpstreamBody, UpstreamError};
+use crate::upstream::{ErrorKind, Pool, Upstream, UpstreamBody, UpstreamError};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -88,33 +86,10 @@ impl ProxyService {
                 client_ip: self.conn.peer.ip(),
             },
         );
-        let (mut upstream, mut variant) = route.upstream(decision.variant);
-        let instance = match upstream.pick() {
-            Some(instance) => instance.clone(),
-            None if variant == Variant::Canary => {
-                // Every canary instance is ejected. The guard must see it either way.
-                let outcome = Outcome::Error(ErrorKind::Connect);
-                route
-                    .windows
-                    .record(Variant::Canary, outcome, Duration::ZERO);
-                match route.spec.canary_unavailable {
-                    CanaryUnavailable::Fail => {
-                        route
-                            .metrics
-                            .side(Variant::Canary)
-                            .record(outcome, started.elapsed());
-                        return Ok(ProxyError::NoHealthyInstance.into_response());
-                    }
-                    CanaryUnavailable::Stable => {
-                        (upstream, variant) = route.upstream(Variant::Stable);
-                        upstream
-                            .pick()
-                            .unwrap_or_else(|| upstream.pick_any())
-                            .clone()
-                    }
-                }
-            }
-            None => upstream.pick_any().clone(),
+        let (upstream, variant, instance) = match choose_instance(route, decision.variant, started)
+        {
+            Ok(choice) => choice,
+            Err(response) => return Ok(response),
         };
 
         let request_id = match parts.headers.get(&X_REQUEST_ID) {
@@ -241,6 +216,42 @@ impl ProxyService {
             });
         }
         Ok(response)
+    }
+}
+
+/// The upstream, side and instance that serve a request. When every instance of the
+/// canary is ejected, the canary's SLO window records an error and the route either
+/// answers 503 at once or falls back to stable, as configured. When every instance of
+/// stable is ejected, one is tried anyway.
+fn choose_instance(
+    route: &LiveRoute,
+    wanted: Variant,
+    started: Instant,
+) -> Result<(&Arc<Upstream>, Variant, Arc<Pool>), Response<ProxyBody>> {
+    let (upstream, variant) = route.upstream(wanted);
+    if let Some(instance) = upstream.pick() {
+        return Ok((upstream, variant, instance.clone()));
+    }
+    if variant == Variant::Stable {
+        return Ok((upstream, variant, upstream.pick_any().clone()));
+    }
+    let outcome = Outcome::Error(ErrorKind::Connect);
+    route
+        .windows
+        .record(Variant::Canary, outcome, Duration::ZERO);
+    match route.spec.canary_unavailable {
+        CanaryUnavailable::Fail => {
+            route
+                .metrics
+                .side(Variant::Canary)
+                .record(outcome, started.elapsed());
+            Err(ProxyError::NoHealthyInstance.into_response())
+        }
+        CanaryUnavailable::Stable => {
+            let (stable, variant) = route.upstream(Variant::Stable);
+            let instance = stable.pick().unwrap_or_else(|| stable.pick_any()).clone();
+            Ok((stable, variant, instance))
+        }
     }
 }
 
