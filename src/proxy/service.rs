@@ -219,6 +219,13 @@ impl ProxyService {
     }
 }
 
+/// Where a request goes.
+struct Choice<'a> {
+    upstream: &'a Arc<Upstream>,
+    variant: Variant,
+    instance: Arc<Pool>,
+}
+
 /// The upstream, side and instance that serve a request. When every instance of the
 /// canary is ejected, the canary's SLO window records an error and the route either
 /// answers 503 at once or falls back to stable, as configured. When every instance of
@@ -227,13 +234,23 @@ fn choose_instance(
     route: &LiveRoute,
     wanted: Variant,
     started: Instant,
-) -> Result<(&Arc<Upstream>, Variant, Arc<Pool>), Response<ProxyBody>> {
+) -> Result<Choice<'_>, ProxyError> {
     let (upstream, variant) = route.upstream(wanted);
     if let Some(instance) = upstream.pick() {
-        return Ok((upstream, variant, instance.clone()));
+        let instance = instance.clone();
+        return Ok(Choice {
+            upstream,
+            variant,
+            instance,
+        });
     }
     if variant == Variant::Stable {
-        return Ok((upstream, variant, upstream.pick_any().clone()));
+        let instance = upstream.pick_any().clone();
+        return Ok(Choice {
+            upstream,
+            variant,
+            instance,
+        });
     }
     let outcome = Outcome::Error(ErrorKind::Connect);
     route
@@ -245,12 +262,19 @@ fn choose_instance(
                 .metrics
                 .side(Variant::Canary)
                 .record(outcome, started.elapsed());
-            Err(ProxyError::NoHealthyInstance.into_response())
+            Err(ProxyError::NoHealthyInstance)
         }
         CanaryUnavailable::Stable => {
-            let (stable, variant) = route.upstream(Variant::Stable);
-            let instance = stable.pick().unwrap_or_else(|| stable.pick_any()).clone();
-            Ok((stable, variant, instance))
+            let (upstream, variant) = route.upstream(Variant::Stable);
+            let instance = upstream
+                .pick()
+                .unwrap_or_else(|| upstream.pick_any())
+                .clone();
+            Ok(Choice {
+                upstream,
+                variant,
+                instance,
+            })
         }
     }
 }
