@@ -86,11 +86,15 @@ impl ProxyService {
                 client_ip: self.conn.peer.ip(),
             },
         );
-        let (upstream, variant, instance) = match choose_instance(route, decision.variant, started)
-        {
+        let choice = match choose_instance(route, decision.variant, started) {
             Ok(choice) => choice,
-            Err(response) => return Ok(response),
+            Err(error) => return Ok(error.into_response()),
         };
+        let Choice {
+            upstream,
+            variant,
+            instance,
+        } = choice;
 
         let request_id = match parts.headers.get(&X_REQUEST_ID) {
             Some(id) if !id.is_empty() && id.len() <= 128 => id.clone(),
