@@ -109,7 +109,8 @@ async fn a_canary_with_no_healthy_instance_can_fall_back_to_stable() {
 #[tokio::test]
 async fn garbage_and_ambiguous_upstream_responses_give_502() {
     for reply in [
-        &b"this is not http\r\n\r\n"[..],
+        &b""[..], // killed before answering
+        b"this is not http\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
     ] {
@@ -292,4 +293,41 @@ async fn no_cross_talk_under_random_upstream_aborts() {
         ok += task.await.unwrap();
     }
     assert!(ok > 8_000, "only {ok} of 10 000 succeeded");
+}
+
+#[tokio::test]
+async fn a_full_backlog_gives_504_at_the_connect_timeout() {
+    // A listener with the smallest backlog that never accepts: once the queue holds a
+    // couple of connections, further handshakes get no answer at all.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(stream);
+        }
+    }
+    let dir = Arc::new(TempDir::new("backlog"));
+    let extra = "connect_timeout = \"500ms\"\neject_after = 0";
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[addr], None, "", extra, ""),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let reply = get(proxy.addr, "/", &[]).await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    drop(listener);
 }
