@@ -16,18 +16,7 @@ struct Setup {
 }
 
 async fn setup(server_extra: &str, route_extra: &str) -> Setup {
-    let stable = named_upstream("stable").await;
-    let canary = named_upstream("canary").await;
-    let dir = Arc::new(TempDir::new("admin"));
-    let text = config(
-        dir.path(),
-        &[stable.addr],
-        Some(&[canary.addr]),
-        server_extra,
-        "",
-        &format!("canary_weight = 10\nsplit_key = [\"header:x-user-id\"]\n{route_extra}"),
-    );
-    let proxy = start_proxy(dir, &text).await;
+    let (proxy, stable, canary) = split_proxy("admin", server_extra, route_extra).await;
     Setup {
         proxy,
         stable,

@@ -17,18 +17,7 @@ use splitgate::upstream::ErrorKind;
 const SLO: &str = "[routes.slo]\nwindow = \"30s\"\nmin_requests = 50\nmax_error_rate = 0.05\nmax_p99_latency = \"800ms\"\n";
 
 async fn setup(route_extra: &str) -> (TestProxy, TestUpstream, TestUpstream) {
-    let stable = named_upstream("stable").await;
-    let canary = named_upstream("canary").await;
-    let dir = Arc::new(TempDir::new("slo"));
-    let text = config(
-        dir.path(),
-        &[stable.addr],
-        Some(&[canary.addr]),
-        "",
-        "",
-        &format!("canary_weight = 10\nsplit_key = [\"header:x-user-id\"]\n{route_extra}"),
-    );
-    (start_proxy(dir, &text).await, stable, canary)
+    split_proxy("slo", "", route_extra).await
 }
 
 /// Records `count` requests on one side of route `main`.

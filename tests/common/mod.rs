@@ -224,6 +224,27 @@ pub async fn start_proxy(dir: Arc<TempDir>, text: &str) -> TestProxy {
     }
 }
 
+/// A proxy in front of named stable and canary upstreams: route `main`, 10 % canary by
+/// `X-User-Id`, plus `route_extra` in the route table and `server_extra` in `[server]`.
+pub async fn split_proxy(
+    name: &str,
+    server_extra: &str,
+    route_extra: &str,
+) -> (TestProxy, TestUpstream, TestUpstream) {
+    let stable = named_upstream("stable").await;
+    let canary = named_upstream("canary").await;
+    let dir = Arc::new(TempDir::new(name));
+    let text = config(
+        dir.path(),
+        &[stable.addr],
+        Some(&[canary.addr]),
+        server_extra,
+        "",
+        &format!("canary_weight = 10\nsplit_key = [\"header:x-user-id\"]\n{route_extra}"),
+    );
+    (start_proxy(dir, &text).await, stable, canary)
+}
+
 /// A complete response: status, headers, body.
 pub struct Reply {
     pub status: StatusCode,
