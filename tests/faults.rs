@@ -331,3 +331,48 @@ async fn a_full_backlog_gives_504_at_the_connect_timeout() {
     );
     drop(listener);
 }
+
+#[tokio::test]
+async fn a_malformed_chunk_aborts_the_upstream_body_and_desynchronises_nothing() {
+    use std::sync::Mutex;
+    let seen: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+    let log = seen.clone();
+    let collecting = upstream(move |request: Request<Incoming>| {
+        let log = log.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let path = request.uri().path().to_string();
+            let complete = request.into_body().collect().await.is_ok();
+            log.lock().unwrap().push((path, complete));
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    let dir = Arc::new(TempDir::new("bad-chunk"));
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[collecting.addr], None, "", "", ""),
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // A good first chunk, then a chunk-size line that is not hex, then a request that
+    // would be smuggled if anything resynchronised on it.
+    let attack = b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    stream.write_all(attack).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 400"),
+        "the broken request gets 400: {text}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().all(|(path, _)| path != "/smuggled"), "{seen:?}");
+    assert!(
+        seen.iter().all(|(_, complete)| !complete),
+        "the upstream must see an aborted body: {seen:?}"
+    );
+    // The proxy and its pool are fine afterwards.
+    assert_eq!(get(proxy.addr, "/after", &[]).await.status, StatusCode::OK);
+}

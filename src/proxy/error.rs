@@ -6,6 +6,7 @@ use http::header::{CONNECTION, CONTENT_TYPE};
 use http::{HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
+use crate::upstream::body::ClientBodyTimeout;
 use crate::upstream::UpstreamError;
 
 /// Why the proxy answered itself instead of the upstream.
@@ -36,13 +37,7 @@ impl ProxyError {
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream { source, .. } => match source {
-                UpstreamError::ClientBody(_) => StatusCode::REQUEST_TIMEOUT,
-                UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
-                    StatusCode::GATEWAY_TIMEOUT
-                }
-                _ => StatusCode::BAD_GATEWAY,
-            },
+            ProxyError::Upstream { source, .. } => upstream_status(source),
         }
     }
 
@@ -81,6 +76,32 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// The status for a failed upstream exchange: 504 for timeouts, 502 for the upstream's
+/// other failures, and 408 or 400 when it was the client's body that failed.
+pub fn upstream_status(source: &UpstreamError) -> StatusCode {
+    match source {
+        UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
+            StatusCode::GATEWAY_TIMEOUT
+        }
+        UpstreamError::ClientBody(error) if is_body_timeout(error) => StatusCode::REQUEST_TIMEOUT,
+        UpstreamError::ClientBody(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// Whether a client-body failure was our idle timer (408) rather than a malformed or
+/// aborted body (400).
+fn is_body_timeout(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<ClientBodyTimeout>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 #[cfg(test)]

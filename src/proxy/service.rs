@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::body::ProxyBody;
-use super::error::ProxyError;
+use super::error::{upstream_status, ProxyError};
 use super::forward::{self, Peer};
 use super::split::{self, RequestView, Variant};
 use super::{framing, route, upgrade};
@@ -152,7 +152,10 @@ impl ProxyService {
         let (outcome, response) = match result {
             Ok(response) => (Outcome::Status(response.status().as_u16()), Ok(response)),
             // The client's own body failed: not held against the upstream.
-            Err(error @ UpstreamError::ClientBody(_)) => (Outcome::Status(408), Err(error)),
+            Err(error @ UpstreamError::ClientBody(_)) => (
+                Outcome::Status(upstream_status(&error).as_u16()),
+                Err(error),
+            ),
             Err(error) => (Outcome::Error(error.kind()), Err(error)),
         };
         route.metrics.side(variant).record(outcome, elapsed);
