@@ -84,14 +84,21 @@ impl Pool {
             _ => None,
         };
         let mut sender = sender;
-        let sent = tokio::time::timeout(response_timeout, sender.send_request(request))
+        let sent = tokio::time::timeout(response_timeout, sender.try_send_request(request))
             .await
             .map_err(|_| UpstreamError::ResponseTimeout)?;
-        let response = match (sent, retry) {
-            (Ok(response), _) => response,
-            (Err(error), Some(again))
-                if error.is_incomplete_message() || error.is_canceled() || error.is_closed() =>
-            {
+        let response = match sent {
+            Ok(response) => response,
+            Err(mut failure) => {
+                // hyper hands back a request it never wrote: always safe to send again.
+                // One it wrote may go again only if it is idempotent and bodiless.
+                let unsent = failure.take_message();
+                let error = failure.into_error();
+                let again = match (unsent, retry) {
+                    (Some(unsent), _) if pooled.is_some() => unsent,
+                    (_, Some(copy)) if !error.is_user() => copy,
+                    _ => return Err(UpstreamError::from_hyper(error)),
+                };
                 tracing::debug!(%error, addr = %self.addr, "stale pooled connection; retrying once on a fresh one");
                 sender = self.acquire(true, connect_timeout).await?.0;
                 tokio::time::timeout(response_timeout, sender.send_request(again))
@@ -99,7 +106,6 @@ impl Pool {
                     .map_err(|_| UpstreamError::ResponseTimeout)?
                     .map_err(UpstreamError::from_hyper)?
             }
-            (Err(error), _) => return Err(UpstreamError::from_hyper(error)),
         };
         let (parts, body) = response.into_parts();
         let lease = (!upgrade).then(|| Lease {
@@ -201,7 +207,7 @@ impl Pool {
 
 /// A pooled connection idle this long may have been closed by the upstream's own
 /// keep-alive timeout; requests sent on it keep a copy for one retry.
-const STALE_AFTER: Duration = Duration::from_millis(250);
+const STALE_AFTER: Duration = Duration::from_millis(50);
 
 /// A copy of a request that may be sent again: GET, HEAD or OPTIONS without a body.
 fn retry_copy(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
