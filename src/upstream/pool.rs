@@ -4,6 +4,7 @@
 //! A sender goes back to the pool only after its response body ended cleanly (see
 //! [`PooledBody`]); a connection that failed in any way is dropped, never reused.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -74,20 +75,16 @@ impl Pool {
     ) -> Result<Response<PooledBody>, UpstreamError> {
         // An upgrade takes its connection for good: never from or back to the pool.
         let upgrade = request.headers().contains_key(UPGRADE);
-        let (sender, pooled) = self.acquire(upgrade, connect_timeout).await?;
+        let (mut sender, idle_since) = self.acquire(upgrade, connect_timeout).await?;
         // A connection that sat idle may have been closed by the upstream just as we
         // send. A bodiless idempotent request is then safe to send again, once, on a
         // fresh connection; keep a copy of its head for that. Connections reused under
         // load (idle for less than STALE_AFTER) skip the copy.
-        let retry = match pooled {
-            Some(idle_since) if idle_since.elapsed() >= STALE_AFTER => retry_copy(&request),
+        let retry = match idle_since {
+            Some(since) if since.elapsed() >= STALE_AFTER => retry_copy(&request),
             _ => None,
         };
-        let mut sender = sender;
-        let sent = tokio::time::timeout(response_timeout, sender.try_send_request(request))
-            .await
-            .map_err(|_| UpstreamError::ResponseTimeout)?;
-        let response = match sent {
+        let response = match within(response_timeout, sender.try_send_request(request)).await? {
             Ok(response) => response,
             Err(mut failure) => {
                 // hyper hands back a request it never wrote: always safe to send again.
@@ -95,15 +92,14 @@ impl Pool {
                 let unsent = failure.take_message();
                 let error = failure.into_error();
                 let again = match (unsent, retry) {
-                    (Some(unsent), _) if pooled.is_some() => unsent,
+                    (Some(unsent), _) if idle_since.is_some() => unsent,
                     (_, Some(copy)) if !error.is_user() => copy,
                     _ => return Err(UpstreamError::from_hyper(error)),
                 };
                 tracing::debug!(%error, addr = %self.addr, "stale pooled connection; retrying once on a fresh one");
                 sender = self.acquire(true, connect_timeout).await?.0;
-                tokio::time::timeout(response_timeout, sender.send_request(again))
-                    .await
-                    .map_err(|_| UpstreamError::ResponseTimeout)?
+                within(response_timeout, sender.send_request(again))
+                    .await?
                     .map_err(UpstreamError::from_hyper)?
             }
         };
@@ -112,11 +108,11 @@ impl Pool {
             pool: self.clone(),
             sender,
         });
-        let mut pooled = PooledBody { inner: body, lease };
-        if pooled.inner.is_end_stream() {
-            pooled.release();
+        let mut body = PooledBody { inner: body, lease };
+        if body.inner.is_end_stream() {
+            body.release();
         }
-        Ok(Response::from_parts(parts, pooled))
+        Ok(Response::from_parts(parts, body))
     }
 
     async fn checkout(&self) -> Option<(SendRequest<UpstreamBody>, Instant)> {
@@ -203,6 +199,16 @@ impl Pool {
         // Wake one request waiting for a connection at the cap.
         self.returned.notify_one();
     }
+}
+
+/// Waits for the response head for at most `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    response: impl Future<Output = T>,
+) -> Result<T, UpstreamError> {
+    tokio::time::timeout(timeout, response)
+        .await
+        .map_err(|_| UpstreamError::ResponseTimeout)
 }
 
 /// A pooled connection idle this long may have been closed by the upstream's own
