@@ -9,8 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::StatusCode;
 
 const BIN: &str = env!("CARGO_BIN_EXE_splitgate");
 
@@ -179,11 +178,7 @@ fn signal(process: &Process, name: &str) {
 
 #[tokio::test]
 async fn sigterm_drains_a_slow_request_then_exits_0() {
-    let slow = upstream(|_req: Request<Incoming>| async {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        Response::new(full("finished"))
-    })
-    .await;
+    let slow = slow_upstream(Duration::from_millis(800), "finished").await;
     let dir = TempDir::new("sigterm");
     let path = dir.path().join("c.toml");
     std::fs::write(
@@ -347,18 +342,10 @@ async fn kill_9_right_after_an_slo_trip_keeps_the_route_tripped() {
     for _ in 0..10 {
         get(process.proxy, "/", &[("x-splitgate-variant", "canary")]).await;
     }
-    let admin = process.admin;
-    let mut tripped = false;
-    for _ in 0..40 {
-        let state: serde_json::Value =
-            serde_json::from_slice(&get(admin, "/admin/routes/main", &[]).await.body).unwrap();
-        if state["slo"]["state"] == "tripped" {
-            tripped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(tripped);
+    wait_for_route(process.admin, Duration::from_secs(1), "the trip", |s| {
+        s["slo"]["state"] == "tripped"
+    })
+    .await;
     signal(&process, "KILL");
     drop(process);
 

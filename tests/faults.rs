@@ -58,14 +58,13 @@ async fn canary_down(policy: &str) -> (TestProxy, TestUpstream) {
 }
 
 async fn wait_tripped(proxy: &TestProxy) -> serde_json::Value {
-    for _ in 0..40 {
-        let (_, state) = admin(proxy.admin, "GET", "/admin/routes/main", "", None).await;
-        if state["slo"]["state"] == "tripped" {
-            return state;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the SLO guard never saw the dead canary");
+    wait_for_route(
+        proxy.admin,
+        Duration::from_secs(2),
+        "the SLO guard to see the dead canary",
+        |s| s["slo"]["state"] == "tripped",
+    )
+    .await
 }
 
 #[tokio::test]

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::StatusCode;
 use prometheus_parse::{Sample, Scrape, Value};
 
 fn labels_match(sample: &Sample, want: &[(&str, &str)]) -> bool {
@@ -57,11 +56,7 @@ async fn known_traffic_gives_exact_counts() {
     let stable = named_upstream("stable").await;
     let canary = named_upstream("canary").await;
     let closed = closed_port().await;
-    let slow = upstream(|_req: Request<Incoming>| async {
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        Response::new(full("late"))
-    })
-    .await;
+    let slow = slow_upstream(Duration::from_secs(10), "late").await;
     let dir = Arc::new(TempDir::new("metrics"));
     let text = format!(
         r#"

@@ -106,11 +106,7 @@ async fn closed_upstream_port_gives_502() {
 
 #[tokio::test]
 async fn silent_upstream_gives_504_at_the_response_timeout() {
-    let silent = upstream(|_req: Request<Incoming>| async {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        Response::new(full("too late"))
-    })
-    .await;
+    let silent = slow_upstream(Duration::from_secs(30), "too late").await;
     let dir = Arc::new(TempDir::new("504"));
     let text = config(
         dir.path(),
@@ -322,11 +318,7 @@ async fn oversized_heads_and_targets_are_refused() {
 
 #[tokio::test]
 async fn graceful_drain_lets_a_slow_request_finish() {
-    let slow = upstream(|_req: Request<Incoming>| async {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        Response::new(full("slow but sure"))
-    })
-    .await;
+    let slow = slow_upstream(Duration::from_millis(700), "slow but sure").await;
     let mut proxy = simple_proxy(&slow, "").await;
     let addr = proxy.addr;
     let in_flight = tokio::spawn(async move { get(addr, "/", &[]).await });
@@ -501,11 +493,7 @@ async fn at_the_connection_cap_new_connections_are_refused_and_the_others_served
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_200_in_flight_requests_and_sends_h2_goaway() {
-    let slow = upstream(|_req: Request<Incoming>| async {
-        tokio::time::sleep(Duration::from_millis(1_000)).await;
-        Response::new(full("done"))
-    })
-    .await;
+    let slow = slow_upstream(Duration::from_millis(1_000), "done").await;
     let dir = Arc::new(TempDir::new("drain-200"));
     let text = config(
         dir.path(),

@@ -80,14 +80,7 @@ async fn a_canary_returning_500s_is_pulled_end_to_end() {
         "the guard judged before min_requests ({canary_served})"
     );
     // The guard runs every 250 ms; give it a generous bound.
-    let mut state = route_state(&proxy).await;
-    for _ in 0..40 {
-        if state["slo"]["state"] == "tripped" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        state = route_state(&proxy).await;
-    }
+    let state = wait_for(&proxy, "the trip", |s| s["slo"]["state"] == "tripped").await;
     assert_eq!(state["slo"]["state"], "tripped", "{state}");
     assert_eq!(state["slo"]["reason"], "error_rate");
     assert_eq!(state["canary_weight"], 0.0);
@@ -257,14 +250,7 @@ async fn wait_for(
     what: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    for _ in 0..100 {
-        let state = route_state(proxy).await;
-        if check(&state) {
-            return state;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}: {}", route_state(proxy).await);
+    wait_for_route(proxy.admin, Duration::from_secs(10), what, check).await
 }
 
 #[tokio::test]

@@ -109,6 +109,15 @@ pub async fn named_upstream(name: &'static str) -> TestUpstream {
     .await
 }
 
+/// An upstream that answers `body` after `delay`.
+pub async fn slow_upstream(delay: Duration, body: &'static str) -> TestUpstream {
+    upstream(move |_request: Request<Incoming>| async move {
+        tokio::time::sleep(delay).await;
+        Response::new(full(body))
+    })
+    .await
+}
+
 /// An upstream that answers every request with 500.
 pub async fn failing_upstream() -> TestUpstream {
     upstream(|_request: Request<Incoming>| async {
@@ -243,6 +252,28 @@ pub async fn split_proxy(
         &format!("canary_weight = 10\nsplit_key = [\"header:x-user-id\"]\n{route_extra}"),
     );
     (start_proxy(dir, &text).await, stable, canary)
+}
+
+/// Polls `GET /admin/routes/main` every 25 ms until `check` holds; panics with `what`
+/// and the last state once `within` has passed.
+pub async fn wait_for_route(
+    admin_addr: SocketAddr,
+    within: Duration,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (_, state) = admin(admin_addr, "GET", "/admin/routes/main", "", None).await;
+        if check(&state) {
+            return state;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// A complete response: status, headers, body.
