@@ -87,13 +87,13 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     let token = admin_token(&settings);
     check_admin_exposure(&settings, token.as_deref())?;
-    let proxy_listener = bind("server.listen", settings.server.listen).await?;
-    let admin_listener = bind("admin.listen", settings.admin.listen).await?;
+    let proxy_listener = bind("server.listen", settings.server.listen)?;
+    let admin_listener = bind("admin.listen", settings.admin.listen)?;
     let proxy_addr = local_addr("server.listen", &proxy_listener, settings.server.listen)?;
     let admin_addr = local_addr("admin.listen", &admin_listener, settings.admin.listen)?;
     let tls_settings = settings.server.tls.clone();
     let tls_listener = match &tls_settings {
-        Some(tls) => Some(bind("server.tls.listen", tls.listen).await?),
+        Some(tls) => Some(bind("server.tls.listen", tls.listen)?),
         None => None,
     };
     let state = state::start(settings, config_path).await?;
@@ -153,14 +153,12 @@ pub async fn start(
     })
 }
 
-async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            field,
-            addr,
-            source,
-        })
+fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    crate::server::listener::bind(addr).map_err(|source| StartError::Bind {
+        field,
+        addr,
+        source,
+    })
 }
 
 fn local_addr(

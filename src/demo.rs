@@ -16,7 +16,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
 
 /// A demo upstream: answers every request with its name, or 500 while failing.
 pub struct DemoUpstream {
@@ -26,7 +25,7 @@ pub struct DemoUpstream {
 
 /// Starts a demo upstream named `name` on `127.0.0.1:0`.
 pub async fn start_upstream(name: &'static str) -> std::io::Result<DemoUpstream> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = crate::server::listener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let addr = listener.local_addr()?;
     let failing = Arc::new(AtomicBool::new(false));
     let flag = failing.clone();

@@ -23,6 +23,10 @@ pub enum UpstreamError {
     Connect(std::io::Error),
     #[error("connect timed out")]
     ConnectTimeout,
+    /// Every connection to the instance stayed busy (at `max_connections_per_instance`)
+    /// for the whole connect timeout: the proxy's own limit, not the instance's fault.
+    #[error("no connection came free within the connect timeout (instance at its connection cap)")]
+    QueueTimeout,
     #[error("no response head within the response timeout")]
     ResponseTimeout,
     #[error("connection closed or reset before the response: {0}")]
@@ -60,7 +64,9 @@ impl UpstreamError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             UpstreamError::Connect(_) => ErrorKind::Connect,
-            UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => ErrorKind::Timeout,
+            UpstreamError::ConnectTimeout
+            | UpstreamError::QueueTimeout
+            | UpstreamError::ResponseTimeout => ErrorKind::Timeout,
             UpstreamError::Reset(_) | UpstreamError::ClientBody(_) => ErrorKind::Reset,
             UpstreamError::Protocol(_) | UpstreamError::Ambiguous(_) => ErrorKind::Protocol,
         }
@@ -166,7 +172,9 @@ impl Upstream {
             .await;
         match &result {
             Ok(_) => instance.health.success(),
-            Err(UpstreamError::ClientBody(_)) => {}
+            // Neither the client's body nor our own connection cap says anything
+            // about the instance's health.
+            Err(UpstreamError::ClientBody(_) | UpstreamError::QueueTimeout) => {}
             Err(_) => instance.health.failure(instance.addr()),
         }
         result

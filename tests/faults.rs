@@ -375,3 +375,71 @@ async fn a_malformed_chunk_aborts_the_upstream_body_and_desynchronises_nothing()
     // The proxy and its pool are fine afterwards.
     assert_eq!(get(proxy.addr, "/after", &[]).await.status, StatusCode::OK);
 }
+
+/// An upstream that answers after `delay` and records the most requests it ever had in
+/// flight at once.
+async fn counting_upstream(delay: Duration) -> (TestUpstream, Arc<AtomicUsize>) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (now, most) = (in_flight.clone(), peak.clone());
+    let upstream = upstream(move |_request: Request<Incoming>| {
+        let (now, most) = (now.clone(), most.clone());
+        async move {
+            let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(current, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    (upstream, peak)
+}
+
+#[tokio::test]
+async fn at_the_instance_connection_cap_requests_queue_and_all_get_served() {
+    let (slow, peak) = counting_upstream(Duration::from_millis(100)).await;
+    let dir = Arc::new(TempDir::new("cap-queue"));
+    let extra = "max_connections_per_instance = 1\nconnect_timeout = \"10s\"";
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[slow.addr], None, "", extra, ""),
+    )
+    .await;
+    let tasks: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(async move { get(proxy.addr, "/", &[]).await.status }))
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(slow.hits(), 5);
+    assert_eq!(peak.load(Ordering::SeqCst), 1, "the cap of one was exceeded");
+}
+
+#[tokio::test]
+async fn a_queue_timeout_gives_503_and_does_not_eject_the_instance() {
+    let (slow, _) = counting_upstream(Duration::from_millis(1500)).await;
+    let dir = Arc::new(TempDir::new("cap-timeout"));
+    // One failure would eject the instance, if the queue timeout counted as one.
+    let extra = "max_connections_per_instance = 1\nconnect_timeout = \"300ms\"\neject_after = 1";
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[slow.addr], None, "", extra, ""),
+    )
+    .await;
+    let holder = tokio::spawn(async move { get(proxy.addr, "/", &[]).await.status });
+    while slow.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = std::time::Instant::now();
+    let queued = get(proxy.addr, "/", &[]).await;
+    let took = started.elapsed();
+    assert_eq!(queued.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1400),
+        "{took:?}"
+    );
+    assert_eq!(holder.await.unwrap(), StatusCode::OK);
+    let after = get(proxy.addr, "/", &[]).await;
+    assert_eq!(after.status, StatusCode::OK, "{}", after.text());
+}

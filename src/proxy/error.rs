@@ -78,10 +78,13 @@ impl ProxyError {
     }
 }
 
-/// The status for a failed upstream exchange: 504 for timeouts, 502 for the upstream's
-/// other failures, and 408 or 400 when it was the client's body that failed.
+/// The status for a failed upstream exchange: 504 for timeouts, 503 when no connection
+/// came free under the instance's connection cap (as HAProxy answers a queue timeout),
+/// 502 for the upstream's other failures, and 408 or 400 when it was the client's body
+/// that failed.
 pub fn upstream_status(source: &UpstreamError) -> StatusCode {
     match source {
+        UpstreamError::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
         UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
             StatusCode::GATEWAY_TIMEOUT
         }
@@ -139,6 +142,10 @@ mod tests {
         assert_eq!(
             upstream(UpstreamError::ResponseTimeout).status(),
             StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            upstream(UpstreamError::QueueTimeout).status(),
+            StatusCode::SERVICE_UNAVAILABLE
         );
     }
 

@@ -1,6 +1,7 @@
 //! The proxy listener: accept under a connection cap, serve each connection with hyper
 //! (HTTP/1.1 and h2c by prior knowledge), enforce the idle timeout, and drain on shutdown.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use metrics::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -20,6 +21,24 @@ use crate::config::compile::ServerSettings;
 use crate::proxy::{ConnInfo, ProxyService};
 use crate::state::Shared;
 use crate::telemetry::names::{CONNECTIONS, LABEL_LISTENER};
+
+/// Accept-queue length asked of the kernel (capped there by `net.core.somaxconn`).
+/// tokio's `TcpListener::bind` asks for 1 024; a burst of more connects than that
+/// overflows the queue, and the kernel drops the SYNs, which clients retry only
+/// after a second. HAProxy sizes its backlog from maxconn for the same reason.
+const BACKLOG: u32 = 4096;
+
+/// Binds a listening socket on `addr` with address reuse and a long accept queue.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// The limits of one listener, fixed when it starts.
 #[derive(Clone)]

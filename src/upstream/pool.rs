@@ -4,6 +4,7 @@
 //! A sender goes back to the pool only after its response body ended cleanly (see
 //! [`PooledBody`]); a connection that failed in any way is dropped, never reused.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -19,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::body::UpstreamBody;
@@ -36,10 +37,19 @@ pub struct Pool {
     pub health: Health,
     /// Connection slots: at most this many connections to the instance at once.
     slots: Arc<Semaphore>,
-    /// Signalled when a connection returns to the pool.
-    returned: Notify,
+    /// Idle senders, and the requests queued for one at the connection cap.
+    idle: Mutex<Idle>,
+}
+
+/// What sits behind the pool's lock.
+#[derive(Default)]
+struct Idle {
     /// Idle senders and when each went idle.
-    idle: Mutex<Vec<(SendRequest<UpstreamBody>, Instant)>>,
+    senders: Vec<(SendRequest<UpstreamBody>, Instant)>,
+    /// Requests waiting at the connection cap, oldest first. A returning connection goes
+    /// straight to the oldest live one, so a newcomer cannot take it ahead of a request
+    /// that has waited longer (HAProxy's server queue is FIFO for the same reason).
+    waiters: VecDeque<oneshot::Sender<SendRequest<UpstreamBody>>>,
 }
 
 impl Pool {
@@ -52,12 +62,11 @@ impl Pool {
     ) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max_connections)),
-            returned: Notify::new(),
             addr,
             max_idle,
             tls,
             health,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(Idle::default()),
         }
     }
 
@@ -117,11 +126,8 @@ impl Pool {
 
     async fn checkout(&self) -> Option<(SendRequest<UpstreamBody>, Instant)> {
         loop {
-            let (mut sender, idle_since) = self.idle.lock().ok()?.pop()?;
-            if sender.is_closed() {
-                continue;
-            }
-            if sender.is_ready() || sender.ready().await.is_ok() {
+            let (sender, idle_since) = self.idle.lock().ok()?.senders.pop()?;
+            if let Some(sender) = ready(sender).await {
                 return Some((sender, idle_since));
             }
         }
@@ -129,8 +135,8 @@ impl Pool {
 
     /// A connection for one request: an idle pooled one (returned with the time it went
     /// idle), else a new one if the instance is below its connection cap, else the first
-    /// of those two to come free. Waiting counts against `connect_timeout`; `fresh`
-    /// skips the pool (upgrades, retries).
+    /// to come: a connection handed over in queue order, or a freed slot. Waiting counts
+    /// against `connect_timeout`; `fresh` skips the pool (upgrades, retries).
     async fn acquire(
         &self,
         fresh: bool,
@@ -143,18 +149,57 @@ impl Pool {
                     return Ok((sender, Some(idle_since)));
                 }
             }
-            let returned = self.returned.notified();
-            let permit = match self.slots.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => tokio::select! {
-                    permit = self.slots.clone().acquire_owned() => permit.map_err(|_| UpstreamError::ConnectTimeout)?,
-                    _ = returned, if !fresh => continue,
-                    _ = tokio::time::sleep_until(deadline) => return Err(UpstreamError::ConnectTimeout),
+            if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                return Ok((self.connect(permit, left).await?, None));
+            }
+            let mut handed = match fresh {
+                true => None,
+                false => match self.enqueue() {
+                    Some(receiver) => Some(receiver),
+                    // A connection came back since the checkout above.
+                    None => continue,
                 },
             };
-            let left = deadline.saturating_duration_since(Instant::now());
-            return Ok((self.connect(permit, left).await?, None));
+            let handover = async {
+                match handed.as_mut() {
+                    Some(receiver) => receiver.await.ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(sender) = handover => match ready(sender).await {
+                    Some(sender) => return Ok((sender, Some(Instant::now()))),
+                    None => continue,
+                },
+                permit = self.slots.clone().acquire_owned() => {
+                    let permit = permit.map_err(|_| UpstreamError::QueueTimeout)?;
+                    // A connection handed over at the same moment is not lost.
+                    if let Some(sender) = handed.as_mut().and_then(|r| { r.close(); r.try_recv().ok() }) {
+                        self.put_back(sender);
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    return Ok((self.connect(permit, left).await?, None));
+                }
+                _ = tokio::time::sleep_until(deadline) => return Err(UpstreamError::QueueTimeout),
+            }
         }
+    }
+
+    /// Joins the queue for a returning connection, unless one is already idle (checked
+    /// under the same lock, so a connection returned in between is not missed).
+    fn enqueue(&self) -> Option<oneshot::Receiver<SendRequest<UpstreamBody>>> {
+        let mut idle = self.idle.lock().ok()?;
+        if !idle.senders.is_empty() {
+            return None;
+        }
+        // Waiters that gave up sit at the front: they all waited the same timeout.
+        while idle.waiters.front().is_some_and(|w| w.is_closed()) {
+            idle.waiters.pop_front();
+        }
+        let (sender, receiver) = oneshot::channel();
+        idle.waiters.push_back(sender);
+        Some(receiver)
     }
 
     /// Opens a connection (TCP, then TLS when configured) within `timeout`. A failed
@@ -187,18 +232,36 @@ impl Pool {
             .map_err(|_| UpstreamError::ConnectTimeout)?
     }
 
-    fn put_back(&self, sender: SendRequest<UpstreamBody>) {
+    /// Returns a connection: to the oldest waiting request, else to the idle list.
+    fn put_back(&self, mut sender: SendRequest<UpstreamBody>) {
         if sender.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < self.max_idle {
-                idle.push((sender, Instant::now()));
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        while let Some(waiter) = idle.waiters.pop_front() {
+            match waiter.send(sender) {
+                Ok(()) => return,
+                // That request gave up waiting; try the next.
+                Err(returned) => sender = returned,
             }
         }
-        // Wake one request waiting for a connection at the cap.
-        self.returned.notify_one();
+        if idle.senders.len() < self.max_idle {
+            idle.senders.push((sender, Instant::now()));
+        }
     }
+}
+
+/// The sender once it can take a request; `None` when its connection has closed.
+async fn ready(mut sender: SendRequest<UpstreamBody>) -> Option<SendRequest<UpstreamBody>> {
+    if sender.is_closed() {
+        return None;
+    }
+    if sender.is_ready() || sender.ready().await.is_ok() {
+        return Some(sender);
+    }
+    None
 }
 
 /// Waits for the response head for at most `timeout`.
