@@ -24,8 +24,8 @@ pub enum UpstreamError {
     #[error("connect timed out")]
     ConnectTimeout,
     /// Every connection to the instance stayed busy (at `max_connections_per_instance`)
-    /// for the whole connect timeout: the proxy's own limit, not the instance's fault.
-    #[error("no connection came free within the connect timeout (instance at its connection cap)")]
+    /// for the whole queue timeout: the proxy's own limit, not the instance's fault.
+    #[error("no connection came free within the queue timeout (instance at its connection cap)")]
     QueueTimeout,
     #[error("no response head within the response timeout")]
     ResponseTimeout,
@@ -163,13 +163,7 @@ impl Upstream {
         instance: &Arc<Pool>,
         request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let result = instance
-            .send(
-                request,
-                self.spec.connect_timeout,
-                self.spec.response_timeout,
-            )
-            .await;
+        let result = instance.send(request, self.spec.timeouts).await;
         match &result {
             Ok(_) => instance.health.success(),
             // Neither the client's body nor our own connection cap says anything

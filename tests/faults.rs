@@ -400,7 +400,7 @@ async fn counting_upstream(delay: Duration) -> (TestUpstream, Arc<AtomicUsize>) 
 async fn at_the_instance_connection_cap_requests_queue_and_all_get_served() {
     let (slow, peak) = counting_upstream(Duration::from_millis(100)).await;
     let dir = Arc::new(TempDir::new("cap-queue"));
-    let extra = "max_connections_per_instance = 1\nconnect_timeout = \"10s\"";
+    let extra = "max_connections_per_instance = 1\nqueue_timeout = \"10s\"";
     let proxy = start_proxy(
         dir.clone(),
         &config(dir.path(), &[slow.addr], None, "", extra, ""),
@@ -413,7 +413,11 @@ async fn at_the_instance_connection_cap_requests_queue_and_all_get_served() {
         assert_eq!(task.await.unwrap(), StatusCode::OK);
     }
     assert_eq!(slow.hits(), 5);
-    assert_eq!(peak.load(Ordering::SeqCst), 1, "the cap of one was exceeded");
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        1,
+        "the cap of one was exceeded"
+    );
 }
 
 #[tokio::test]
@@ -421,7 +425,7 @@ async fn a_queue_timeout_gives_503_and_does_not_eject_the_instance() {
     let (slow, _) = counting_upstream(Duration::from_millis(1500)).await;
     let dir = Arc::new(TempDir::new("cap-timeout"));
     // One failure would eject the instance, if the queue timeout counted as one.
-    let extra = "max_connections_per_instance = 1\nconnect_timeout = \"300ms\"\neject_after = 1";
+    let extra = "max_connections_per_instance = 1\nqueue_timeout = \"300ms\"\neject_after = 1";
     let proxy = start_proxy(
         dir.clone(),
         &config(dir.path(), &[slow.addr], None, "", extra, ""),

@@ -70,13 +70,23 @@ pub struct AdminSettings {
 pub struct UpstreamSpec {
     pub name: String,
     pub instances: Vec<SocketAddr>,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
+    pub timeouts: Timeouts,
     pub max_idle_per_instance: usize,
     pub max_connections_per_instance: usize,
     pub eject_after: u32,
     pub eject_for: Duration,
     pub tls: Option<UpstreamTls>,
+}
+
+/// The bounds on one upstream exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect (and TLS handshake); 504 when exceeded.
+    pub connect: Duration,
+    /// Waiting for a connection at the instance's connection cap; 503 when exceeded.
+    pub queue: Duration,
+    /// Request sent to response head; 504 when exceeded.
+    pub response: Duration,
 }
 
 /// What a route does when every canary instance is ejected.
@@ -323,6 +333,7 @@ fn compile_upstream(
     }
     for (key, value) in [
         ("connect_timeout", section.connect_timeout),
+        ("queue_timeout", section.queue_timeout),
         ("response_timeout", section.response_timeout),
     ] {
         if value.is_zero() {
@@ -343,8 +354,11 @@ fn compile_upstream(
         tls,
         name: name.to_string(),
         instances,
-        connect_timeout: section.connect_timeout,
-        response_timeout: section.response_timeout,
+        timeouts: Timeouts {
+            connect: section.connect_timeout,
+            queue: section.queue_timeout,
+            response: section.response_timeout,
+        },
         max_idle_per_instance: section.max_idle_per_instance,
         max_connections_per_instance: section.max_connections_per_instance,
         eject_after: section.eject_after,

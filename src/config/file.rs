@@ -154,10 +154,16 @@ pub struct UpstreamSection {
     /// Idle pooled connections kept per instance.
     #[serde(default = "defaults::max_idle_per_instance")]
     pub max_idle_per_instance: usize,
-    /// Connections to one instance at most; further requests wait (within the connect
+    /// Connections to one instance at most; further requests wait (within the queue
     /// timeout) for one to come free, as HAProxy's per-server maxconn queues.
     #[serde(default = "defaults::max_connections_per_instance")]
     pub max_connections_per_instance: usize,
+    /// How long a request may wait at the connection cap before it gets 503.
+    #[serde(
+        default = "defaults::queue_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub queue_timeout: Duration,
     /// Consecutive connect, timeout or reset failures that eject an instance; 0 never ejects.
     #[serde(default = "defaults::eject_after")]
     pub eject_after: u32,
@@ -302,6 +308,12 @@ mod defaults {
     }
     pub fn response_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    /// Apart from the connect timeout (HAProxy's `timeout queue` vs `timeout connect`):
+    /// a connect timeout says the host is unreachable, a queue wait only that a burst
+    /// is larger than the cap, and the burst drains in well under this.
+    pub fn queue_timeout() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn max_idle_per_instance() -> usize {
         // Enough for 1 000 concurrent client connections without churning upstream

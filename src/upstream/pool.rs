@@ -27,6 +27,7 @@ use super::body::UpstreamBody;
 use super::health::Health;
 use super::tls::UpstreamConnector;
 use super::UpstreamError;
+use crate::config::compile::Timeouts;
 
 /// Idle connections to one upstream address.
 pub struct Pool {
@@ -79,12 +80,11 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         request: Request<UpstreamBody>,
-        connect_timeout: Duration,
-        response_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         // An upgrade takes its connection for good: never from or back to the pool.
         let upgrade = request.headers().contains_key(UPGRADE);
-        let (mut sender, idle_since) = self.acquire(upgrade, connect_timeout).await?;
+        let (mut sender, idle_since) = self.acquire(upgrade, timeouts).await?;
         // A connection that sat idle may have been closed by the upstream just as we
         // send. A bodiless idempotent request is then safe to send again, once, on a
         // fresh connection; keep a copy of its head for that. Connections reused under
@@ -93,7 +93,7 @@ impl Pool {
             Some(since) if since.elapsed() >= STALE_AFTER => retry_copy(&request),
             _ => None,
         };
-        let response = match within(response_timeout, sender.try_send_request(request)).await? {
+        let response = match within(timeouts.response, sender.try_send_request(request)).await? {
             Ok(response) => response,
             Err(mut failure) => {
                 // hyper hands back a request it never wrote: always safe to send again.
@@ -106,8 +106,8 @@ impl Pool {
                     _ => return Err(UpstreamError::from_hyper(error)),
                 };
                 tracing::debug!(%error, addr = %self.addr, "stale pooled connection; retrying once on a fresh one");
-                sender = self.acquire(true, connect_timeout).await?.0;
-                within(response_timeout, sender.send_request(again))
+                sender = self.acquire(true, timeouts).await?.0;
+                within(timeouts.response, sender.send_request(again))
                     .await?
                     .map_err(UpstreamError::from_hyper)?
             }
@@ -135,14 +135,14 @@ impl Pool {
 
     /// A connection for one request: an idle pooled one (returned with the time it went
     /// idle), else a new one if the instance is below its connection cap, else the first
-    /// to come: a connection handed over in queue order, or a freed slot. Waiting counts
-    /// against `connect_timeout`; `fresh` skips the pool (upgrades, retries).
+    /// to come: a connection handed over in queue order, or a freed slot, within the
+    /// queue timeout. `fresh` skips the pool (upgrades, retries).
     async fn acquire(
         &self,
         fresh: bool,
-        connect_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Result<(SendRequest<UpstreamBody>, Option<Instant>), UpstreamError> {
-        let deadline = Instant::now() + connect_timeout;
+        let deadline = Instant::now() + timeouts.queue;
         loop {
             if !fresh {
                 if let Some((sender, idle_since)) = self.checkout().await {
@@ -150,8 +150,7 @@ impl Pool {
                 }
             }
             if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                return Ok((self.connect(permit, left).await?, None));
+                return Ok((self.connect(permit, timeouts.connect).await?, None));
             }
             let mut handed = match fresh {
                 true => None,
@@ -178,8 +177,7 @@ impl Pool {
                     if let Some(sender) = handed.as_mut().and_then(|r| { r.close(); r.try_recv().ok() }) {
                         self.put_back(sender);
                     }
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    return Ok((self.connect(permit, left).await?, None));
+                    return Ok((self.connect(permit, timeouts.connect).await?, None));
                 }
                 _ = tokio::time::sleep_until(deadline) => return Err(UpstreamError::QueueTimeout),
             }
