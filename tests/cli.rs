@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use http::StatusCode;
+use http::{Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_splitgate");
 
@@ -176,35 +178,69 @@ fn signal(process: &Process, name: &str) {
     assert!(status.success());
 }
 
-#[tokio::test]
-async fn sigterm_drains_a_slow_request_then_exits_0() {
-    let slow = slow_upstream(Duration::from_millis(800), "finished").await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_200_in_flight_requests_sends_h2_goaway_and_exits_0() {
+    let slow = slow_upstream(Duration::from_secs(2), "done").await;
     let dir = TempDir::new("sigterm");
     let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        config(
-            dir.path(),
-            &[slow.addr],
-            None,
-            "drain_timeout = \"10s\"",
-            "",
-            "",
-        ),
-    )
-    .unwrap();
+    let text = config(
+        dir.path(),
+        &[slow.addr],
+        None,
+        "drain_timeout = \"10s\"",
+        "",
+        "",
+    );
+    std::fs::write(&path, text).unwrap();
     let mut process = spawn(&path);
     let addr = process.proxy;
-    let in_flight = tokio::spawn(async move { get(addr, "/", &[]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // An idle h2 client: on SIGTERM it must get GOAWAY, which ends its connection.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut h2, h2_conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
+    let warm = Request::get(format!("http://{addr}/"))
+        .body(full(""))
+        .unwrap();
+    assert_eq!(
+        h2.send_request(warm).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    let in_flight: Vec<_> = (0..200)
+        .map(|_| tokio::spawn(async move { get(addr, "/", &[]).await }))
+        .collect();
+    // Signal only once all 200 are in flight at the upstream.
+    for _ in 0..100 {
+        if slow.hits() >= 201 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(slow.hits(), 201);
+    let signalled = std::time::Instant::now();
     signal(&process, "TERM");
-    let reply = in_flight.await.unwrap();
-    assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.text(), "finished");
+    for request in in_flight {
+        let reply = request.await.unwrap();
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (StatusCode::OK, "done")
+        );
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(2), h2_conn).await;
+    assert!(ended.is_ok(), "the h2 connection did not end: no GOAWAY");
     let status = tokio::task::spawn_blocking(move || process.child.wait().unwrap())
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "exit took {took:?}, deadline 10s"
+    );
 }
 
 fn cli(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
