@@ -9,8 +9,9 @@ use http::{uri, Uri, Version};
 
 use crate::config::net::IpRange;
 
-/// Headers that describe one connection, never the message.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1), plus
+/// the non-standard `Proxy-Connection` some clients still send.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -19,38 +20,60 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// The index of `name` in [`HOP_BY_HOP`]. A string match compiles to a switch on the
+/// length and one compare, cheaper than comparing against each name in turn.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "te" => 1,
+        "trailer" => 2,
+        "transfer-encoding" => 3,
+        "upgrade" => 4,
+        "proxy-authenticate" => 5,
+        "proxy-authorization" => 6,
+        "keep-alive" => 7,
+        "proxy-connection" => 8,
+        _ => return None,
+    })
+}
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Removes the hop-by-hop headers, including every header the `Connection` header names.
 ///
-/// Most messages carry none, or only `Connection`; one pass over the names (no hashing)
-/// finds out before any removal is paid for.
+/// Most messages carry none, or only `Connection: keep-alive` (NGINX sends it on every
+/// response). One pass over the names, with no hashing, finds which are present, and
+/// only those are removed; `close` and `keep-alive` tokens name nothing further.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let present = headers
-        .keys()
-        .any(|name| HOP_BY_HOP.contains(name) || *name == PROXY_CONNECTION);
-    if !present {
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for i in headers.keys().filter_map(hop_by_hop_index) {
+        present[i] = true;
+        any = true;
+    }
+    if !any {
         return;
     }
-    if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
-        let (_, listed) = entry.remove_entry_mult();
-        let listed: Vec<HeaderValue> = listed.collect();
-        for value in &listed {
-            for token in value.as_bytes().split(|&b| b == b',') {
-                if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
-                    headers.remove(&name);
-                }
-            }
-        }
-    }
-    for name in &HOP_BY_HOP {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case(b"close") && !token.eq_ignore_ascii_case(b"keep-alive")
+        })
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
+        .collect();
+    for name in &listed {
         headers.remove(name);
     }
-    headers.remove(&PROXY_CONNECTION);
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
+        headers.remove(name);
+    }
 }
 
 /// The Via entry this proxy adds, by the protocol version it received.
@@ -160,6 +183,19 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+
+        // Tokens are case-insensitive and may repeat across several Connection lines;
+        // Proxy-Connection and the other fixed hop-by-hop names go too.
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("Close"));
+        headers.append(header::CONNECTION, HeaderValue::from_static(" X-Other ,te"));
+        headers.insert("x-other", HeaderValue::from_static("1"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), [header::HOST]);
     }
 
     #[test]

@@ -84,7 +84,17 @@ impl Pool {
     ) -> Result<Response<PooledBody>, UpstreamError> {
         // An upgrade takes its connection for good: never from or back to the pool.
         let upgrade = request.headers().contains_key(UPGRADE);
-        let (mut sender, idle_since) = self.acquire(upgrade, timeouts).await?;
+        let pooled = match upgrade {
+            true => None,
+            false => self.checkout().await,
+        };
+        let (mut sender, idle_since) = match pooled {
+            Some((sender, since)) => (sender, Some(since)),
+            // Connecting or queueing is the rarer path, and its state (TCP, TLS, the
+            // queue wait) is large: boxed, so it does not bloat, and get copied with,
+            // every request's future.
+            None => Box::pin(self.acquire(upgrade, timeouts)).await?,
+        };
         // A connection that sat idle may have been closed by the upstream just as we
         // send. A bodiless idempotent request is then safe to send again, once, on a
         // fresh connection; keep a copy of its head for that. Connections reused under
@@ -106,7 +116,7 @@ impl Pool {
                     _ => return Err(UpstreamError::from_hyper(error)),
                 };
                 tracing::debug!(%error, addr = %self.addr, "stale pooled connection; retrying once on a fresh one");
-                sender = self.acquire(true, timeouts).await?.0;
+                sender = Box::pin(self.acquire(true, timeouts)).await?.0;
                 within(timeouts.response, sender.send_request(again))
                     .await?
                     .map_err(UpstreamError::from_hyper)?
