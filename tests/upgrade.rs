@@ -112,3 +112,50 @@ async fn a_declined_upgrade_opens_no_tunnel_and_the_next_request_is_routed() {
     assert!(!text.contains("HTTP/1.1 101"), "{text}");
     assert_eq!(echo.hits(), 2, "both requests were routed as HTTP");
 }
+
+/// Whether the proxy closes a new connection at once (over its connection cap) rather
+/// than answering it.
+async fn refused(proxy: std::net::SocketAddr) -> bool {
+    let mut extra = TcpStream::connect(proxy).await.unwrap();
+    let _ = extra
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        extra.read_to_end(&mut buf),
+    )
+    .await;
+    matches!(read, Ok(Ok(0)) | Ok(Err(_)))
+}
+
+#[tokio::test]
+async fn an_open_tunnel_counts_against_the_connection_cap_until_it_closes() {
+    let echo = websocket_echo().await;
+    let dir = Arc::new(TempDir::new("ws-cap"));
+    let text = config(dir.path(), &[echo], None, "max_connections = 1", "", "");
+    let proxy = start_proxy(dir.clone(), &text).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let url = format!("ws://{}/chat", proxy.addr);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    send_message(&mut ws, Message::Text("up".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut ws).await.unwrap().unwrap(),
+        Message::Text("up".into())
+    );
+    assert!(refused(proxy.addr).await, "a tunnel's slot was given away");
+
+    drop(ws);
+    // Once the tunnel has closed, its slot is free again.
+    let mut served = false;
+    for _ in 0..50 {
+        if !refused(proxy.addr).await {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(served, "the closed tunnel never gave its slot back");
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, SET_COOKIE};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::body::ProxyBody;
@@ -49,6 +50,9 @@ impl ConnInfo {
 pub struct ProxyService {
     pub shared: Arc<Shared>,
     pub conn: ConnInfo,
+    /// The connection's place under `server.max_connections`. An upgrade tunnel
+    /// outlives hyper's connection and keeps a share of it, so open tunnels count.
+    pub slot: Arc<OwnedSemaphorePermit>,
 }
 
 impl ProxyService {
@@ -166,7 +170,7 @@ impl ProxyService {
                 let (mut head, body) = response.into_parts();
                 let switching = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
                 let response_upgrade = match (switching, upgrade) {
-                    (true, Some(client)) => upgrade::tunnel(client, &mut head),
+                    (true, Some(client)) => upgrade::tunnel(client, &mut head, self.slot.clone()),
                     _ => None,
                 };
                 forward::strip_hop_by_hop(&mut head.headers);

@@ -38,8 +38,13 @@ pub fn take(parts: &mut request::Parts) -> Option<ClientUpgrade> {
 }
 
 /// On a 101 from the upstream: spawns the tunnel between the two upgraded connections
-/// and returns the protocol to name in the response.
-pub fn tunnel(client: ClientUpgrade, head: &mut response::Parts) -> Option<Protocol> {
+/// and returns the protocol to name in the response. The tunnel holds `slot`, the
+/// client connection's place under the connection cap, until it closes.
+pub fn tunnel<Slot: Send + 'static>(
+    client: ClientUpgrade,
+    head: &mut response::Parts,
+    slot: Slot,
+) -> Option<Protocol> {
     let upstream = head.extensions.remove::<OnUpgrade>()?;
     let protocol = head
         .headers
@@ -58,6 +63,7 @@ pub fn tunnel(client: ClientUpgrade, head: &mut response::Parts) -> Option<Proto
         if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(%error, "upgraded tunnel ended with an error");
         }
+        drop(slot);
     });
     Some(protocol)
 }

@@ -158,7 +158,7 @@ async fn serve_connection<I>(
     io: I,
     conn: ConnInfo,
     mut shutdown: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -168,6 +168,7 @@ async fn serve_connection<I>(
     let service = ProxyService {
         shared: listener.shared.clone(),
         conn,
+        slot: Arc::new(slot),
     };
     let in_flight = activity.clone();
     let svc = service_fn(move |request| {
