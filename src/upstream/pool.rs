@@ -134,9 +134,17 @@ impl Pool {
         Ok(Response::from_parts(parts, body))
     }
 
+    /// The idle list and queue. Every change under the lock is a single push or pop, so
+    /// the data is whole even if a holder panicked: poisoning is ignored.
+    fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     async fn checkout(&self) -> Option<(SendRequest<UpstreamBody>, Instant)> {
         loop {
-            let (sender, idle_since) = self.idle.lock().ok()?.senders.pop()?;
+            let (sender, idle_since) = self.idle().senders.pop()?;
             if let Some(sender) = ready(sender).await {
                 return Some((sender, idle_since));
             }
@@ -197,7 +205,7 @@ impl Pool {
     /// Joins the queue for a returning connection, unless one is already idle (checked
     /// under the same lock, so a connection returned in between is not missed).
     fn enqueue(&self) -> Option<oneshot::Receiver<SendRequest<UpstreamBody>>> {
-        let mut idle = self.idle.lock().ok()?;
+        let mut idle = self.idle();
         if !idle.senders.is_empty() {
             return None;
         }
@@ -245,9 +253,7 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
-        let Ok(mut idle) = self.idle.lock() else {
-            return;
-        };
+        let mut idle = self.idle();
         while let Some(waiter) = idle.waiters.pop_front() {
             match waiter.send(sender) {
                 Ok(()) => return,
