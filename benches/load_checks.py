@@ -102,15 +102,17 @@ def idle(count=10_000):
         time.sleep(0.5)
         before = rss_kib(p.pid)
         request = b"GET / HTTP/1.1\r\nHost: bench\r\nX-User-Id: idle\r\n\r\n"
+        # One request each, answered before the next connection opens: every connection
+        # has served a request and sits idle, and none is still queued or in flight.
         for _ in range(count):
             s = socket.create_connection(("127.0.0.1", 18084))
-            s.sendall(request)
-            socks.append(s)
-        for s in socks:
             s.settimeout(5)
+            s.sendall(request)
             data = b""
             while b"\r\n\r\n" not in data:
                 data += s.recv(4096)
+            assert data.startswith(b"HTTP/1.1 200"), data[:80]
+            socks.append(s)
         time.sleep(1)
         after = rss_kib(p.pid)
         print(json.dumps(dict(check="idle", connections=count, rss_before_kib=before, rss_after_kib=after,
