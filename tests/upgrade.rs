@@ -159,3 +159,82 @@ async fn an_open_tunnel_counts_against_the_connection_cap_until_it_closes() {
     }
     assert!(served, "the closed tunnel never gave its slot back");
 }
+
+/// A raw upstream that keeps connections alive: a request with `Upgrade` gets 101 and
+/// then an echo of whatever follows; any other request gets 200 "plain".
+async fn upgrade_or_plain_upstream() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                    seen.drain(..end + 4);
+                    if head.contains("\r\nupgrade:") {
+                        let switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n";
+                        if stream.write_all(switch).await.is_err() {
+                            return;
+                        }
+                        let (mut reader, mut writer) = stream.split();
+                        let _ = writer.write_all(&seen).await;
+                        let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                        return;
+                    }
+                    let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain";
+                    if stream.write_all(plain).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upgrade_at_the_instance_connection_cap_closes_an_idle_pooled_connection() {
+    let upstream = upgrade_or_plain_upstream().await;
+    let dir = Arc::new(TempDir::new("ws-upstream-cap"));
+    let extra = "max_connections_per_instance = 1\nqueue_timeout = \"3s\"";
+    let text = config(dir.path(), &[upstream], None, "", extra, "");
+    let proxy = start_proxy(dir.clone(), &text).await;
+    // The one allowed upstream connection is now idle in the pool.
+    let reply = get(proxy.addr, "/", &[]).await;
+    assert_eq!(reply.text(), "plain");
+
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /tunnel HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "the upgrade waited for the queue: {:?}",
+        started.elapsed()
+    );
+    stream.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping");
+}

@@ -171,7 +171,13 @@ impl Pool {
                 return Ok((self.connect(permit, timeouts.connect).await?, None));
             }
             let mut handed = match fresh {
-                true => None,
+                // A request that needs a connection of its own (an upgrade, a retry)
+                // must not wait behind idle pooled ones: close the oldest, and its slot
+                // comes free as its connection task ends.
+                true => {
+                    self.evict_oldest_idle();
+                    None
+                }
                 false => match self.enqueue() {
                     Some(receiver) => Some(receiver),
                     // A connection came back since the checkout above.
@@ -199,6 +205,13 @@ impl Pool {
                 }
                 _ = tokio::time::sleep_until(deadline) => return Err(UpstreamError::QueueTimeout),
             }
+        }
+    }
+
+    fn evict_oldest_idle(&self) {
+        let mut idle = self.idle();
+        if !idle.senders.is_empty() {
+            idle.senders.remove(0);
         }
     }
 
