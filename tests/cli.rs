@@ -214,7 +214,7 @@ async fn sigterm_finishes_200_in_flight_requests_sends_h2_goaway_and_exits_0() {
         .map(|_| tokio::spawn(async move { get(addr, "/", &[]).await }))
         .collect();
     // Signal only once all 200 are in flight at the upstream.
-    for _ in 0..100 {
+    for _ in 0..250 {
         if slow.hits() >= 201 {
             break;
         }

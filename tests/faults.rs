@@ -422,7 +422,7 @@ async fn at_the_instance_connection_cap_requests_queue_and_all_get_served() {
 
 #[tokio::test]
 async fn a_queue_timeout_gives_503_and_does_not_eject_the_instance() {
-    let (slow, _) = counting_upstream(Duration::from_millis(1500)).await;
+    let (slow, _) = counting_upstream(Duration::from_secs(3)).await;
     let dir = Arc::new(TempDir::new("cap-timeout"));
     // One failure would eject the instance, if the queue timeout counted as one.
     let extra = "max_connections_per_instance = 1\nqueue_timeout = \"300ms\"\neject_after = 1";
@@ -440,7 +440,7 @@ async fn a_queue_timeout_gives_503_and_does_not_eject_the_instance() {
     let took = started.elapsed();
     assert_eq!(queued.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
-        took >= Duration::from_millis(250) && took < Duration::from_millis(1400),
+        took >= Duration::from_millis(250) && took < Duration::from_millis(2500),
         "{took:?}"
     );
     assert_eq!(holder.await.unwrap(), StatusCode::OK);
