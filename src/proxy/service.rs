@@ -45,8 +45,7 @@ impl ConnInfo {
     }
 }
 
-/// The proxy service of one client connection.
-#[derive(Clone)]
+/// The proxy service of one client connection, shared by its requests.
 pub struct ProxyService {
     pub shared: Arc<Shared>,
     pub conn: ConnInfo,
@@ -59,7 +58,7 @@ impl ProxyService {
     /// Serves one request. `framing_rejection` is the connection's framing scan's verdict
     /// on this request's head (see `server::head_scan`).
     pub async fn handle(
-        self,
+        self: Arc<Self>,
         request: Request<Incoming>,
         framing_rejection: Option<&'static str>,
     ) -> Result<Response<ProxyBody>, std::convert::Infallible> {

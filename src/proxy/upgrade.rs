@@ -3,10 +3,13 @@
 //! `101 Switching Protocols` does a tunnel open, copying bytes both ways; any other
 //! answer is an ordinary response, and the client connection carries on as HTTP.
 
+use std::sync::Arc;
+
 use http::header::{HeaderValue, CONNECTION, UPGRADE};
 use http::{request, response, HeaderMap, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// An upgrade asked for by the client.
 pub struct ClientUpgrade {
@@ -40,10 +43,10 @@ pub fn take(parts: &mut request::Parts) -> Option<ClientUpgrade> {
 /// On a 101 from the upstream: spawns the tunnel between the two upgraded connections
 /// and returns the protocol to name in the response. The tunnel holds `slot`, the
 /// client connection's place under the connection cap, until it closes.
-pub fn tunnel<Slot: Send + 'static>(
+pub fn tunnel(
     client: ClientUpgrade,
     head: &mut response::Parts,
-    slot: Slot,
+    slot: Arc<OwnedSemaphorePermit>,
 ) -> Option<Protocol> {
     let upstream = head.extensions.remove::<OnUpgrade>()?;
     let protocol = head

@@ -165,11 +165,12 @@ async fn serve_connection<I>(
     listener.connections.increment(1.0);
     let peer = conn.peer;
     let activity = Activity::new();
-    let service = ProxyService {
+    // One allocation per connection; each request then clones one Arc.
+    let service = Arc::new(ProxyService {
         shared: listener.shared.clone(),
         conn,
         slot: Arc::new(slot),
-    };
+    });
     let in_flight = activity.clone();
     let svc = service_fn(move |request| {
         let (guard, rejection) = in_flight.begin_request();
