@@ -70,14 +70,83 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
 /// `parse`, choosing how host names in addresses are treated (fuzzing uses
 /// `Names::LiteralOnly`, so that random input never becomes DNS traffic).
 pub fn parse_with(path: &Path, text: &str, names: net::Names) -> Result<Settings, ConfigError> {
-    let file: file::FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: flatten_toml_error(&e, text),
+    let file: file::FileConfig = toml::from_str(text).map_err(|error| {
+        let whole = flatten_toml_error(&error, text);
+        match schema_errors(text) {
+            // Valid TOML with schema problems: name every one, not only the first.
+            Some(errors) if errors.len() > 1 => ConfigError::Invalid {
+                path: path.to_path_buf(),
+                errors,
+            },
+            _ => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: whole,
+            },
+        }
     })?;
     compile::compile(&file, names).map_err(|errors| ConfigError::Invalid {
         path: path.to_path_buf(),
         errors,
     })
+}
+
+/// Every schema problem of a file that is valid TOML, one per section or list entry,
+/// each prefixed with its field path (`routes[1].canary_weight: invalid type ...`).
+/// serde stops at the first error of a document, so each section is read on its own.
+/// `None` when the text is not TOML at all.
+fn schema_errors(text: &str) -> Option<Vec<String>> {
+    use file::{AdminSection, RouteSection, ServerSection, StateSection, UpstreamSection};
+    let table: toml::Table = text.parse().ok()?;
+    let mut errors = Vec::new();
+    if !table.contains_key("server") {
+        errors.push("server: missing section".to_string());
+    }
+    for (key, value) in table {
+        match key.as_str() {
+            "server" => check_section::<ServerSection>("server", value, &mut errors),
+            "admin" => check_section::<AdminSection>("admin", value, &mut errors),
+            "state" => check_section::<StateSection>("state", value, &mut errors),
+            "upstreams" => match value {
+                toml::Value::Table(upstreams) => {
+                    for (name, value) in upstreams {
+                        check_section::<UpstreamSection>(
+                            &format!("upstreams.{name}"),
+                            value,
+                            &mut errors,
+                        );
+                    }
+                }
+                _ => errors.push("upstreams: must be a table of [upstreams.NAME]".into()),
+            },
+            "routes" => match value {
+                toml::Value::Array(routes) => {
+                    for (i, value) in routes.into_iter().enumerate() {
+                        check_section::<RouteSection>(&format!("routes[{i}]"), value, &mut errors);
+                    }
+                }
+                _ => errors.push("routes: must be an array of [[routes]]".into()),
+            },
+            other => errors.push(format!(
+                "{other}: unknown section (expected server, admin, state, upstreams, routes)"
+            )),
+        }
+    }
+    Some(errors)
+}
+
+fn check_section<T: serde::de::DeserializeOwned>(
+    field: &str,
+    value: toml::Value,
+    errors: &mut Vec<String>,
+) {
+    if let Err(error) = serde_path_to_error::deserialize::<_, T>(value) {
+        let path = error.path().to_string();
+        let message = error.inner().message().trim().to_string();
+        match path.as_str() {
+            "." | "" => errors.push(format!("{field}: {message}")),
+            path => errors.push(format!("{field}.{path}: {message}")),
+        }
+    }
 }
 
 /// toml's own message spans several lines with a source excerpt; keep the line number and

@@ -9,6 +9,9 @@ pub mod tls;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
+use http::header::UPGRADE;
 use http::{Request, Response};
 
 pub use body::UpstreamBody;
@@ -100,6 +103,11 @@ impl ErrorKind {
     }
 }
 
+/// Instances a request may try when connects fail (nothing sent yet). Three keep the
+/// worst case (every connect timing out) bounded while one or two dead instances among
+/// healthy ones never reach a user.
+pub const MAX_CONNECT_TRIES: usize = 3;
+
 /// A named upstream: its instances and the round-robin cursor.
 pub struct Upstream {
     pub spec: UpstreamSpec,
@@ -114,7 +122,8 @@ impl Upstream {
             .iter()
             .map(|&addr| {
                 let tls = spec.tls.as_ref().and_then(tls::UpstreamConnector::new);
-                let health = health::Health::new(spec.eject_after, spec.eject_for);
+                let health =
+                    health::Health::new(spec.eject_after, spec.eject_for, spec.max_eject_for);
                 Arc::new(Pool::new(
                     addr,
                     spec.max_idle_per_instance,
@@ -156,14 +165,54 @@ impl Upstream {
         &self.instances
     }
 
-    /// Sends a request to one instance: the connect (when no pooled connection is
-    /// free) and the wait for the response head are each bounded by their timeout.
+    /// The next available instance in round-robin order that is not in `tried`.
+    fn pick_untried(&self, tried: &[SocketAddr]) -> Option<Arc<Pool>> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.instances.len();
+        (0..n)
+            .map(|i| &self.instances[(start + i) % n])
+            .find(|instance| instance.health.is_available() && !tried.contains(&instance.addr()))
+            .cloned()
+    }
+
+    /// Sends a request, starting with `instance`: the connect (when no pooled
+    /// connection is free) and the wait for the response head are each bounded by
+    /// their timeout. A refused or timed-out connect sent nothing, so the request moves
+    /// to another instance (any method), up to [`MAX_CONNECT_TRIES`] instances in all.
+    /// Returns the instance that answered (or failed last).
     pub async fn send(
         &self,
-        instance: &Arc<Pool>,
+        mut instance: Arc<Pool>,
         request: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        let result = instance.send(request, self.spec.timeouts).await;
+    ) -> (Arc<Pool>, Result<Response<PooledBody>, UpstreamError>) {
+        let timeouts = self.spec.timeouts;
+        let upgrade = request.headers().contains_key(UPGRADE);
+        let mut tried = Vec::new();
+        let connection = loop {
+            match instance.connection(upgrade, timeouts).await {
+                Ok(connection) => break connection,
+                Err(error @ (UpstreamError::Connect(_) | UpstreamError::ConnectTimeout)) => {
+                    instance.health.failure(instance.addr());
+                    tried.push(instance.addr());
+                    let next = (tried.len() < MAX_CONNECT_TRIES)
+                        .then(|| self.pick_untried(&tried))
+                        .flatten();
+                    let Some(next) = next else {
+                        return (instance, Err(error));
+                    };
+                    tracing::debug!(
+                        upstream = self.name(),
+                        failed = %instance.addr(),
+                        next = %next.addr(),
+                        %error,
+                        "connect failed; trying another instance"
+                    );
+                    instance = next;
+                }
+                Err(error) => return (instance, Err(error)),
+            }
+        };
+        let result = instance.send_on(connection, request, timeouts).await;
         match &result {
             Ok(_) => instance.health.success(),
             // Neither the client's body nor our own connection cap says anything
@@ -171,6 +220,6 @@ impl Upstream {
             Err(UpstreamError::ClientBody(_) | UpstreamError::QueueTimeout) => {}
             Err(_) => instance.health.failure(instance.addr()),
         }
-        result
+        (instance, result)
     }
 }

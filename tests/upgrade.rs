@@ -156,12 +156,16 @@ async fn an_open_tunnel_counts_against_the_connection_cap_until_it_closes() {
 }
 
 /// A raw upstream that keeps connections alive: a request with `Upgrade` gets 101 and
-/// then an echo of whatever follows; any other request gets 200 "plain".
-async fn upgrade_or_plain_upstream() -> std::net::SocketAddr {
+/// then an echo of whatever follows; any other request gets 200 "plain". Every byte it
+/// receives is kept in the returned log.
+async fn upgrade_or_plain_upstream() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let received = log.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            let received = received.clone();
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 let mut buf = [0u8; 4096];
@@ -169,21 +173,32 @@ async fn upgrade_or_plain_upstream() -> std::net::SocketAddr {
                     let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
                         match stream.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            Ok(n) => {
+                                received.lock().unwrap().extend_from_slice(&buf[..n]);
+                                seen.extend_from_slice(&buf[..n]);
+                            }
                         }
                         continue;
                     };
                     let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
                     seen.drain(..end + 4);
                     if head.contains("\r\nupgrade:") {
-                        let switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n";
+                        let switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
                         if stream.write_all(switch).await.is_err() {
                             return;
                         }
-                        let (mut reader, mut writer) = stream.split();
-                        let _ = writer.write_all(&seen).await;
-                        let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                        return;
+                        let _ = stream.write_all(&seen).await;
+                        loop {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    received.lock().unwrap().extend_from_slice(&buf[..n]);
+                                    if stream.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
                     }
                     let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain";
                     if stream.write_all(plain).await.is_err() {
@@ -193,12 +208,12 @@ async fn upgrade_or_plain_upstream() -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, log)
 }
 
 #[tokio::test]
 async fn an_upgrade_at_the_instance_connection_cap_closes_an_idle_pooled_connection() {
-    let upstream = upgrade_or_plain_upstream().await;
+    let (upstream, _) = upgrade_or_plain_upstream().await;
     let dir = Arc::new(TempDir::new("ws-upstream-cap"));
     let extra = "max_connections_per_instance = 1\nqueue_timeout = \"3s\"";
     let text = config(dir.path(), &[upstream], None, "", extra, "");
@@ -211,7 +226,7 @@ async fn an_upgrade_at_the_instance_connection_cap_closes_an_idle_pooled_connect
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(
-            b"GET /tunnel HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+            b"GET /tunnel HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
         )
         .await
         .unwrap();
@@ -232,4 +247,105 @@ async fn an_upgrade_at_the_instance_connection_cap_closes_an_idle_pooled_connect
     let mut echoed = [0u8; 4];
     stream.read_exact(&mut echoed).await.unwrap();
     assert_eq!(&echoed, b"ping");
+}
+
+/// Reads from `stream` until the peer closes or 5 s pass.
+async fn read_all(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut out),
+    )
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The "h2c smuggling" shape: an h2c upgrade to an upstream that would switch, with a
+/// CL+TE request behind it. No tunnel may open: the upgrade goes upstream as a plain
+/// request, and the smuggled request is refused before it reaches the upstream.
+#[tokio::test]
+async fn an_h2c_upgrade_is_never_forwarded_and_what_follows_is_still_checked() {
+    let (upstream, received) = upgrade_or_plain_upstream().await;
+    let dir = Arc::new(TempDir::new("h2c-smuggle"));
+    let proxy = start_proxy(dir.clone(), &config(dir.path(), &[upstream], None, "", "", "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let attack = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\nPOST /admin HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    stream.write_all(attack).await.unwrap();
+    let text = read_all(&mut stream).await;
+    assert!(!text.contains(" 101 "), "a tunnel opened: {text}");
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("HTTP/1.1 400 Bad Request"), "{text}");
+    let seen = String::from_utf8_lossy(&received.lock().unwrap()).to_ascii_lowercase();
+    assert!(!seen.contains("upgrade"), "the upstream saw an upgrade: {seen}");
+    assert!(!seen.contains("/admin") && !seen.contains("/smuggled"), "{seen}");
+}
+
+/// `Upgrade` without `Connection: upgrade` is no upgrade request: it goes upstream as a
+/// plain request, without `Upgrade` and without a `Connection: upgrade` the client never
+/// sent; an allowed protocol the client did ask for still tunnels.
+#[tokio::test]
+async fn an_upgrade_goes_upstream_only_when_the_client_asked_for_an_allowed_protocol() {
+    let (upstream, received) = upgrade_or_plain_upstream().await;
+    let dir = Arc::new(TempDir::new("upgrade-asked"));
+    let proxy = start_proxy(dir.clone(), &config(dir.path(), &[upstream], None, "", "", "")).await;
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: close\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: upgrade, close\r\n\r\n",
+    ] {
+        let reply = raw(proxy.addr, request).await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(reply.ends_with("plain"), "{reply}");
+    }
+    let seen = String::from_utf8_lossy(&received.lock().unwrap()).to_ascii_lowercase();
+    assert!(!seen.contains("upgrade"), "{seen}");
+
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nping")
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 64];
+    let n = stream.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 101"));
+}
+
+/// An upstream that answers 101 to a request that asked for no upgrade is broken: 502,
+/// and no tunnel.
+#[tokio::test]
+async fn an_unasked_101_from_the_upstream_is_a_502() {
+    let upstream = raw_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let dir = Arc::new(TempDir::new("unasked-101"));
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[upstream.addr], None, "", "", ""),
+    )
+    .await;
+    let reply = raw(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+}
+
+#[tokio::test]
+async fn connect_is_refused_and_closes_the_connection() {
+    let upstream = named_upstream("plain").await;
+    let dir = Arc::new(TempDir::new("connect"));
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[upstream.addr], None, "", "", ""),
+    )
+    .await;
+    let reply = raw(
+        proxy.addr,
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert_eq!(reply.matches("HTTP/1.1").count(), 1, "{reply}");
+    assert_eq!(upstream.hits(), 0);
 }

@@ -38,6 +38,8 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
     pub access_log: bool,
     pub tls: Option<TlsSettings>,
+    /// Lower-case `Upgrade` protocol names that may go upstream (never `h2c`).
+    pub upgrade_protocols: Vec<String>,
 }
 
 /// The HTTPS listener. Certificate files are read by `server::tls`, at check, start
@@ -75,6 +77,7 @@ pub struct UpstreamSpec {
     pub max_connections_per_instance: usize,
     pub eject_after: u32,
     pub eject_for: Duration,
+    pub max_eject_for: Duration,
     pub tls: Option<UpstreamTls>,
 }
 
@@ -128,11 +131,13 @@ pub struct RouteSpec {
     pub rollout: Option<RolloutSpec>,
 }
 
-/// The force-a-side header (and cookie of the same name).
+/// The force-a-side header (and cookie of the same name), present only when enabled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverrideName {
     pub header: HeaderName,
     pub cookie: String,
+    /// Peers whose override is honoured; from anyone else it is ignored.
+    pub from: Vec<IpRange>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -194,6 +199,9 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
     if admin.token_env.is_empty() {
         errors.push("admin.token_env", "must name an environment variable");
     }
+    if let Some(server) = &server {
+        check_listeners_apart(server, &admin, &mut errors);
+    }
     let upstreams = file
         .upstreams
         .iter()
@@ -205,6 +213,7 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
         errors.push("routes", "at least one route is required");
     }
     let mut seen = HashSet::new();
+    let mut places = HashSet::new();
     let routes = file
         .routes
         .iter()
@@ -215,6 +224,16 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
                 errors.push(
                     &format!("{field}.name"),
                     format!("duplicate route name {:?}", route.name),
+                );
+            }
+            let place = (route.host.to_ascii_lowercase(), route.path_prefix.as_str());
+            if !places.insert(place) {
+                errors.push(
+                    &format!("{field}.path_prefix"),
+                    format!(
+                        "another route already has host {:?} and path_prefix {:?}; this one would never match",
+                        route.host, route.path_prefix
+                    ),
                 );
             }
             compile_route(&field, route, file, &mut errors)
@@ -230,6 +249,27 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
         })
     } else {
         Err(errors.0)
+    }
+}
+
+/// Two listeners on one address would fail at bind with a less helpful message, and a
+/// proxy and admin API sharing a port is never meant.
+fn check_listeners_apart(server: &ServerSettings, admin: &AdminSettings, errors: &mut Errors) {
+    let mut listeners = vec![("server.listen", server.listen), ("admin.listen", admin.listen)];
+    if let Some(tls) = &server.tls {
+        listeners.push(("server.tls.listen", tls.listen));
+    }
+    for (i, (field, addr)) in listeners.iter().enumerate() {
+        if addr.port() == 0 {
+            continue;
+        }
+        let clash = |a: &SocketAddr| {
+            a.port() == addr.port()
+                && (a.ip() == addr.ip() || a.ip().is_unspecified() || addr.ip().is_unspecified())
+        };
+        if let Some((other, _)) = listeners[..i].iter().find(|(_, a)| clash(a)) {
+            errors.push(field, format!("{addr} is also {other}; each listener needs its own address"));
+        }
     }
 }
 
@@ -270,6 +310,24 @@ fn compile_server(file: &FileConfig, names: Names, errors: &mut Errors) -> Optio
             errors.push(field, "must be longer than 0");
         }
     }
+    let upgrade_protocols = s
+        .upgrade_protocols
+        .iter()
+        .enumerate()
+        .filter_map(|(i, name)| {
+            let field = format!("server.upgrade_protocols[{i}]");
+            let lower = name.to_ascii_lowercase();
+            if lower == "h2c" {
+                errors.push(&field, "h2c upgrades are never forwarded: a tunnel to an HTTP/2 upstream would carry requests past every check");
+                None
+            } else if !is_token(&lower) {
+                errors.push(&field, format!("{name:?} is not a protocol name"));
+                None
+            } else {
+                Some(lower)
+            }
+        })
+        .collect();
     let tls = s.tls.as_ref().and_then(|t| {
         let listen = net::socket_addr(&t.listen, names)
             .map_err(|e| errors.push("server.tls.listen", e))
@@ -308,6 +366,7 @@ fn compile_server(file: &FileConfig, names: Names, errors: &mut Errors) -> Optio
         max_uri_bytes: s.max_uri_bytes,
         drain_timeout: s.drain_timeout,
         access_log: s.access_log,
+        upgrade_protocols,
     })
 }
 
@@ -346,6 +405,12 @@ fn compile_upstream(
             "must be greater than 0",
         );
     }
+    if section.max_eject_for < section.eject_for {
+        errors.push(
+            &format!("{field}.max_eject_for"),
+            "must be at least eject_for",
+        );
+    }
     let tls = compile_upstream_tls(&field, section, errors);
     if !section.tls && (section.sni.is_some() || section.ca.is_some()) {
         errors.push(&format!("{field}.tls"), "sni and ca need tls = true");
@@ -363,6 +428,7 @@ fn compile_upstream(
         max_connections_per_instance: section.max_connections_per_instance,
         eject_after: section.eject_after,
         eject_for: section.eject_for,
+        max_eject_for: section.max_eject_for,
     })
 }
 
@@ -433,6 +499,13 @@ fn compile_route(
             &format!("{field}.name"),
             "must be non-empty and use only letters, digits, '-', '_' and '.'",
         );
+    } else if r.name.chars().all(|c| c == '.') {
+        // `.` and `..` are path segments HTTP clients resolve away: /admin/routes/..
+        // could never be reached.
+        errors.push(
+            &format!("{field}.name"),
+            format!("{:?} is not a usable name (it is a path segment)", r.name),
+        );
     }
     let host = if r.host == "*" {
         HostMatch::Any
@@ -492,11 +565,23 @@ fn compile_route(
             );
         }
     }
+    let override_from: Vec<IpRange> = r
+        .override_from
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            IpRange::parse(text)
+                .map_err(|e| errors.push(&format!("{field}.override_from[{i}]"), e))
+                .ok()
+        })
+        .collect();
     let override_name = non_empty(&r.override_name).and_then(|name| {
         match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(_) if !r.override_enabled => None,
             Ok(header) => Some(OverrideName {
                 header,
                 cookie: name,
+                from: override_from,
             }),
             Err(_) => {
                 errors.push(

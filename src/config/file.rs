@@ -74,6 +74,10 @@ pub struct ServerSection {
     /// Optional HTTPS listener.
     #[serde(default)]
     pub tls: Option<TlsSection>,
+    /// `Upgrade` protocols forwarded upstream (when the client's `Connection` lists
+    /// `upgrade`); any other `Upgrade` is stripped and the request proxied as plain HTTP.
+    #[serde(default = "defaults::upgrade_protocols")]
+    pub upgrade_protocols: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -173,6 +177,13 @@ pub struct UpstreamSection {
         deserialize_with = "duration::deserialize"
     )]
     pub eject_for: Duration,
+    /// Repeated ejections of the same instance last `eject_for` × the number of
+    /// consecutive ejections, up to this (Envoy's `max_ejection_time`).
+    #[serde(
+        default = "defaults::max_eject_for",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub max_eject_for: Duration,
     /// Speak TLS to the instances, verifying their certificates.
     #[serde(default)]
     pub tls: bool,
@@ -208,9 +219,18 @@ pub struct RouteSection {
     /// An empty string switches it off.
     #[serde(default = "defaults::sticky_cookie")]
     pub sticky_cookie: String,
+    /// Whether the override header/cookie may force a side. Off by default: from the
+    /// internet it would let anyone opt into an unreleased version, or drive failing
+    /// traffic into the canary to trip it.
+    #[serde(default)]
+    pub override_enabled: bool,
     /// Header and cookie name that force a side (`canary` or `stable`). Empty switches it off.
     #[serde(default = "defaults::override_name")]
     pub override_name: String,
+    /// Client addresses (CIDR or single address; the TCP peer, never X-Forwarded-For)
+    /// whose override is honoured.
+    #[serde(default = "defaults::override_from")]
+    pub override_from: Vec<String>,
     /// Keys always sent to the canary while it has a non-zero weight, e.g. testers' user IDs.
     #[serde(default)]
     pub canary_allow_list: Vec<String>,
@@ -343,6 +363,16 @@ mod defaults {
     }
     pub fn sticky_cookie() -> String {
         "splitgate_uid".into()
+    }
+    pub fn override_from() -> Vec<String> {
+        vec!["127.0.0.0/8".into(), "::1/128".into()]
+    }
+    pub fn upgrade_protocols() -> Vec<String> {
+        vec!["websocket".into()]
+    }
+    /// Envoy's default `max_ejection_time`.
+    pub fn max_eject_for() -> Duration {
+        Duration::from_secs(300)
     }
     pub fn override_name() -> String {
         "x-splitgate-variant".into()

@@ -11,6 +11,11 @@ use super::error::ProxyError;
 
 /// Checks one request head. `max_uri_bytes` bounds the request target.
 pub fn check(parts: &Parts, max_uri_bytes: usize) -> Result<(), ProxyError> {
+    // A reverse proxy opens no tunnels by CONNECT; hyper would treat the connection as
+    // switching protocols, beyond every framing check.
+    if parts.method == http::Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not proxied"));
+    }
     let headers = &parts.headers;
     let uri_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if uri_len > max_uri_bytes {

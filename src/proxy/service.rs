@@ -18,6 +18,7 @@ use super::forward::{self, Peer};
 use super::split::{self, RequestView, Variant};
 use super::{framing, route, upgrade};
 use crate::config::compile::CanaryUnavailable;
+use crate::server::activity::Activity;
 use crate::state::{LiveRoute, Shared};
 use crate::telemetry::access_log::{self, AccessRecord};
 use crate::telemetry::Outcome;
@@ -52,6 +53,8 @@ pub struct ProxyService {
     /// The connection's place under `server.max_connections`. An upgrade tunnel
     /// outlives hyper's connection and keeps a share of it, so open tunnels count.
     pub slot: Arc<OwnedSemaphorePermit>,
+    /// The connection's activity and framing scan; told when a tunnel opens.
+    pub activity: Arc<Activity>,
 }
 
 impl ProxyService {
@@ -111,9 +114,9 @@ impl ProxyService {
         let access = server
             .access_log
             .then(|| (parts.method.clone(), parts.uri.clone()));
-        // An upgrade (WebSocket) keeps its Upgrade header and goes upstream on a
-        // connection of its own; the tunnel opens only if the upstream answers 101.
-        let upgrade = upgrade::take(&mut parts);
+        // An allowed upgrade (WebSocket) keeps its Upgrade header and goes upstream on
+        // a connection of its own; the tunnel opens only if the upstream answers 101.
+        let upgrade = upgrade::take(&mut parts, &server.upgrade_protocols);
         forward::strip_hop_by_hop(&mut parts.headers);
         if let Some(upgrade) = &upgrade {
             upgrade.protocol.restore(&mut parts.headers);
@@ -139,19 +142,24 @@ impl ProxyService {
             UpstreamBody::Client(ClientBody::new(body, server.client_body_timeout))
         };
 
-        let result = upstream
-            .send(&instance, Request::from_parts(parts, upstream_body))
+        let (instance, result) = upstream
+            .send(instance, Request::from_parts(parts, upstream_body))
             .await;
         let elapsed = started.elapsed();
         // A response whose framing the upstream made ambiguous is not passed on: the
-        // connection is dropped with it, never pooled.
-        let result =
-            result.and_then(
-                |response| match framing::check_response(response.headers()) {
-                    Ok(()) => Ok(response),
-                    Err(reason) => Err(UpstreamError::Ambiguous(reason)),
-                },
-            );
+        // connection is dropped with it, never pooled. Nor is a 101 switching to a
+        // protocol the client did not ask for.
+        let result = result.and_then(|response| {
+            framing::check_response(response.headers()).map_err(UpstreamError::Ambiguous)?;
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                && !upgrade::accepts(upgrade.as_ref(), response.headers())
+            {
+                return Err(UpstreamError::Ambiguous(
+                    "101 Switching Protocols to a protocol the client did not ask for",
+                ));
+            }
+            Ok(response)
+        });
         let (outcome, response) = match result {
             Ok(response) => (Outcome::Status(response.status().as_u16()), Ok(response)),
             // The client's own body failed: not held against the upstream.
@@ -169,7 +177,10 @@ impl ProxyService {
                 let (mut head, body) = response.into_parts();
                 let switching = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
                 let response_upgrade = match (switching, upgrade) {
-                    (true, Some(client)) => upgrade::tunnel(client, &mut head, self.slot.clone()),
+                    (true, Some(client)) => {
+                        self.activity.tunnel_opened();
+                        upgrade::tunnel(client, &mut head, self.slot.clone())
+                    }
                     _ => None,
                 };
                 forward::strip_hop_by_hop(&mut head.headers);

@@ -146,7 +146,12 @@ pub fn decide(
     if route.canary.is_none() {
         return fixed(Variant::Stable, Reason::NoCanary);
     }
-    if let Some(name) = &route.override_name {
+    // The override is honoured only from the configured peers (DESIGN.md §1.1).
+    let override_name = route.override_name.as_ref().filter(|name| {
+        let peer = request.client_ip.to_canonical();
+        name.from.iter().any(|range| range.contains(peer))
+    });
+    if let Some(name) = override_name {
         let forced = request
             .headers
             .get(&name.header)

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,6 +26,9 @@ pub struct Activity {
     requests: AtomicU64,
     /// The first request head the framing scan refused, by sequence number.
     rejected: OnceLock<(u64, Rejection)>,
+    /// Set when an upgrade tunnel opens: the bytes that follow are the tunnelled
+    /// protocol's, not HTTP, and the framing scan stops.
+    tunneled: AtomicBool,
 }
 
 impl Activity {
@@ -36,6 +39,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             rejected: OnceLock::new(),
+            tunneled: AtomicBool::new(false),
         })
     }
 
@@ -51,6 +55,11 @@ impl Activity {
             return None;
         }
         Some(self.origin + Duration::from_millis(self.last_ms.load(Relaxed)) + timeout)
+    }
+
+    /// The connection became a tunnel (an upstream accepted its upgrade).
+    pub fn tunnel_opened(&self) {
+        self.tunneled.store(true, Relaxed);
     }
 
     /// Marks a request in flight until the guard drops. Returns the guard and, when the
@@ -104,6 +113,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
         if buf.filled().len() > before {
             self.activity.touch();
             let this = &mut *self;
+            if this.scanner.is_some() && this.activity.tunneled.load(Relaxed) {
+                this.scanner = None;
+            }
             if let Some(scanner) = this.scanner.as_mut() {
                 if let Finding::Rejected { sequence, reason } =
                     scanner.feed(&buf.filled()[before..])

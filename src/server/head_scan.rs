@@ -10,8 +10,8 @@
 //! request head, checks its framing headers, and follows the body (by length or by
 //! chunks) to the next head. The first bad head is recorded by its sequence number;
 //! the service answers that request with 400 and closes. The scanner stops at HTTP/2,
-//! an upgrade, a CONNECT, or anything it cannot follow; hyper's own checks and the
-//! service's still apply there.
+//! a CONNECT, an opened upgrade tunnel, or anything it cannot follow; hyper's own
+//! checks and the service's still apply there.
 
 use std::mem::MaybeUninit;
 
@@ -205,7 +205,11 @@ fn judge(head: &[u8]) -> Result<State, Rejection> {
     let mut content_lengths = 0;
     let mut transfer_encodings = 0;
     let mut chunked_only = true;
-    let mut upgrade = request.method == Some("CONNECT");
+    // CONNECT is refused by the service (and the connection closed); nothing follows.
+    // An `Upgrade` request is followed like any other: the upstream may decline it, and
+    // then the connection carries on as HTTP. When a tunnel does open, the connection
+    // stops the scan itself (`Activity::tunnel_opened`).
+    let connect = request.method == Some("CONNECT");
     for header in request.headers.iter() {
         let name = header.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -214,8 +218,6 @@ fn judge(head: &[u8]) -> Result<State, Rejection> {
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             transfer_encodings += 1;
             chunked_only &= header.value.eq_ignore_ascii_case(b"chunked");
-        } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
         }
     }
     if content_lengths > 0 && transfer_encodings > 0 {
@@ -249,7 +251,7 @@ fn judge(head: &[u8]) -> Result<State, Rejection> {
     } else {
         State::Head
     };
-    Ok(if upgrade { State::Stopped } else { body })
+    Ok(if connect { State::Stopped } else { body })
 }
 
 /// Position just past the first "\r\n\r\n" in `bytes`.
@@ -397,10 +399,19 @@ mod tests {
     }
 
     #[test]
-    fn http2_and_upgrades_stop_the_scan() {
+    fn http2_and_connect_stop_the_scan() {
         assert!(scan(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"garbage\r\n\r\n"]).is_empty());
-        let upgrade =
-            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
-        assert!(scan(&[upgrade, b"\x81\x05hello binary frames\r\n\r\n"]).is_empty());
+        let connect = b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n";
+        assert!(scan(&[connect, b"\x16\x03\x01 tls bytes\r\n\r\n"]).is_empty());
+    }
+
+    /// An upgrade the upstream declines leaves an HTTP connection: what follows the
+    /// upgrade request is still judged (the h2c-smuggling shape).
+    #[test]
+    fn an_upgrade_request_does_not_stop_the_scan() {
+        let upgrade = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n";
+        let smuggled =
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert!(rejected(1)(&scan(&[upgrade, smuggled])));
     }
 }

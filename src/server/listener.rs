@@ -170,6 +170,7 @@ async fn serve_connection<I>(
         shared: listener.shared.clone(),
         conn,
         slot: Arc::new(slot),
+        activity: activity.clone(),
     });
     let in_flight = activity.clone();
     let svc = service_fn(move |request| {

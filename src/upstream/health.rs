@@ -1,6 +1,11 @@
 //! Passive health of one instance: consecutive transport failures (connect, timeout,
 //! reset, protocol) eject it for a while; any success clears the count. Recorded with
 //! atomics on the request path, no lock.
+//!
+//! An instance that comes back from an ejection is on probation until it succeeds: one
+//! more failure ejects it again, each time for longer (`eject_for` × consecutive
+//! ejections, capped at `max_eject_for`, as Envoy's outlier detection does), so a dead
+//! instance does not cost `eject_after` failed requests every `eject_for`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
@@ -12,18 +17,23 @@ pub struct Health {
     origin: Instant,
     eject_after: u32,
     eject_for: Duration,
+    max_eject_for: Duration,
     failures: AtomicU32,
+    /// Ejections since the last success.
+    ejections: AtomicU32,
     /// Milliseconds since `origin` until which the instance gets no traffic.
     ejected_until_ms: AtomicU64,
 }
 
 impl Health {
-    pub fn new(eject_after: u32, eject_for: Duration) -> Self {
+    pub fn new(eject_after: u32, eject_for: Duration, max_eject_for: Duration) -> Self {
         Self {
             origin: Instant::now(),
             eject_after,
             eject_for,
+            max_eject_for,
             failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
         }
     }
@@ -40,21 +50,33 @@ impl Health {
         if self.failures.load(Relaxed) != 0 {
             self.failures.store(0, Relaxed);
         }
+        if self.ejections.load(Relaxed) != 0 {
+            self.ejections.store(0, Relaxed);
+        }
     }
 
     pub fn failure(&self, addr: SocketAddr) {
-        if self.eject_after == 0 {
+        // Failures of requests that were already under way when it was ejected say
+        // nothing new.
+        if self.eject_after == 0 || !self.is_available() {
             return;
         }
         let failures = self.failures.fetch_add(1, Relaxed) + 1;
-        if failures >= self.eject_after {
+        let on_probation = self.ejections.load(Relaxed) > 0;
+        if failures >= self.eject_after || on_probation {
             self.failures.store(0, Relaxed);
-            let until = self.now_ms() + self.eject_for.as_millis() as u64;
+            let ejections = self.ejections.fetch_add(1, Relaxed) + 1;
+            let ejected_for = self
+                .eject_for
+                .saturating_mul(ejections)
+                .min(self.max_eject_for);
+            let until = self.now_ms() + ejected_for.as_millis() as u64;
             self.ejected_until_ms.store(until, Relaxed);
             tracing::warn!(
                 instance = %addr,
                 failures,
-                ejected_for = ?self.eject_for,
+                ejections,
+                ejected_for = ?ejected_for,
                 "upstream instance ejected after consecutive failures"
             );
         }
@@ -68,7 +90,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ejects_after_consecutive_failures_and_comes_back() {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let health = Health::new(3, Duration::from_secs(10));
+        let health = Health::new(3, Duration::from_secs(10), Duration::from_secs(300));
         health.failure(addr);
         health.failure(addr);
         health.success();
@@ -83,6 +105,32 @@ mod tests {
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(!health.is_available());
         tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(health.is_available());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_ejections_grow_until_a_success() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let health = Health::new(2, Duration::from_secs(10), Duration::from_secs(25));
+        health.failure(addr);
+        health.failure(addr);
+        assert!(!health.is_available(), "first ejection");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(health.is_available());
+        // On probation: one failure ejects again, for twice as long.
+        health.failure(addr);
+        assert!(!health.is_available());
+        tokio::time::advance(Duration::from_secs(19)).await;
+        assert!(!health.is_available(), "the second ejection lasts 20 s");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(health.is_available());
+        // The third would last 30 s, capped at 25 s.
+        health.failure(addr);
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert!(health.is_available());
+        // A success ends probation: it takes eject_after failures again.
+        health.success();
+        health.failure(addr);
         assert!(health.is_available());
     }
 }

@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::UPGRADE;
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -28,6 +27,14 @@ use super::health::Health;
 use super::tls::UpstreamConnector;
 use super::UpstreamError;
 use crate::config::compile::Timeouts;
+
+/// A connection taken for one request.
+pub struct Connection {
+    sender: SendRequest<UpstreamBody>,
+    /// When it went idle, for a pooled or handed-over connection; `None` when new.
+    idle_since: Option<Instant>,
+    upgrade: bool,
+}
 
 /// Idle connections to one upstream address.
 pub struct Pool {
@@ -75,26 +82,45 @@ impl Pool {
         self.addr
     }
 
-    /// Sends one request on a pooled or new connection. The response body holds the
-    /// connection until it ends; then the connection returns to the pool.
-    pub async fn send(
-        self: &Arc<Self>,
-        request: Request<UpstreamBody>,
+    /// A connection for one request: pooled, new, or handed over at the connection
+    /// cap. An upgrade takes its connection for good: never from or back to the pool.
+    /// Nothing has been sent when this fails, so the request may go elsewhere.
+    pub async fn connection(
+        &self,
+        upgrade: bool,
         timeouts: Timeouts,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        // An upgrade takes its connection for good: never from or back to the pool.
-        let upgrade = request.headers().contains_key(UPGRADE);
+    ) -> Result<Connection, UpstreamError> {
         let pooled = match upgrade {
             true => None,
             false => self.checkout().await,
         };
-        let (mut sender, idle_since) = match pooled {
+        let (sender, idle_since) = match pooled {
             Some((sender, since)) => (sender, Some(since)),
             // Connecting or queueing is the rarer path, and its state (TCP, TLS, the
             // queue wait) is large: boxed, so it does not bloat, and get copied with,
             // every request's future.
             None => Box::pin(self.acquire(upgrade, timeouts)).await?,
         };
+        Ok(Connection {
+            sender,
+            idle_since,
+            upgrade,
+        })
+    }
+
+    /// Sends one request on `connection` (from [`Pool::connection`]). The response
+    /// body holds the connection until it ends; then the connection returns to the pool.
+    pub async fn send_on(
+        self: &Arc<Self>,
+        connection: Connection,
+        request: Request<UpstreamBody>,
+        timeouts: Timeouts,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let Connection {
+            mut sender,
+            idle_since,
+            upgrade,
+        } = connection;
         // A connection that sat idle may have been closed by the upstream just as we
         // send. A bodiless idempotent request is then safe to send again, once, on a
         // fresh connection; keep a copy of its head for that. Connections reused under
