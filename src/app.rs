@@ -32,11 +32,6 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("state.dir {dir}: {source}")]
-    State {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
     #[error("{0}")]
     Tls(#[from] crate::server::tls::TlsError),
     #[error("cannot restore state: {0}")]
@@ -186,6 +181,7 @@ impl Running {
         let _ = self.stop_admin.send(true);
         let _ = self.admin.await;
         let _ = self.guard.await;
+        self.state.stop().await;
         drained
     }
 }

@@ -16,7 +16,7 @@ use metrics::Counter;
 use tokio::sync::{mpsc, oneshot};
 
 pub use snapshot::{LiveRoute, RolloutProgress, Snapshot, Trip};
-pub use store::{AuditEntry, Loaded, SavedRoute, Store};
+pub use store::{AuditEntry, Loaded, SavedRoute, StateDirError, Store};
 pub use writer::start;
 
 use crate::config::ConfigError;
@@ -80,6 +80,8 @@ pub enum ChangeError {
     Tls(#[from] TlsError),
     #[error("no config file to reload")]
     NoConfigFile,
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
     #[error("the state writer has stopped")]
     Stopped,
 }
@@ -127,6 +129,9 @@ pub(crate) enum Command {
         step: usize,
         reply: Reply<()>,
     },
+    /// Ends the writer and releases the state directory's lock (at shutdown, so a
+    /// restart in the same process can take it).
+    Stop { reply: Reply<()> },
 }
 
 /// The handle the admin API, signal handlers and the SLO guard use to ask for changes.
@@ -197,6 +202,11 @@ impl StateHandle {
             reply,
         })
         .await
+    }
+
+    /// Stops the writer; it has released the state directory when this returns.
+    pub async fn stop(&self) {
+        let _ = self.ask(|reply| Command::Stop { reply }).await;
     }
 
     /// Moves a running rollout from step `step` to the next; a stale request (the

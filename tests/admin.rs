@@ -532,33 +532,80 @@ async fn sticky_cookie_keeps_a_keyless_user_on_one_side() {
     }
 }
 
+/// The side user `key` gets with and without asking for the canary by header and cookie.
+async fn sides(proxy: &TestProxy, key: &str) -> (String, String, String) {
+    let side = |reply: Reply| reply.text().lines().next().unwrap_or_default().to_string();
+    let plain = side(get(proxy.addr, "/", &[("x-user-id", key)]).await);
+    let header = side(
+        get(
+            proxy.addr,
+            "/",
+            &[("x-splitgate-variant", "canary"), ("x-user-id", key)],
+        )
+        .await,
+    );
+    let cookie = side(
+        get(
+            proxy.addr,
+            "/",
+            &[("cookie", "x-splitgate-variant=canary"), ("x-user-id", key)],
+        )
+        .await,
+    );
+    (plain, header, cookie)
+}
+
+/// A user whose bucket puts them on stable at 10 %.
+const STABLE_USER: &str = "x";
+
 #[tokio::test]
-async fn the_override_header_is_honoured_and_stripped() {
+async fn the_override_is_off_by_default_and_honoured_only_from_override_from() {
+    // Off by default: anyone could otherwise opt into an unreleased canary.
     let s = setup("", "").await;
+    let (plain, header, cookie) = sides(&s.proxy, STABLE_USER).await;
+    assert_eq!(plain, "stable");
+    assert_eq!((header.as_str(), cookie.as_str()), ("stable", "stable"));
+
+    // Enabled: honoured from loopback (the default override_from), and stripped.
+    let s = setup("", "override_enabled = true").await;
+    let (_, header, cookie) = sides(&s.proxy, STABLE_USER).await;
+    assert_eq!((header.as_str(), cookie.as_str()), ("canary", "canary"));
     let reply = get(
         s.proxy.addr,
         "/",
-        &[("x-splitgate-variant", "canary"), ("x-user-id", "x")],
+        &[
+            ("x-splitgate-variant", "canary"),
+            ("x-user-id", STABLE_USER),
+        ],
     )
     .await;
-    assert!(reply.text().starts_with("canary\n"));
     assert!(
         !reply.text().contains("x-splitgate-variant"),
         "override header reached the upstream"
     );
-    let s = setup("", "override_name = \"\"\nvariant_header = \"\"").await;
-    admin(
-        s.proxy.admin,
-        "POST",
-        "/admin/routes/main/rollback",
+
+    // Enabled, but this client (127.0.0.1) is not in override_from: ignored.
+    let s = setup(
         "",
-        None,
+        "override_enabled = true\noverride_from = [\"10.0.0.0/8\"]",
+    )
+    .await;
+    let (_, header, cookie) = sides(&s.proxy, STABLE_USER).await;
+    assert_eq!((header.as_str(), cookie.as_str()), ("stable", "stable"));
+
+    // override_name = "" switches it off even when enabled; so does a rollback.
+    let s = setup(
+        "",
+        "override_enabled = true\noverride_name = \"\"\nvariant_header = \"\"",
     )
     .await;
     let reply = get(
         s.proxy.addr,
         "/",
-        &[("x-splitgate-variant", "canary"), ("x-user-id", "x")],
+        &[
+            ("x-splitgate-variant", "canary"),
+            ("x-user-id", STABLE_USER),
+        ],
     )
     .await;
     assert!(reply.text().starts_with("stable\n"));

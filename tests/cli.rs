@@ -361,7 +361,7 @@ async fn kill_9_right_after_an_slo_trip_keeps_the_route_tripped() {
     let failing = failing_upstream().await;
     let dir = TempDir::new("kill-trip");
     let path = dir.path().join("c.toml");
-    let route = "canary_weight = 50\n[routes.slo]\nmin_requests = 5\nmax_error_rate = 0.1\n";
+    let route = "canary_weight = 50\noverride_enabled = true\n[routes.slo]\nmin_requests = 5\nmax_error_rate = 0.1\n";
     std::fs::write(
         &path,
         config(

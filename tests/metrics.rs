@@ -81,6 +81,7 @@ name = "main"
 stable = "v1"
 canary = "v2"
 canary_weight = 12.5
+override_enabled = true
 [[routes]]
 name = "broken"
 path_prefix = "/broken"

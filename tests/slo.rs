@@ -362,3 +362,35 @@ async fn pause_holds_a_rollout_and_a_trip_aborts_it_at_zero() {
         "a tripped route cannot start a rollout"
     );
 }
+
+/// `reset` clears the canary's evidence with the trip: the samples that tripped the
+/// route must not trip it again (the README walkthrough's last step, and any deploy
+/// script doing `reset && weight`).
+#[tokio::test]
+async fn a_reset_route_never_retrips_on_samples_from_before_the_reset() {
+    let (proxy, _, _) = setup(SLO).await;
+    record(&proxy, Variant::Canary, 100, 2, |_| {
+        Duration::from_millis(5)
+    });
+    evaluate(&proxy).await;
+    assert_eq!(route_state(&proxy).await["slo"]["state"], "tripped");
+
+    let (status, _) = admin(proxy.admin, "POST", "/admin/routes/main/reset", "", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = admin(
+        proxy.admin,
+        "PUT",
+        "/admin/routes/main/weight",
+        r#"{"canary_weight": 50}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for _ in 0..4 {
+        evaluate(&proxy).await;
+    }
+    let state = route_state(&proxy).await;
+    assert_eq!(state["slo"]["state"], "ok", "{state}");
+    assert_eq!(state["canary_weight"], 50.0);
+    assert_eq!(state["window"]["canary"]["requests"], 0);
+}

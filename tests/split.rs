@@ -161,8 +161,35 @@ fn an_explicit_salt_reshuffles_and_the_default_is_the_route_name() {
 }
 
 #[test]
-fn override_header_and_cookie_force_a_side_unless_switched_off() {
-    let route = route("");
+fn override_header_and_cookie_force_a_side_only_when_enabled_and_from_override_from() {
+    // Off by default.
+    let mut headers = with_user("someone");
+    headers.insert("x-splitgate-variant", HeaderValue::from_static("canary"));
+    assert_eq!(
+        decide_for(&route(""), 0, &headers).reason,
+        Reason::Hash,
+        "the override is off by default"
+    );
+    // Enabled, but from a peer outside override_from (loopback by default).
+    let route = route("override_enabled = true");
+    let uri = Uri::from_static("/");
+    let outsider = RequestView {
+        headers: &headers,
+        uri: &uri,
+        client_ip: "203.0.113.7".parse().unwrap(),
+    };
+    assert_eq!(decide(&route, 0, false, &outsider).reason, Reason::Hash);
+    let listed = self::route("override_enabled = true\noverride_from = [\"203.0.113.0/24\"]");
+    assert_eq!(
+        decide(&listed, 0, false, &outsider).reason,
+        Reason::Override
+    );
+    assert_eq!(
+        decide_for(&listed, 0, &headers).reason,
+        Reason::Hash,
+        "loopback not listed"
+    );
+
     let mut headers = with_user("someone");
     headers.insert("x-splitgate-variant", HeaderValue::from_static("canary"));
     let forced = decide_for(&route, 0, &headers);
@@ -181,7 +208,7 @@ fn override_header_and_cookie_force_a_side_unless_switched_off() {
         Variant::Stable
     );
 
-    let off = self::route("override_name = \"\"");
+    let off = self::route("override_enabled = true\noverride_name = \"\"");
     let mut headers = with_user("someone");
     headers.insert("x-splitgate-variant", HeaderValue::from_static("canary"));
     assert_eq!(decide_for(&off, 0, &headers).variant, Variant::Stable);

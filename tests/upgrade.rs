@@ -267,7 +267,11 @@ async fn read_all(stream: &mut TcpStream) -> String {
 async fn an_h2c_upgrade_is_never_forwarded_and_what_follows_is_still_checked() {
     let (upstream, received) = upgrade_or_plain_upstream().await;
     let dir = Arc::new(TempDir::new("h2c-smuggle"));
-    let proxy = start_proxy(dir.clone(), &config(dir.path(), &[upstream], None, "", "", "")).await;
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[upstream], None, "", "", ""),
+    )
+    .await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     let attack = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\nPOST /admin HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
     stream.write_all(attack).await.unwrap();
@@ -276,8 +280,14 @@ async fn an_h2c_upgrade_is_never_forwarded_and_what_follows_is_still_checked() {
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     assert!(text.contains("HTTP/1.1 400 Bad Request"), "{text}");
     let seen = String::from_utf8_lossy(&received.lock().unwrap()).to_ascii_lowercase();
-    assert!(!seen.contains("upgrade"), "the upstream saw an upgrade: {seen}");
-    assert!(!seen.contains("/admin") && !seen.contains("/smuggled"), "{seen}");
+    assert!(
+        !seen.contains("upgrade"),
+        "the upstream saw an upgrade: {seen}"
+    );
+    assert!(
+        !seen.contains("/admin") && !seen.contains("/smuggled"),
+        "{seen}"
+    );
 }
 
 /// `Upgrade` without `Connection: upgrade` is no upgrade request: it goes upstream as a
@@ -287,7 +297,11 @@ async fn an_h2c_upgrade_is_never_forwarded_and_what_follows_is_still_checked() {
 async fn an_upgrade_goes_upstream_only_when_the_client_asked_for_an_allowed_protocol() {
     let (upstream, received) = upgrade_or_plain_upstream().await;
     let dir = Arc::new(TempDir::new("upgrade-asked"));
-    let proxy = start_proxy(dir.clone(), &config(dir.path(), &[upstream], None, "", "", "")).await;
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[upstream], None, "", "", ""),
+    )
+    .await;
     for request in [
         &b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: close\r\n\r\n"[..],
         b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: upgrade, close\r\n\r\n",
@@ -301,7 +315,9 @@ async fn an_upgrade_goes_upstream_only_when_the_client_asked_for_an_allowed_prot
 
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nping")
+        .write_all(
+            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nping",
+        )
         .await
         .unwrap();
     let mut head = vec![0u8; 64];

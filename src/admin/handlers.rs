@@ -130,7 +130,9 @@ fn change_error(error: ChangeError) -> Response<AdminBody> {
         | ChangeError::Invalid(_)
         | ChangeError::Config(_)
         | ChangeError::NoConfigFile => StatusCode::BAD_REQUEST,
-        ChangeError::Persist(_) | ChangeError::Stopped => StatusCode::INTERNAL_SERVER_ERROR,
+        ChangeError::Persist(_) | ChangeError::StateDir(_) | ChangeError::Stopped => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     };
     json_error(status, &error.to_string())
 }

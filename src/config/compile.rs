@@ -255,7 +255,10 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
 /// Two listeners on one address would fail at bind with a less helpful message, and a
 /// proxy and admin API sharing a port is never meant.
 fn check_listeners_apart(server: &ServerSettings, admin: &AdminSettings, errors: &mut Errors) {
-    let mut listeners = vec![("server.listen", server.listen), ("admin.listen", admin.listen)];
+    let mut listeners = vec![
+        ("server.listen", server.listen),
+        ("admin.listen", admin.listen),
+    ];
     if let Some(tls) = &server.tls {
         listeners.push(("server.tls.listen", tls.listen));
     }
@@ -268,7 +271,10 @@ fn check_listeners_apart(server: &ServerSettings, admin: &AdminSettings, errors:
                 && (a.ip() == addr.ip() || a.ip().is_unspecified() || addr.ip().is_unspecified())
         };
         if let Some((other, _)) = listeners[..i].iter().find(|(_, a)| clash(a)) {
-            errors.push(field, format!("{addr} is also {other}; each listener needs its own address"));
+            errors.push(
+                field,
+                format!("{addr} is also {other}; each listener needs its own address"),
+            );
         }
     }
 }

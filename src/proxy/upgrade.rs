@@ -149,14 +149,20 @@ mod tests {
 
     #[test]
     fn only_an_allowed_protocol_the_client_asked_for_is_taken() {
-        let mut ok = parts(&[("connection", "keep-alive, Upgrade"), ("upgrade", "WebSocket")]);
+        let mut ok = parts(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ]);
         assert!(take(&mut ok, &websocket()).is_some());
 
         // Upgrade without `Connection: upgrade` is not an upgrade request.
         let mut unasked = parts(&[("upgrade", "websocket")]);
         assert!(take(&mut unasked, &websocket()).is_none());
         // h2c never, even when configured by mistake.
-        let mut h2c = parts(&[("connection", "upgrade, HTTP2-Settings"), ("upgrade", "h2c")]);
+        let mut h2c = parts(&[
+            ("connection", "upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
         assert!(take(&mut h2c, &["h2c".to_string()]).is_none());
         let mut other = parts(&[("connection", "upgrade"), ("upgrade", "echo")]);
         assert!(take(&mut other, &websocket()).is_none());

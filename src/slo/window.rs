@@ -44,6 +44,8 @@ impl Slice {
 pub struct Window {
     slice_ms: u64,
     slots: Box<[Slice]>,
+    /// Slices up to this number hold evidence from before a `clear` and are ignored.
+    cleared_through: AtomicU64,
 }
 
 /// Figures over the window, for verdicts and the admin API.
@@ -73,7 +75,17 @@ impl Window {
         Self {
             slice_ms,
             slots: (0..SLOTS).map(|_| Slice::new()).collect(),
+            cleared_through: AtomicU64::new(0),
         }
+    }
+
+    /// Forgets everything recorded up to `now_ms` (a `reset`: a route must never be
+    /// judged again on samples from before it). Without touching the slices that
+    /// recorders write, the current slice is ignored too, so up to one slice of fresh
+    /// samples is lost: the judge waits a little longer, never trips on old evidence.
+    pub fn clear(&self, now_ms: u64) {
+        self.cleared_through
+            .store(now_ms / self.slice_ms + 1, Relaxed);
     }
 
     /// Records one request at `now_ms` (milliseconds on the guard's clock).
@@ -104,7 +116,9 @@ impl Window {
     /// Sums the slices of the last window ending at `now_ms`.
     pub fn stats(&self, now_ms: u64) -> WindowStats {
         let newest = now_ms / self.slice_ms + 1;
-        let oldest = newest.saturating_sub(SLICES - 1);
+        let oldest = newest
+            .saturating_sub(SLICES - 1)
+            .max(self.cleared_through.load(Relaxed) + 1);
         let mut stats = WindowStats::default();
         let mut histogram = [0u64; BUCKETS];
         for slot in self.slots.iter() {
@@ -205,6 +219,20 @@ mod tests {
         window.record(12_000, false, Duration::from_millis(5));
         window.record(24_000, false, Duration::from_millis(5));
         let stats = window.stats(24_000);
+        assert_eq!((stats.requests, stats.errors), (1, 0));
+    }
+
+    #[test]
+    fn a_cleared_window_forgets_what_came_before() {
+        let window = Window::new(Duration::from_secs(10));
+        for at in [0, 1_500, 2_100] {
+            window.record(at, true, Duration::from_millis(5));
+        }
+        window.clear(2_200);
+        assert_eq!(window.stats(2_200).requests, 0);
+        assert_eq!(window.stats(9_000).requests, 0, "old slices stay forgotten");
+        window.record(3_000, false, Duration::from_millis(5));
+        let stats = window.stats(3_000);
         assert_eq!((stats.requests, stats.errors), (1, 0));
     }
 }

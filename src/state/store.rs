@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +14,8 @@ use super::snapshot::{RolloutProgress, Trip};
 
 const STATE_FILE: &str = "state.json";
 const AUDIT_FILE: &str = "audit.jsonl";
+/// Held with an exclusive lock for as long as the process runs; holds its PID.
+const LOCK_FILE: &str = "splitgate.lock";
 const FORMAT_VERSION: u32 = 1;
 
 /// The saved state of one route.
@@ -63,18 +66,68 @@ pub struct AuditEntry<'a> {
     pub detail: Option<&'a str>,
 }
 
-/// The state directory.
+/// Why the state directory could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("state.dir {}: already in use by another splitgate (pid {pid}, lock file {})", dir.display(), dir.join(LOCK_FILE).display())]
+    InUse { dir: PathBuf, pid: String },
+    #[error("state.dir {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The state directory, locked by this process.
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
+    /// The exclusive lock: two processes sharing a state dir would overwrite each
+    /// other's state and interleave their audit lines. Released when the last clone
+    /// drops (or the process dies: the kernel drops the lock with the descriptor).
+    _lock: Arc<File>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the state directory.
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
-        fs::create_dir_all(dir)?;
+    /// Opens (creating if needed) and locks the state directory. A directory another
+    /// process holds is refused, naming that process.
+    pub fn open(dir: &Path) -> Result<Self, StateDirError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateDirError::Io { path, source }
+        };
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = std::io::Read::read_to_string(&mut lock, &mut pid);
+                let pid = pid.trim();
+                return Err(StateDirError::InUse {
+                    dir: dir.to_path_buf(),
+                    pid: if pid.is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid.into()
+                    },
+                });
+            }
+            Err(fs::TryLockError::Error(source)) => return Err(io(&lock_path)(source)),
+        }
+        lock.set_len(0).map_err(io(&lock_path))?;
+        writeln!(lock, "{}", std::process::id()).map_err(io(&lock_path))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            _lock: Arc::new(lock),
         })
     }
 
@@ -188,5 +241,25 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_second_opener_is_refused_with_the_holders_pid() {
+        let dir = std::env::temp_dir().join(format!("splitgate-lock-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let first = Store::open(&dir).unwrap();
+        let error = Store::open(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("pid {}", std::process::id())),
+            "{error}"
+        );
+        assert!(error.contains(&dir.display().to_string()), "{error}");
+        drop(first);
+        Store::open(&dir).expect("the lock goes with its holder");
     }
 }

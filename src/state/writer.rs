@@ -48,7 +48,7 @@ pub async fn start(
     settings: Settings,
     config_path: Option<PathBuf>,
 ) -> Result<StateHandle, ChangeError> {
-    let store = Store::open(&settings.state_dir).map_err(ChangeError::Persist)?;
+    let store = Store::open(&settings.state_dir)?;
     let loaded = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.load())
@@ -125,6 +125,12 @@ impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(command) = rx.recv().await {
             match command {
+                Command::Stop { reply } => {
+                    drop(rx);
+                    drop(self);
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
                 Command::SetWeight {
                     route,
                     weight_bp,
@@ -200,6 +206,11 @@ impl Writer {
         self.route_state(route)?;
         let mut next = self.saved.clone();
         next.get_mut(route).expect("checked").trip = None;
+        // The canary's evidence goes with the trip: judged again on the samples that
+        // tripped it, the route would trip again at once. Cleared before the untripped
+        // snapshot is published, so the guard never sees one without the other.
+        let windows = &self.parts[route].windows;
+        windows.canary.clear(windows.now_ms());
         self.commit(next, source).await
     }
 
