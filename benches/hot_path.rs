@@ -102,7 +102,7 @@ fn route_match(c: &mut Criterion) {
 }
 
 fn recording(c: &mut Criterion) {
-    let registry = Registry::new();
+    let registry = Registry::new(&[]);
     let metrics = RouteMetrics::new(&registry, "api", "s", Some("c"));
     c.bench_function("metrics record (one request)", |b| {
         b.iter(|| {

@@ -112,9 +112,10 @@ struct AdminArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let format = cli.log_format;
+    init_logging(format);
     match cli.command {
-        Command::Check { config } => match load_and_preflight(&config) {
+        Command::Check { config } => match load_and_preflight(&config, LogFormat::Text) {
             Ok(_) => {
                 println!("ok");
                 ExitCode::SUCCESS
@@ -122,18 +123,20 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Run { config } => {
-            let settings = match load_and_preflight(&config) {
+            let settings = match load_and_preflight(&config, format) {
                 Ok(settings) => settings,
                 Err(code) => return code,
             };
             report(
+                format,
                 runtime(settings.server.workers)
                     .and_then(|rt| Ok(rt.block_on(splitgate::app::run(settings, config))?)),
             )
         }
-        Command::Demo { port, admin_port } => {
-            report(runtime(0).and_then(|rt| rt.block_on(demo(port, admin_port))))
-        }
+        Command::Demo { port, admin_port } => report(
+            format,
+            runtime(0).and_then(|rt| rt.block_on(demo(port, admin_port))),
+        ),
         Command::Weight {
             route,
             percent,
@@ -170,9 +173,11 @@ fn main() -> ExitCode {
 
 /// Loads the config and checks what needs the outside world (the admin token, the
 /// certificate files). Prints every problem, each naming the file; `Err` is exit 2.
-fn load_and_preflight(path: &Path) -> Result<Settings, ExitCode> {
+fn load_and_preflight(path: &Path, format: LogFormat) -> Result<Settings, ExitCode> {
     let settings = config::load(path).map_err(|error| {
-        eprintln!("{error}");
+        for message in error.messages() {
+            fatal(format, &message);
+        }
         ExitCode::from(2)
     })?;
     let mut problems = Vec::new();
@@ -184,7 +189,10 @@ fn load_and_preflight(path: &Path) -> Result<Settings, ExitCode> {
         match splitgate::server::tls::load(tls) {
             Ok((_, warnings)) => {
                 for warning in warnings {
-                    eprintln!("{}: warning: {warning}", path.display());
+                    match format {
+                        LogFormat::Text => eprintln!("{}: warning: {warning}", path.display()),
+                        LogFormat::Json => tracing::warn!(config = %path.display(), "{warning}"),
+                    }
                 }
             }
             Err(error) => problems.push(error.to_string()),
@@ -194,9 +202,32 @@ fn load_and_preflight(path: &Path) -> Result<Settings, ExitCode> {
         return Ok(settings);
     }
     for problem in problems {
-        eprintln!("{}: {problem}", path.display());
+        fatal(format, &format!("{}: {problem}", path.display()));
     }
     Err(ExitCode::from(2))
+}
+
+/// A problem that stops splitgate: a plain line for people, or a JSON event where the
+/// logs are JSON (a log shipper would otherwise drop the one line that matters).
+fn fatal(format: LogFormat, message: &str) {
+    match format {
+        LogFormat::Text => eprintln!("{message}"),
+        LogFormat::Json => tracing::error!(error = message, "splitgate cannot run"),
+    }
+}
+
+/// An error and its causes on one line. Most of our errors already include their
+/// cause in their own message; a cause is added only when it says something new.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn init_logging(format: LogFormat) {
@@ -230,11 +261,15 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(builder.enable_all().build()?)
 }
 
-fn report(result: anyhow::Result<()>) -> ExitCode {
+fn report(format: LogFormat, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("splitgate: {error:#}");
+            let message = error_chain(&error);
+            match format {
+                LogFormat::Text => fatal(format, &format!("splitgate: {message}")),
+                LogFormat::Json => fatal(format, &message),
+            }
             ExitCode::FAILURE
         }
     }
@@ -294,14 +329,29 @@ fn status(args: &AdminArgs, route: Option<&str>, json: bool) -> ExitCode {
         });
         let (status, text) = client.call(Method::GET, &path, None).await?;
         let value = expect_ok(status, &text)?;
-        if json {
-            return Ok(text);
-        }
         let routes = match route {
-            Some(_) => vec![value],
+            Some(_) => vec![value.clone()],
             None => value["routes"].as_array().cloned().unwrap_or_default(),
         };
-        Ok(splitgate::client::status_table(&routes))
+        let tripped: Vec<&str> = routes
+            .iter()
+            .filter(|r| r["slo"]["state"] == "tripped")
+            .filter_map(|r| r["name"].as_str())
+            .collect();
+        let shown = if json {
+            text
+        } else {
+            splitgate::client::status_table(&routes)
+        };
+        if tripped.is_empty() {
+            return Ok(shown);
+        }
+        // A deploy script must not carry on past an automatic rollback.
+        print!("{shown}");
+        anyhow::bail!(
+            "SLO tripped on {}: canary weight is 0 until `splitgate reset`",
+            tripped.join(", ")
+        )
     });
     print_result(result)
 }
@@ -313,7 +363,7 @@ fn print_result(result: anyhow::Result<String>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("splitgate: {error:#}");
+            eprintln!("splitgate: {}", error_chain(&error));
             ExitCode::FAILURE
         }
     }

@@ -34,6 +34,8 @@ pub struct Shared {
     pub certificates: Option<Arc<Certificates>>,
     pub(crate) reloads_ok: Counter,
     pub(crate) reloads_failed: Counter,
+    /// Failed writes of `state.dir` (`splitgate_state_persist_failures_total`).
+    pub(crate) persist_failures: Counter,
 }
 
 /// Who asked for a change; recorded in the audit log.

@@ -631,3 +631,66 @@ async fn slo_source_is_recorded_in_the_audit_log() {
         .iter()
         .any(|l| l["action"] == "reset" && l["source"] == "cli"));
 }
+
+/// After a rollout reached 100 %, pointing `canary` at a new version (or changing the
+/// canary upstream's instances) must not send every user to the untested version: the
+/// route starts at the file's weight, and the audit log says why.
+#[tokio::test]
+async fn a_new_canary_starts_at_the_files_weight_not_the_live_one() {
+    let s = setup("", "").await;
+    let (status, _) = admin(
+        s.proxy.admin,
+        "PUT",
+        "/admin/routes/main/weight",
+        r#"{"canary_weight": 100}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // The same canary upstream, reloaded: the live weight stays.
+    let (status, _) = admin(s.proxy.admin, "POST", "/admin/reload", "", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(weight_of(s.proxy.admin).await, 100.0);
+
+    // canary now points at another upstream.
+    let v3 = named_upstream("v3").await;
+    let text = std::fs::read_to_string(&s.proxy.config_path).unwrap();
+    let text = text.replace(
+        "[[routes]]",
+        &format!(
+            "[upstreams.v3]\ninstances = [\"{}\"]\n\n[[routes]]",
+            v3.addr
+        ),
+    );
+    let text = text.replace("canary = \"canary-pool\"", "canary = \"v3\"");
+    std::fs::write(&s.proxy.config_path, &text).unwrap();
+    let (status, body) = admin(s.proxy.admin, "POST", "/admin/reload", "", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(weight_of(s.proxy.admin).await, 10.0, "the file's weight");
+    let line = audit_lines(&s.proxy)
+        .into_iter()
+        .rfind(|l| l["action"] == "canary_changed")
+        .expect("an audit line for the canary change");
+    assert_eq!(line["new_weight"], 10.0);
+    assert!(
+        line["detail"].as_str().unwrap().contains("canary-pool")
+            && line["detail"].as_str().unwrap().contains("v3"),
+        "{line}"
+    );
+
+    // The same upstream name with other instances is another version too.
+    admin(
+        s.proxy.admin,
+        "PUT",
+        "/admin/routes/main/weight",
+        r#"{"canary_weight": 100}"#,
+        None,
+    )
+    .await;
+    let v4 = named_upstream("v4").await;
+    let text = text.replace(&v3.addr.to_string(), &v4.addr.to_string());
+    std::fs::write(&s.proxy.config_path, text).unwrap();
+    let (status, _) = admin(s.proxy.admin, "POST", "/admin/reload", "", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(weight_of(s.proxy.admin).await, 10.0);
+}

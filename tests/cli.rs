@@ -125,6 +125,8 @@ struct Process {
     child: Child,
     proxy: SocketAddr,
     admin: SocketAddr,
+    /// Every JSON log line the process has written to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Drop for Process {
@@ -161,11 +163,20 @@ fn spawn(config: &std::path::Path) -> Process {
         }
     };
     // Keep draining stderr so the process never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Ok(event) = serde_json::from_str(&line) {
+                kept.lock().unwrap().push(event);
+            }
+        }
+    });
     Process {
         child,
         proxy,
         admin,
+        log,
     }
 }
 
@@ -320,6 +331,22 @@ async fn deploy_cli_moves_weights_and_a_weight_survives_kill_9() {
         .unwrap();
     assert_eq!(code, 0);
     assert!(stdout.contains("50% -> 0%"), "{stdout}");
+    // The process log says what changed, not only audit.jsonl.
+    let logged_rollback = |e: &serde_json::Value| {
+        e["message"] == "route state changed"
+            && e["level"] == "INFO"
+            && e["route"] == "main"
+            && e["new_weight"] == 0.0
+            && e["by"] == "cli"
+    };
+    for _ in 0..100 {
+        if process.log.lock().unwrap().iter().any(logged_rollback) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logged = process.log.lock().unwrap().clone();
+    assert!(logged.iter().any(logged_rollback), "{logged:?}");
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     assert!(
         audit
@@ -390,6 +417,107 @@ async fn kill_9_right_after_an_slo_trip_keeps_the_route_tripped() {
         serde_json::from_slice(&get(process.admin, "/admin/routes/main", &[]).await.body).unwrap();
     assert_eq!(state["slo"]["state"], "tripped");
     assert_eq!(state["canary_weight"], 0.0);
+    // A deploy script's `splitgate status` fails on a tripped route.
+    let admin = process.admin;
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || cli(admin, &["status"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("tripped"), "{stdout}");
+    assert!(stderr.contains("SLO tripped on main"), "{stderr}");
     let reply = get(process.proxy, "/", &[("x-user-id", "anyone")]).await;
     assert_eq!(reply.headers["x-splitgate-variant"], "stable");
+}
+
+/// Runs `splitgate run` on a config expected to fail at start; returns exit code and stderr.
+fn run_fails(args: &[&str], config: &std::path::Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["run", "-c"])
+        .arg(config)
+        .env_remove("SPLITGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_state_dir_refuses_to_start_naming_the_holder() {
+    let dir = TempDir::new("state-lock");
+    let (path, _stable, _canary) = two_pool_config(&dir).await;
+    let first = spawn(&path);
+    let (code, stderr) =
+        tokio::task::spawn_blocking(move || run_fails(&["--log-format", "json"], &path))
+            .await
+            .unwrap();
+    assert_ne!(code, 0);
+    // Fatal start errors follow --log-format json.
+    let event: serde_json::Value = stderr
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no JSON error line: {stderr}"));
+    assert_eq!(event["level"], "ERROR", "{event}");
+    let error = event["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("pid {}", first.child.id())),
+        "{error}"
+    );
+    assert!(error.contains(&dir.path().display().to_string()), "{error}");
+    // The first is untouched and still serving.
+    assert_eq!(
+        get(first.admin, "/healthz", &[]).await.status,
+        StatusCode::OK
+    );
+}
+
+#[test]
+fn start_errors_name_the_problem_once() {
+    let dir = TempDir::new("start-errors");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let path = dir.path().join("c.toml");
+    let text = config(
+        dir.path(),
+        &["127.0.0.1:1".parse().unwrap()],
+        None,
+        "",
+        "",
+        "",
+    )
+    .replace(
+        "listen = \"127.0.0.1:0\"\naccess_log",
+        &format!("listen = \"127.0.0.1:{port}\"\naccess_log"),
+    );
+    std::fs::write(&path, text).unwrap();
+    let (code, stderr) = run_fails(&[], &path);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("server.listen 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+
+    // A state.dir that cannot be created names its path.
+    let text = config(
+        std::path::Path::new("/proc/splitgate-no-such-dir"),
+        &["127.0.0.1:1".parse().unwrap()],
+        None,
+        "",
+        "",
+        "",
+    );
+    std::fs::write(&path, text).unwrap();
+    let (code, stderr) = run_fails(&[], &path);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("state.dir /proc/splitgate-no-such-dir"),
+        "{stderr}"
+    );
 }

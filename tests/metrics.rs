@@ -263,3 +263,111 @@ stable = "slow"
         }
     }
 }
+
+/// Every family has `# HELP` and `# TYPE` (`promtool check metrics` fails without).
+#[tokio::test]
+async fn every_family_has_help_and_type() {
+    let (proxy, _, _) = split_proxy("metrics-help", "", "").await;
+    get(proxy.addr, "/", &[("x-user-id", "a")]).await;
+    let text = get(proxy.admin, "/metrics", &[]).await.text();
+    let typed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(typed.len() >= 6, "{text}");
+    for name in typed {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# HELP {name} ")) && l.len() > name.len() + 10),
+            "no HELP for {name}:\n{text}"
+        );
+    }
+}
+
+/// The p99 a PromQL query reads agrees with the guard on which side of each configured
+/// threshold the canary is: every route's latency limit and every alert threshold is a
+/// bucket boundary, with at least four buckets per decade from 1 ms to 10 s.
+#[tokio::test]
+async fn every_latency_threshold_is_a_bucket_boundary() {
+    let route = "[routes.slo]\nmax_p99_latency = \"606ms\"\n";
+    let (proxy, _, _) = split_proxy("metrics-buckets", "", route).await;
+    get(proxy.addr, "/", &[("x-user-id", "a")]).await;
+    let text = get(proxy.admin, "/metrics", &[]).await.text();
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let (_, bounds) = histogram_count(
+        &scrape,
+        "splitgate_request_duration_seconds",
+        &[("variant", "stable")],
+    );
+    for threshold in [0.606, 0.8] {
+        assert!(bounds.contains(&threshold), "{threshold} not in {bounds:?}");
+    }
+    for decade in [0.001, 0.01, 0.1, 1.0] {
+        let inside = bounds
+            .iter()
+            .filter(|b| **b > decade && **b <= decade * 10.0)
+            .count();
+        assert!(inside >= 4, "{inside} buckets above {decade}: {bounds:?}");
+    }
+    assert_eq!(bounds.iter().copied().fold(f64::NAN, f64::min), 0.001);
+}
+
+/// The thresholds in the shipped `config/alerts.yml` are the ones the registry makes
+/// boundaries of.
+#[test]
+fn alert_latency_thresholds_match_the_shipped_rules() {
+    let text = std::fs::read_to_string("config/alerts.yml").unwrap();
+    let docs = yaml_rust::YamlLoader::load_from_str(&text).unwrap();
+    let mut found = Vec::new();
+    for rule in docs[0]["groups"][0]["rules"].as_vec().unwrap() {
+        let expr = rule["expr"].as_str().unwrap();
+        if !expr.contains("splitgate_request_duration_seconds_bucket") {
+            continue;
+        }
+        let threshold: f64 = expr.rsplit('>').next().unwrap().trim().parse().unwrap();
+        found.push(threshold);
+    }
+    assert!(!found.is_empty());
+    assert_eq!(
+        found,
+        splitgate::telemetry::names::ALERT_LATENCY_THRESHOLDS,
+        "update ALERT_LATENCY_THRESHOLDS with config/alerts.yml"
+    );
+}
+
+/// A state write that fails refuses the change, logs an error, and counts in
+/// `splitgate_state_persist_failures_total` (an alert watches it).
+#[tokio::test]
+async fn a_failed_state_write_refuses_the_change_and_is_counted() {
+    let (proxy, _, _) = split_proxy("metrics-persist", "", "").await;
+    // A directory where the temp file goes makes the next write fail, even as root.
+    std::fs::create_dir(proxy.dir.path().join("state.json.tmp")).unwrap();
+    let (status, body) = admin(
+        proxy.admin,
+        "PUT",
+        "/admin/routes/main/weight",
+        r#"{"canary_weight": 40}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("could not persist"),
+        "{body}"
+    );
+    let text = get(proxy.admin, "/metrics", &[]).await.text();
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    assert_eq!(
+        value(&scrape, "splitgate_state_persist_failures_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        value(&scrape, "splitgate_canary_weight", &[("route", "main")]),
+        10.0,
+        "nothing changed"
+    );
+}

@@ -52,6 +52,18 @@ pub struct TlsSettings {
     pub session_resumption: bool,
 }
 
+impl Settings {
+    /// Every configured absolute latency limit, in seconds: each becomes a bucket
+    /// boundary of the duration histogram.
+    pub fn latency_thresholds(&self) -> Vec<f64> {
+        self.routes
+            .iter()
+            .filter_map(|r| r.slo.as_ref()?.max_p99_latency)
+            .map(|limit| limit.as_secs_f64())
+            .collect()
+    }
+}
+
 /// TLS towards an upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTls {

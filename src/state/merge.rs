@@ -3,60 +3,94 @@
 //! The rules, in order:
 //! 1. A tripped route stays tripped at weight 0 whatever the file says; only
 //!    `reset` clears a trip.
-//! 2. If the file's weight for a route is unchanged since the state was saved, the live
+//! 2. If what the canary points at changed (another upstream, or other instances), the
+//!    live weight was earned by another version: the route starts at the file's weight.
+//! 3. If the file's weight for a route is unchanged since the state was saved, the live
 //!    weight (set through the admin API, the CLI or a rollout) wins.
-//! 3. If the file's weight changed, the operator edited it on purpose: the file wins.
-//! 4. A route with no canary has weight 0. A route that left the file leaves the state.
-//! 5. A corrupt state file means nothing is known about what was reverted, so every
+//! 4. If the file's weight changed, the operator edited it on purpose: the file wins.
+//! 5. A route with no canary has weight 0. A route that left the file leaves the state.
+//! 6. A corrupt state file means nothing is known about what was reverted, so every
 //!    canary starts at 0, tripped with reason `corrupt_state`, until an operator resets it.
 
 use std::collections::BTreeMap;
 
 use super::snapshot::Trip;
 use super::store::SavedRoute;
-use crate::config::Settings;
+use crate::config::{RouteSpec, Settings};
 
-/// Combines the file with saved state. Returns the new state.
+/// The merged state, and why routes changed where a reason is worth an audit line.
+pub struct Merged {
+    pub routes: BTreeMap<String, SavedRoute>,
+    pub notes: BTreeMap<String, String>,
+}
+
+/// What a route's canary points at: the upstream's name and its instances.
+pub fn canary_target(settings: &Settings, spec: &RouteSpec) -> Option<String> {
+    let name = spec.canary.as_ref()?;
+    let instances = settings.upstreams.get(name).map_or_else(String::new, |u| {
+        u.instances
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    Some(format!("{name} [{instances}]"))
+}
+
+/// Combines the file with saved state.
 pub fn merge(
     settings: &Settings,
     saved: &BTreeMap<String, SavedRoute>,
     corrupt: Option<&Trip>,
-) -> BTreeMap<String, SavedRoute> {
-    settings
+) -> Merged {
+    let mut notes = BTreeMap::new();
+    let routes = settings
         .routes
         .iter()
         .map(|spec| {
             let file_weight_bp = spec.file_weight_bp;
             let has_canary = spec.canary.is_some();
+            let canary = canary_target(settings, spec);
+            let fresh = SavedRoute {
+                weight_bp: if has_canary { file_weight_bp } else { 0 },
+                file_weight_bp,
+                trip: None,
+                rollout: None,
+                canary: canary.clone(),
+            };
             let route = match (saved.get(&spec.name), corrupt) {
                 (_, Some(trip)) if has_canary => SavedRoute {
                     weight_bp: 0,
-                    file_weight_bp,
                     trip: Some(trip.clone()),
-                    rollout: None,
+                    ..fresh
                 },
                 (Some(old), _) if old.trip.is_some() && has_canary => SavedRoute {
                     weight_bp: 0,
-                    file_weight_bp,
                     trip: old.trip.clone(),
-                    rollout: None,
+                    ..fresh
                 },
+                (Some(old), _) if has_canary && old.canary.is_some() && old.canary != canary => {
+                    notes.insert(
+                        spec.name.clone(),
+                        format!(
+                            "canary changed from {} to {}: starting at the file's weight",
+                            old.canary.as_deref().unwrap_or("-"),
+                            canary.as_deref().unwrap_or("-"),
+                        ),
+                    );
+                    fresh
+                }
                 (Some(old), _) if old.file_weight_bp == file_weight_bp && has_canary => {
                     SavedRoute {
                         weight_bp: old.weight_bp,
-                        file_weight_bp,
-                        trip: None,
                         rollout: old.rollout.clone().filter(|_| spec.rollout.is_some()),
+                        ..fresh
                     }
                 }
-                _ => SavedRoute {
-                    weight_bp: if has_canary { file_weight_bp } else { 0 },
-                    file_weight_bp,
-                    trip: None,
-                    rollout: None,
-                },
+                _ => fresh,
             };
             (spec.name.clone(), route)
         })
-        .collect()
+        .collect();
+    Merged { routes, notes }
 }

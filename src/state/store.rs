@@ -31,6 +31,11 @@ pub struct SavedRoute {
     pub trip: Option<Trip>,
     #[serde(default)]
     pub rollout: Option<RolloutProgress>,
+    /// What the canary pointed at (upstream and instances) when this was saved: when
+    /// it changes, the live weight belongs to another version and the file's applies.
+    /// Absent in state files from before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -220,6 +225,7 @@ mod tests {
                 file_weight_bp: 500,
                 trip: None,
                 rollout: None,
+                canary: Some("v2 [127.0.0.1:2]".into()),
             },
         );
         store.save(&routes).unwrap();

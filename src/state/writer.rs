@@ -19,6 +19,7 @@ use crate::server::tls::{self, Certificates};
 use crate::slo::{RouteWindows, DEFAULT_WINDOW};
 use crate::telemetry::names::{
     CONFIG_RELOADS_TOTAL, LABEL_OUTCOME, LABEL_REASON, LABEL_ROUTE, SLO_TRIPS_TOTAL,
+    STATE_PERSIST_FAILURES_TOTAL,
 };
 use crate::telemetry::{Registry, RouteMetrics};
 use crate::upstream::Upstream;
@@ -86,9 +87,10 @@ pub async fn start(
         }
         None => None,
     };
-    let registry = Registry::new();
+    let registry = Registry::new(&settings.latency_thresholds());
     let reloads_ok = registry.counter(CONFIG_RELOADS_TOTAL, &[(LABEL_OUTCOME, "ok")]);
     let reloads_failed = registry.counter(CONFIG_RELOADS_TOTAL, &[(LABEL_OUTCOME, "error")]);
+    let persist_failures = registry.counter(STATE_PERSIST_FAILURES_TOTAL, &[]);
     let merged = merge::merge(&settings, &saved, corrupt.as_ref());
     let placeholder = Snapshot {
         generation: 0,
@@ -102,6 +104,7 @@ pub async fn start(
         certificates,
         reloads_ok,
         reloads_failed,
+        persist_failures,
     });
     let mut writer = Writer {
         shared: shared.clone(),
@@ -115,7 +118,9 @@ pub async fn start(
         generation: 0,
     };
     writer.install(writer.settings.clone());
-    writer.commit(merged, Source::Start).await?;
+    writer
+        .commit_noted(merged.routes, Source::Start, &merged.notes)
+        .await?;
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(writer.run(rx));
     Ok(StateHandle { tx, shared })
@@ -376,6 +381,11 @@ impl Writer {
             }
             _ => None,
         };
+        for threshold in settings.latency_thresholds() {
+            if !self.shared.registry.has_duration_boundary(threshold) {
+                warnings.push(format!("latency limit {threshold}s is not a bucket of splitgate_request_duration_seconds until the next restart (PromQL quantiles near it are approximate until then)"));
+            }
+        }
         if settings.state_dir != old.state_dir {
             warnings.push("state.dir changed; it takes effect at the next restart".to_string());
         }
@@ -383,7 +393,10 @@ impl Writer {
         let previous = self.settings.clone();
         self.install(Arc::new(settings));
         // Weight changes a reload causes come from the file, whoever asked for the reload.
-        if let Err(error) = self.commit(merged, Source::Reload).await {
+        if let Err(error) = self
+            .commit_noted(merged.routes, Source::Reload, &merged.notes)
+            .await
+        {
             // Put the old config back: a reload that cannot be persisted changes nothing.
             self.install(previous);
             return Err(error);
@@ -444,12 +457,25 @@ impl Writer {
         next: BTreeMap<String, SavedRoute>,
         source: Source,
     ) -> Result<(), ChangeError> {
+        self.commit_noted(next, source, &BTreeMap::new()).await
+    }
+
+    /// `commit`, with a reason for some routes' change (from a merge) that goes into
+    /// their audit line.
+    async fn commit_noted(
+        &mut self,
+        next: BTreeMap<String, SavedRoute>,
+        source: Source,
+        notes: &BTreeMap<String, String>,
+    ) -> Result<(), ChangeError> {
         let time = crate::timefmt::now_rfc3339();
         let mut lines = Vec::new();
         for (route, new) in &next {
             let old = self.saved.get(route);
             let old_weight = old.map_or(new.file_weight_bp, |o| o.weight_bp);
+            let note = notes.get(route);
             let action = match (old.and_then(|o| o.trip.as_ref()), &new.trip) {
+                _ if note.is_some() => "canary_changed",
                 _ if old.is_none() => "init",
                 (None, Some(_)) => "trip",
                 (Some(_), None) => "reset",
@@ -457,19 +483,17 @@ impl Writer {
                 _ if old_weight != new.weight_bp => "weight",
                 _ => continue,
             };
-            lines.push((
-                route.clone(),
-                action,
-                old_weight,
-                new.weight_bp,
-                new.trip.as_ref().map(|t| t.detail.clone()),
-            ));
+            let detail = note
+                .cloned()
+                .or_else(|| new.trip.as_ref().map(|t| t.detail.clone()));
+            lines.push((route.clone(), action, old_weight, new.weight_bp, detail));
         }
         let store = self.store.clone();
         let to_save = next.clone();
-        tokio::task::spawn_blocking(move || {
+        let audited = lines.clone();
+        let persisted = tokio::task::spawn_blocking(move || {
             store.save(&to_save)?;
-            let entries: Vec<AuditEntry<'_>> = lines
+            let entries: Vec<AuditEntry<'_>> = audited
                 .iter()
                 .map(|(route, action, old, new, detail)| AuditEntry {
                     time: time.clone(),
@@ -484,8 +508,31 @@ impl Writer {
             store.audit(&entries)
         })
         .await
-        .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?
-        .map_err(ChangeError::Persist)?;
+        .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
+        .and_then(|saved| saved.map_err(ChangeError::Persist));
+        if let Err(error) = persisted {
+            self.shared.persist_failures.increment(1);
+            tracing::error!(
+                state_dir = %self.store.dir().display(),
+                by = source.as_str(),
+                %error,
+                "could not write state; the change was refused"
+            );
+            return Err(error);
+        }
+        // The process log says what changed too, not only audit.jsonl: it is what
+        // on-call reads first.
+        for (route, action, old, new, detail) in &lines {
+            tracing::info!(
+                route = %route,
+                action = *action,
+                old_weight = bp_to_percent(*old),
+                new_weight = bp_to_percent(*new),
+                by = source.as_str(),
+                detail = detail.as_deref(),
+                "route state changed"
+            );
+        }
         self.saved = next;
         self.publish();
         Ok(())

@@ -20,7 +20,39 @@ pub const LABEL_REASON: &str = "reason";
 pub const LABEL_OUTCOME: &str = "outcome";
 pub const LABEL_LISTENER: &str = "listener";
 
-/// Histogram buckets of request duration: 1 ms to 10 s.
-pub const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+pub const STATE_PERSIST_FAILURES_TOTAL: &str = "splitgate_state_persist_failures_total";
+
+/// The type of a metric family, for its `# TYPE` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every family with its `# HELP` text (`promtool check metrics` wants one on each).
+pub const FAMILIES: &[(&str, Kind, &str)] = &[
+    (REQUESTS_TOTAL, Kind::Counter, "Proxied requests by route, upstream, variant and status class (code=error: no response from the upstream)."),
+    (REQUEST_DURATION_SECONDS, Kind::Histogram, "Time from request received to response head sent, by route, upstream and variant."),
+    (UPSTREAM_ERRORS_TOTAL, Kind::Counter, "Failed upstream exchanges by route, upstream and kind (connect, timeout, reset, protocol)."),
+    (CANARY_WEIGHT, Kind::Gauge, "Live canary weight of a route, in percent."),
+    (SLO_STATE, Kind::Gauge, "SLO state of a route: 0 ok, 1 tripped (canary pulled to weight 0)."),
+    (SLO_TRIPS_TOTAL, Kind::Counter, "SLO trips by route and reason."),
+    (CONFIG_RELOADS_TOTAL, Kind::Counter, "Config reloads by outcome (ok, error)."),
+    (CONNECTIONS, Kind::Gauge, "Open client connections by listener."),
+    (ROLLOUT_STEP, Kind::Gauge, "Step of a route's running rollout, 1-based; 0 when none runs."),
+    (STATE_PERSIST_FAILURES_TOTAL, Kind::Counter, "Writes of state.dir that failed; the change they carried was refused (a trip is still applied in memory)."),
 ];
+
+/// Histogram buckets of request duration, 1 ms to 10 s, five per decade (1, 2, 3, 5,
+/// 8). `0.8` is the p99 threshold in `config/alerts.yml`; every route's latency limit
+/// is added at start (see `Registry::new`), so PromQL's quantiles and the SLO guard
+/// agree on which side of a threshold a canary is.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.003, 0.005, 0.008, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0,
+    2.0, 3.0, 5.0, 8.0, 10.0,
+];
+
+/// The latency thresholds of the alerts shipped in `config/alerts.yml` (a test checks
+/// the file against this list).
+pub const ALERT_LATENCY_THRESHOLDS: &[f64] = &[0.8];

@@ -5,7 +5,9 @@
 //! Each [`Registry`] owns its recorder instead of installing a global one, so several
 //! proxies in one process (tests, the demo) keep separate counts.
 
-use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString,
+};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -18,25 +20,61 @@ static METADATA: Metadata<'static> = Metadata::new("splitgate", Level::INFO, Som
 pub struct Registry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// The duration histogram's bucket boundaries, in seconds.
+    buckets: Vec<f64>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Self::new()
+        Self::new(&[])
     }
 }
 
+/// The duration buckets: the standard ones plus `thresholds` (seconds), sorted.
+pub fn duration_buckets(thresholds: &[f64]) -> Vec<f64> {
+    let mut buckets: Vec<f64> = names::DURATION_BUCKETS
+        .iter()
+        .chain(names::ALERT_LATENCY_THRESHOLDS)
+        .chain(thresholds.iter().filter(|t| t.is_finite() && **t > 0.0))
+        .copied()
+        .collect();
+    buckets.sort_by(f64::total_cmp);
+    buckets.dedup();
+    buckets
+}
+
 impl Registry {
-    pub fn new() -> Self {
+    /// A registry whose duration histogram has a bucket boundary at each of
+    /// `latency_thresholds` (seconds): the configured SLO limits.
+    pub fn new(latency_thresholds: &[f64]) -> Self {
+        let buckets = duration_buckets(latency_thresholds);
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full(names::REQUEST_DURATION_SECONDS.to_string()),
-                names::DURATION_BUCKETS,
+                &buckets,
             )
-            .expect("duration buckets are a non-empty constant")
+            .expect("duration buckets are never empty")
             .build_recorder();
+        for &(name, kind, help) in names::FAMILIES {
+            let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
+            match kind {
+                names::Kind::Counter => recorder.describe_counter(name, None, help),
+                names::Kind::Gauge => recorder.describe_gauge(name, None, help),
+                names::Kind::Histogram => recorder.describe_histogram(name, None, help),
+            }
+        }
         let handle = recorder.handle();
-        Self { recorder, handle }
+        Self {
+            recorder,
+            handle,
+            buckets,
+        }
+    }
+
+    /// Whether `seconds` is a bucket boundary of the duration histogram (a reload that
+    /// brings a new latency limit warns when it is not: buckets are fixed at start).
+    pub fn has_duration_boundary(&self, seconds: f64) -> bool {
+        self.buckets.contains(&seconds)
     }
 
     /// The Prometheus text exposition of every metric.
