@@ -694,3 +694,27 @@ async fn a_new_canary_starts_at_the_files_weight_not_the_live_one() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(weight_of(s.proxy.admin).await, 10.0);
 }
+
+/// Only the documented object form sets a weight; every refusal names the field, and
+/// none names an internal type.
+#[tokio::test]
+async fn weight_bodies_other_than_the_object_form_are_refused_naming_the_field() {
+    let s = setup("", "").await;
+    for (body, says) in [
+        ("[20]", "JSON object"),
+        ("[]", "JSON object"),
+        ("20", "JSON object"),
+        ("{}", "canary_weight: missing"),
+        (r#"{"canary_weight": "25"}"#, "canary_weight: \"25\" is not a number"),
+        (r#"{"canary_weight": 101}"#, "canary_weight: weight 101 is outside"),
+        (r#"{"weight": 20}"#, "unknown field \"weight\""),
+    ] {
+        let (status, reply) =
+            admin(s.proxy.admin, "PUT", "/admin/routes/main/weight", body, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let error = reply["error"].as_str().unwrap();
+        assert!(error.contains(says), "{body}: {error}");
+        assert!(!error.contains("WeightBody"), "{body}: {error}");
+    }
+    assert_eq!(weight_of(s.proxy.admin).await, 10.0);
+}

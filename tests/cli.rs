@@ -107,6 +107,73 @@ fn check_names_unknown_fields_and_bad_durations() {
 }
 
 #[test]
+fn check_refuses_unreachable_routes_and_shared_listeners() {
+    let (code, _, stderr) = check(
+        r#"
+[server]
+listen = "127.0.0.1:8080"
+[admin]
+listen = "127.0.0.1:8080"
+[upstreams.a]
+instances = ["127.0.0.1:1"]
+[[routes]]
+name = "."
+stable = "a"
+[[routes]]
+name = ".."
+stable = "a"
+path_prefix = "/x"
+[[routes]]
+name = "api"
+host = "Example.com"
+path_prefix = "/api"
+stable = "a"
+[[routes]]
+name = "api-again"
+host = "example.com"
+path_prefix = "/api"
+stable = "a"
+"#,
+    );
+    assert_eq!(code, 2);
+    for expected in [
+        "admin.listen: 127.0.0.1:8080 is also server.listen",
+        "routes[0] (.).name: \".\" is not a usable name",
+        "routes[1] (..).name: \"..\" is not a usable name",
+        "routes[3] (api-again).path_prefix: another route already has host",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+}
+
+/// serde stops at the first schema error; check still names every one, by field.
+#[test]
+fn check_lists_every_schema_error() {
+    let (code, _, stderr) = check(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+max_conections = 5
+[upstreams.a]
+instances = ["127.0.0.1:1"]
+eject_after = "five"
+[[routes]]
+name = "r"
+stable = "a"
+canary_wieght = 5
+"#,
+    );
+    assert_eq!(code, 2);
+    for expected in [
+        "server.max_conections: unknown field `max_conections`",
+        "upstreams.a.eject_after: invalid type: string \"five\"",
+        "routes[0].canary_wieght: unknown field `canary_wieght`",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+}
+
+#[test]
 fn run_refuses_a_bad_config_with_exit_2() {
     let dir = TempDir::new("run-bad");
     let path = dir.path().join("c.toml");

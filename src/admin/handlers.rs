@@ -3,7 +3,6 @@
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::view::route_view;
@@ -33,17 +32,26 @@ pub fn show_route(state: &StateHandle, name: &str) -> Response<AdminBody> {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WeightBody {
-    canary_weight: f64,
-}
-
-/// Parses a `PUT .../weight` body into basis points, or says what is wrong with it.
+/// Parses a `PUT .../weight` body into basis points, or says what is wrong with it,
+/// naming the field. Only the documented object form is accepted (serde would also
+/// take a JSON array for a struct: `[20]`).
 pub fn parse_weight(body: &[u8]) -> Result<u32, String> {
-    let parsed: WeightBody = serde_json::from_slice(body)
-        .map_err(|e| format!("body must be {{\"canary_weight\": PERCENT}}: {e}"))?;
-    weight_to_bp(parsed.canary_weight)
+    const FORM: &str = "the body is {\"canary_weight\": PERCENT}";
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not JSON ({e}); {FORM}"))?;
+    let serde_json::Value::Object(fields) = value else {
+        return Err(format!("body must be a JSON object; {FORM}"));
+    };
+    if let Some(unknown) = fields.keys().find(|k| *k != "canary_weight") {
+        return Err(format!("unknown field {unknown:?}; {FORM}"));
+    }
+    let weight = fields
+        .get("canary_weight")
+        .ok_or_else(|| format!("canary_weight: missing; {FORM}"))?;
+    let percent = weight
+        .as_f64()
+        .ok_or_else(|| format!("canary_weight: {weight} is not a number"))?;
+    weight_to_bp(percent).map_err(|e| format!("canary_weight: {e}"))
 }
 
 pub async fn set_weight(
