@@ -115,7 +115,7 @@ pub fn status_table(routes: &[serde_json::Value]) -> String {
             percent(&route["canary_weight"]),
             percent(&route["file_weight"]),
             route["slo"]["state"].as_str().unwrap_or("?"),
-            canary["requests"],
+            canary["requests"].as_u64().unwrap_or(0),
             canary["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
             canary["p99_ms"].as_f64().unwrap_or(0.0),
             rollout
@@ -125,6 +125,31 @@ pub fn status_table(routes: &[serde_json::Value]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row's columns line up with the header's, whatever the values' lengths (a
+    /// `serde_json::Value` ignores the width it is printed with).
+    #[test]
+    fn status_columns_line_up() {
+        let route = |name: &str, requests: u64, state: &str| {
+            serde_json::json!({
+                "name": name, "canary_weight": 12.5, "file_weight": 5.0,
+                "slo": { "state": state },
+                "window": { "canary": { "requests": requests, "error_rate": 0.0123, "p99_ms": 812.4 } },
+                "rollout": null,
+            })
+        };
+        let table = status_table(&[route("api", 7, "ok"), route("checkout", 123_456, "tripped")]);
+        let lines: Vec<&str> = table.lines().collect();
+        let rollout_at = lines[0].find("ROLLOUT").unwrap();
+        for line in lines.iter().filter(|l| !l.starts_with(' ')).skip(1) {
+            assert_eq!(line.get(rollout_at..), Some("-"), "{table}");
+        }
+    }
 }
 
 /// What a change did, from the route's state before and after.

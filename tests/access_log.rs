@@ -60,6 +60,8 @@ async fn one_json_line_per_request_without_the_user_id() {
         &[
             ("x-user-id", "secret-user-7"),
             ("x-request-id", "req-abc-123"),
+            ("user-agent", "curl/8.5.0"),
+            ("host", "shop.example.com"),
         ],
     )
     .await;
@@ -105,6 +107,16 @@ async fn one_json_line_per_request_without_the_user_id() {
     };
     assert_eq!(first["instance"], served_by.to_string());
     assert!(first["duration_ms"].as_f64().unwrap() > 0.0);
+    // Microsecond precision, no float noise.
+    let duration = first["duration_ms"].to_string();
+    assert!(
+        duration.split('.').nth(1).is_none_or(|d| d.len() <= 3),
+        "{duration}"
+    );
+    // What an NGINX `combined` line has: client address, Host, user agent.
+    assert_eq!(first["client"], "127.0.0.1");
+    assert_eq!(first["host"], "shop.example.com");
+    assert_eq!(first["user_agent"], "curl/8.5.0");
     assert!(first["bytes"].as_u64().unwrap() > 0);
     assert_eq!(lines[1]["request_id"], generated_id.as_str());
 }

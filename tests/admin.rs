@@ -705,12 +705,24 @@ async fn weight_bodies_other_than_the_object_form_are_refused_naming_the_field()
         ("[]", "JSON object"),
         ("20", "JSON object"),
         ("{}", "canary_weight: missing"),
-        (r#"{"canary_weight": "25"}"#, "canary_weight: \"25\" is not a number"),
-        (r#"{"canary_weight": 101}"#, "canary_weight: weight 101 is outside"),
+        (
+            r#"{"canary_weight": "25"}"#,
+            "canary_weight: \"25\" is not a number",
+        ),
+        (
+            r#"{"canary_weight": 101}"#,
+            "canary_weight: weight 101 is outside",
+        ),
         (r#"{"weight": 20}"#, "unknown field \"weight\""),
     ] {
-        let (status, reply) =
-            admin(s.proxy.admin, "PUT", "/admin/routes/main/weight", body, None).await;
+        let (status, reply) = admin(
+            s.proxy.admin,
+            "PUT",
+            "/admin/routes/main/weight",
+            body,
+            None,
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         let error = reply["error"].as_str().unwrap();
         assert!(error.contains(says), "{body}: {error}");

@@ -142,7 +142,10 @@ stable = "a"
         "routes[1] (..).name: \"..\" is not a usable name",
         "routes[3] (api-again).path_prefix: another route already has host",
     ] {
-        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
     }
 }
 
@@ -169,7 +172,10 @@ canary_wieght = 5
         "upstreams.a.eject_after: invalid type: string \"five\"",
         "routes[0].canary_wieght: unknown field `canary_wieght`",
     ] {
-        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
     }
 }
 

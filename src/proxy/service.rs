@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, SET_COOKIE};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, SET_COOKIE, USER_AGENT};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
@@ -111,9 +111,12 @@ impl ProxyService {
             }
         };
         let client_version = parts.version;
-        let access = server
-            .access_log
-            .then(|| (parts.method.clone(), parts.uri.clone()));
+        let access = server.access_log.then(|| AccessHead {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            host: framing::request_host(&parts.uri, &parts.headers).to_owned(),
+            user_agent: parts.headers.get(USER_AGENT).cloned(),
+        });
         // An allowed upgrade (WebSocket) keeps its Upgrade header and goes upstream on
         // a connection of its own; the tunnel opens only if the upstream answers 101.
         let upgrade = upgrade::take(&mut parts, &server.upgrade_protocols);
@@ -218,11 +221,16 @@ impl ProxyService {
         }
         headers.insert(&X_REQUEST_ID, request_id.clone());
 
-        if let Some((method, uri)) = access {
+        if let Some(head) = access {
             access_log::log(&AccessRecord {
+                client: self.conn.peer.ip(),
                 request_id: request_id.to_str().unwrap_or("-"),
-                method: method.as_str(),
-                path: uri.path(),
+                host: Some(&head.host)
+                    .filter(|h| !h.is_empty())
+                    .map(String::as_str),
+                user_agent: head.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+                method: head.method.as_str(),
+                path: head.uri.path(),
                 route: &route.spec.name,
                 variant: variant.as_str(),
                 bucket: decision.bucket,
@@ -238,6 +246,14 @@ impl ProxyService {
         }
         Ok(response)
     }
+}
+
+/// What the access log needs of the request head, kept before the head goes upstream.
+struct AccessHead {
+    method: http::Method,
+    uri: http::Uri,
+    host: String,
+    user_agent: Option<HeaderValue>,
 }
 
 /// Where a request goes.
