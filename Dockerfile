@@ -11,11 +11,12 @@ RUN cargo build --release --locked --bin splitgate \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/splitgate /usr/local/bin/splitgate
-COPY config/splitgate.toml /etc/splitgate/splitgate.toml
+COPY config/container.toml /etc/splitgate/splitgate.toml
 COPY --from=build --chown=65532:65532 /out/state /var/lib/splitgate/state
 WORKDIR /var/lib/splitgate
 USER 65532:65532
-# 8080: proxy. 9901: admin API (loopback by default; set SPLITGATE_ADMIN_TOKEN to expose it).
+# 8080: proxy. 9901: admin API and /metrics on all interfaces; it refuses to start
+# unless SPLITGATE_ADMIN_TOKEN is set, and every change needs that token.
 EXPOSE 8080 9901
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["/usr/local/bin/splitgate", "health", "--admin", "http://127.0.0.1:9901"]
