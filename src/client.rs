@@ -127,6 +127,29 @@ pub fn status_table(routes: &[serde_json::Value]) -> String {
     out
 }
 
+/// What a change did, from the route's state before and after.
+pub fn change_summary(before: Option<&serde_json::Value>, after: &serde_json::Value) -> String {
+    let name = after["name"].as_str().unwrap_or("?");
+    let old = before.map_or("?".to_string(), |b| percent(&b["canary_weight"]));
+    let mut line = format!(
+        "{name}: canary weight {old}% -> {}%, slo {}",
+        percent(&after["canary_weight"]),
+        after["slo"]["state"].as_str().unwrap_or("?")
+    );
+    if let Some(step) = after["rollout"]["step"].as_u64() {
+        line.push_str(&format!(", rollout step {}", step + 1));
+    }
+    line.push('\n');
+    line
+}
+
+/// A weight as people write it: `5`, `12.5`.
+fn percent(value: &serde_json::Value) -> String {
+    value
+        .as_f64()
+        .map_or_else(|| "?".to_string(), |v| v.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,27 +173,4 @@ mod tests {
             assert_eq!(line.get(rollout_at..), Some("-"), "{table}");
         }
     }
-}
-
-/// What a change did, from the route's state before and after.
-pub fn change_summary(before: Option<&serde_json::Value>, after: &serde_json::Value) -> String {
-    let name = after["name"].as_str().unwrap_or("?");
-    let old = before.map_or("?".to_string(), |b| percent(&b["canary_weight"]));
-    let mut line = format!(
-        "{name}: canary weight {old}% -> {}%, slo {}",
-        percent(&after["canary_weight"]),
-        after["slo"]["state"].as_str().unwrap_or("?")
-    );
-    if let Some(step) = after["rollout"]["step"].as_u64() {
-        line.push_str(&format!(", rollout step {}", step + 1));
-    }
-    line.push('\n');
-    line
-}
-
-/// A weight as people write it: `5`, `12.5`.
-fn percent(value: &serde_json::Value) -> String {
-    value
-        .as_f64()
-        .map_or_else(|| "?".to_string(), |v| v.to_string())
 }

@@ -138,7 +138,7 @@ mod tests {
         }
         let (mut parts, ()) = builder.body(()).unwrap().into_parts();
         // hyper puts this in every HTTP/1.1 request; a test stands in for it.
-        let on_upgrade = hyper::upgrade::on(&mut http::Request::new(()));
+        let on_upgrade = hyper::upgrade::on(http::Request::new(()));
         parts.extensions.insert(on_upgrade);
         parts
     }

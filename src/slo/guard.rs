@@ -26,7 +26,7 @@ pub async fn run(state: StateHandle, mut shutdown: watch::Receiver<bool>) {
             _ = tick.tick() => {
                 evaluate(&state, &state.shared.snapshot.load_full()).await;
                 ticks = ticks.wrapping_add(1);
-                if ticks % METRICS_UPKEEP_EVERY == 0 {
+                if ticks.is_multiple_of(METRICS_UPKEEP_EVERY) {
                     state.shared.registry.upkeep();
                 }
             }
