@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, SET_COOKIE, USER_AGENT};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, SET_COOKIE, USER_AGENT};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
@@ -114,7 +114,7 @@ impl ProxyService {
         let access = server.access_log.then(|| AccessHead {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
-            host: framing::request_host(&parts.uri, &parts.headers).to_owned(),
+            host: parts.headers.get(HOST).cloned(),
             user_agent: parts.headers.get(USER_AGENT).cloned(),
         });
         // An allowed upgrade (WebSocket) keeps its Upgrade header and goes upstream on
@@ -225,9 +225,11 @@ impl ProxyService {
             access_log::log(&AccessRecord {
                 client: self.conn.peer.ip(),
                 request_id: request_id.to_str().unwrap_or("-"),
-                host: Some(&head.host)
-                    .filter(|h| !h.is_empty())
-                    .map(String::as_str),
+                host: head
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str())
+                    .or_else(|| head.host.as_ref().and_then(|v| v.to_str().ok())),
                 user_agent: head.user_agent.as_ref().and_then(|v| v.to_str().ok()),
                 method: head.method.as_str(),
                 path: head.uri.path(),
@@ -252,7 +254,8 @@ impl ProxyService {
 struct AccessHead {
     method: http::Method,
     uri: http::Uri,
-    host: String,
+    /// The Host header (a shared-buffer clone, no copy); h2's `:authority` is in `uri`.
+    host: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
 }
 
