@@ -108,6 +108,16 @@ impl ErrorKind {
 /// healthy ones never reach a user.
 pub const MAX_CONNECT_TRIES: usize = 3;
 
+/// What [`Upstream::send`] did.
+pub struct Sent {
+    /// The instance that answered, or failed last.
+    pub instance: Arc<Pool>,
+    pub result: Result<Response<PooledBody>, UpstreamError>,
+    /// Refused or timed-out connects that moved the request to another instance; the
+    /// last failure, when nothing answered, is in `result` instead.
+    pub failed_connects: usize,
+}
+
 /// A named upstream: its instances and the round-robin cursor.
 pub struct Upstream {
     pub spec: UpstreamSpec,
@@ -179,12 +189,9 @@ impl Upstream {
     /// connection is free) and the wait for the response head are each bounded by
     /// their timeout. A refused or timed-out connect sent nothing, so the request moves
     /// to another instance (any method), up to [`MAX_CONNECT_TRIES`] instances in all.
-    /// Returns the instance that answered (or failed last).
-    pub async fn send(
-        &self,
-        mut instance: Arc<Pool>,
-        request: Request<UpstreamBody>,
-    ) -> (Arc<Pool>, Result<Response<PooledBody>, UpstreamError>) {
+    /// Returns the instance that answered (or failed last) and the connect failures
+    /// that moved the request on.
+    pub async fn send(&self, mut instance: Arc<Pool>, request: Request<UpstreamBody>) -> Sent {
         let timeouts = self.spec.timeouts;
         let upgrade = request.headers().contains_key(UPGRADE);
         let mut tried = Vec::new();
@@ -198,7 +205,12 @@ impl Upstream {
                         .then(|| self.pick_untried(&tried))
                         .flatten();
                     let Some(next) = next else {
-                        return (instance, Err(error));
+                        tried.pop();
+                        return Sent {
+                            instance,
+                            result: Err(error),
+                            failed_connects: tried.len(),
+                        };
                     };
                     tracing::debug!(
                         upstream = self.name(),
@@ -209,7 +221,13 @@ impl Upstream {
                     );
                     instance = next;
                 }
-                Err(error) => return (instance, Err(error)),
+                Err(error) => {
+                    return Sent {
+                        instance,
+                        result: Err(error),
+                        failed_connects: tried.len(),
+                    }
+                }
             }
         };
         let result = instance.send_on(connection, request, timeouts).await;
@@ -220,6 +238,10 @@ impl Upstream {
             Err(UpstreamError::ClientBody(_) | UpstreamError::QueueTimeout) => {}
             Err(_) => instance.health.failure(instance.addr()),
         }
-        (instance, result)
+        Sent {
+            instance,
+            result,
+            failed_connects: tried.len(),
+        }
     }
 }

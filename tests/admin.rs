@@ -565,6 +565,21 @@ async fn the_override_is_off_by_default_and_honoured_only_from_override_from() {
     let (plain, header, cookie) = sides(&s.proxy, STABLE_USER).await;
     assert_eq!(plain, "stable");
     assert_eq!((header.as_str(), cookie.as_str()), ("stable", "stable"));
+    // Still stripped: an upstream that reads it must not be steered by any client.
+    let reply = get(
+        s.proxy.addr,
+        "/",
+        &[
+            ("x-splitgate-variant", "canary"),
+            ("x-user-id", STABLE_USER),
+        ],
+    )
+    .await;
+    assert!(
+        !reply.text().contains("x-splitgate-variant"),
+        "{}",
+        reply.text()
+    );
 
     // Enabled: honoured from loopback (the default override_from), and stripped.
     let s = setup("", "override_enabled = true").await;
@@ -647,10 +662,16 @@ async fn a_new_canary_starts_at_the_files_weight_not_the_live_one() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    // The same canary upstream, reloaded: the live weight stays.
+    for i in 0..5 {
+        get(s.proxy.addr, "/", &[("x-user-id", &format!("u{i}"))]).await;
+    }
+    let canary_requests = |state: &Value| state["window"]["canary"]["requests"].as_u64();
+    // The same canary upstream, reloaded: the live weight and its evidence stay.
     let (status, _) = admin(s.proxy.admin, "POST", "/admin/reload", "", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(weight_of(s.proxy.admin).await, 100.0);
+    let (_, state) = admin(s.proxy.admin, "GET", "/admin/routes/main", "", None).await;
+    assert_eq!(canary_requests(&state), Some(5));
 
     // canary now points at another upstream.
     let v3 = named_upstream("v3").await;
@@ -667,6 +688,12 @@ async fn a_new_canary_starts_at_the_files_weight_not_the_live_one() {
     let (status, body) = admin(s.proxy.admin, "POST", "/admin/reload", "", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(weight_of(s.proxy.admin).await, 10.0, "the file's weight");
+    let (_, state) = admin(s.proxy.admin, "GET", "/admin/routes/main", "", None).await;
+    assert_eq!(
+        canary_requests(&state),
+        Some(0),
+        "the old version's samples are gone"
+    );
     let line = audit_lines(&s.proxy)
         .into_iter()
         .rfind(|l| l["action"] == "canary_changed")

@@ -179,6 +179,16 @@ canary_wieght = 5
     }
 }
 
+/// Configs that loaded before `max_eject_for` existed still load: its default is never
+/// below `eject_for`.
+#[test]
+fn a_long_eject_for_needs_no_max_eject_for() {
+    let (code, _, stderr) = check(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.a]\ninstances = [\"127.0.0.1:1\"]\neject_for = \"10m\"\n[[routes]]\nname = \"r\"\nstable = \"a\"\n",
+    );
+    assert_eq!(code, 0, "{stderr}");
+}
+
 #[test]
 fn run_refuses_a_bad_config_with_exit_2() {
     let dir = TempDir::new("run-bad");

@@ -49,6 +49,16 @@ async fn a_failing_instance_is_ejected_and_traffic_goes_to_the_others() {
         );
     }
     assert_eq!(good.hits(), 26);
+    // On-call still sees the dead instance: its refused connects are counted.
+    let metrics = get(proxy.admin, "/metrics", &[]).await.text();
+    let connect_errors = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("splitgate_upstream_errors_total") && l.contains("kind=\"connect\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(connect_errors >= 1.0, "{metrics}");
 }
 
 async fn canary_down(policy: &str) -> (TestProxy, TestUpstream) {

@@ -84,6 +84,8 @@ pub struct AdminSettings {
 pub struct UpstreamSpec {
     pub name: String,
     pub instances: Vec<SocketAddr>,
+    /// The instances as written (before name resolution): what identifies a version.
+    pub instance_names: Vec<String>,
     pub timeouts: Timeouts,
     pub max_idle_per_instance: usize,
     pub max_connections_per_instance: usize,
@@ -148,6 +150,8 @@ pub struct RouteSpec {
 pub struct OverrideName {
     pub header: HeaderName,
     pub cookie: String,
+    /// Whether it may force a side at all; when not, it is only stripped.
+    pub enabled: bool,
     /// Peers whose override is honoured; from anyone else it is ignored.
     pub from: Vec<IpRange>,
 }
@@ -423,7 +427,10 @@ fn compile_upstream(
             "must be greater than 0",
         );
     }
-    if section.max_eject_for < section.eject_for {
+    let max_eject_for = section
+        .max_eject_for
+        .unwrap_or_else(|| super::file::defaults::max_eject_for(section.eject_for));
+    if max_eject_for < section.eject_for {
         errors.push(
             &format!("{field}.max_eject_for"),
             "must be at least eject_for",
@@ -437,6 +444,7 @@ fn compile_upstream(
         tls,
         name: name.to_string(),
         instances,
+        instance_names: section.instances.clone(),
         timeouts: Timeouts {
             connect: section.connect_timeout,
             queue: section.queue_timeout,
@@ -446,7 +454,7 @@ fn compile_upstream(
         max_connections_per_instance: section.max_connections_per_instance,
         eject_after: section.eject_after,
         eject_for: section.eject_for,
-        max_eject_for: section.max_eject_for,
+        max_eject_for,
     })
 }
 
@@ -595,10 +603,10 @@ fn compile_route(
         .collect();
     let override_name = non_empty(&r.override_name).and_then(|name| {
         match HeaderName::from_bytes(name.as_bytes()) {
-            Ok(_) if !r.override_enabled => None,
             Ok(header) => Some(OverrideName {
                 header,
                 cookie: name,
+                enabled: r.override_enabled,
                 from: override_from,
             }),
             Err(_) => {

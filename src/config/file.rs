@@ -179,11 +179,9 @@ pub struct UpstreamSection {
     pub eject_for: Duration,
     /// Repeated ejections of the same instance last `eject_for` × the number of
     /// consecutive ejections, up to this (Envoy's `max_ejection_time`).
-    #[serde(
-        default = "defaults::max_eject_for",
-        deserialize_with = "duration::deserialize"
-    )]
-    pub max_eject_for: Duration,
+    /// Default: 300 s, or `eject_for` when that is longer.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub max_eject_for: Option<Duration>,
     /// Speak TLS to the instances, verifying their certificates.
     #[serde(default)]
     pub tls: bool,
@@ -280,7 +278,7 @@ pub struct RolloutSection {
     pub interval: Duration,
 }
 
-mod defaults {
+pub(super) mod defaults {
     use std::path::PathBuf;
     use std::time::Duration;
 
@@ -371,8 +369,8 @@ mod defaults {
         vec!["websocket".into()]
     }
     /// Envoy's default `max_ejection_time`.
-    pub fn max_eject_for() -> Duration {
-        Duration::from_secs(300)
+    pub fn max_eject_for(eject_for: Duration) -> Duration {
+        eject_for.max(Duration::from_secs(300))
     }
     pub fn override_name() -> String {
         "x-splitgate-variant".into()

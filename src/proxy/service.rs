@@ -145,10 +145,17 @@ impl ProxyService {
             UpstreamBody::Client(ClientBody::new(body, server.client_body_timeout))
         };
 
-        let (instance, result) = upstream
+        let sent = upstream
             .send(instance, Request::from_parts(parts, upstream_body))
             .await;
+        let (instance, result) = (sent.instance, sent.result);
         let elapsed = started.elapsed();
+        for _ in 0..sent.failed_connects {
+            route
+                .metrics
+                .side(variant)
+                .record_hidden_error(ErrorKind::Connect);
+        }
         // A response whose framing the upstream made ambiguous is not passed on: the
         // connection is dropped with it, never pooled. Nor is a 101 switching to a
         // protocol the client did not ask for.

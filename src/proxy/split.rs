@@ -149,7 +149,7 @@ pub fn decide(
     // The override is honoured only from the configured peers (DESIGN.md §1.1).
     let override_name = route.override_name.as_ref().filter(|name| {
         let peer = request.client_ip.to_canonical();
-        name.from.iter().any(|range| range.contains(peer))
+        name.enabled && name.from.iter().any(|range| range.contains(peer))
     });
     if let Some(name) = override_name {
         let forced = request

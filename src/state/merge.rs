@@ -24,17 +24,17 @@ pub struct Merged {
     pub notes: BTreeMap<String, String>,
 }
 
-/// What a route's canary points at: the upstream's name and its instances.
+/// What a route's canary points at: the upstream's name and its instances as written
+/// (sorted, so a reordering is no change; names, so a DNS answer that moves is none).
 pub fn canary_target(settings: &Settings, spec: &RouteSpec) -> Option<String> {
     let name = spec.canary.as_ref()?;
-    let instances = settings.upstreams.get(name).map_or_else(String::new, |u| {
-        u.instances
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    });
-    Some(format!("{name} [{instances}]"))
+    let mut instances = settings
+        .upstreams
+        .get(name)
+        .map(|u| u.instance_names.clone())
+        .unwrap_or_default();
+    instances.sort();
+    Some(format!("{name} [{}]", instances.join(", ")))
 }
 
 /// Combines the file with saved state.

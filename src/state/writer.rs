@@ -118,6 +118,7 @@ pub async fn start(
         generation: 0,
     };
     writer.install(writer.settings.clone());
+    writer.forget_canary_evidence(merged.notes.keys().map(String::as_str));
     writer
         .commit_noted(merged.routes, Source::Start, &merged.notes)
         .await?;
@@ -214,8 +215,7 @@ impl Writer {
         // The canary's evidence goes with the trip: judged again on the samples that
         // tripped it, the route would trip again at once. Cleared before the untripped
         // snapshot is published, so the guard never sees one without the other.
-        let windows = &self.parts[route].windows;
-        windows.canary.clear(windows.now_ms());
+        self.forget_canary_evidence([route]);
         self.commit(next, source).await
     }
 
@@ -392,6 +392,8 @@ impl Writer {
         let merged = merge::merge(&settings, &self.saved, None);
         let previous = self.settings.clone();
         self.install(Arc::new(settings));
+        // A new canary version is judged on its own samples only.
+        self.forget_canary_evidence(merged.notes.keys().map(String::as_str));
         // Weight changes a reload causes come from the file, whoever asked for the reload.
         if let Err(error) = self
             .commit_noted(merged.routes, Source::Reload, &merged.notes)
@@ -410,6 +412,15 @@ impl Writer {
             "config reloaded"
         );
         Ok(warnings)
+    }
+
+    /// Clears the canary windows of `routes` (a reset, or a new canary version).
+    fn forget_canary_evidence<'a>(&self, routes: impl IntoIterator<Item = &'a str>) {
+        for route in routes {
+            if let Some(parts) = self.parts.get(route) {
+                parts.windows.canary.clear(parts.windows.now_ms());
+            }
+        }
     }
 
     /// Makes `settings` current: reuses upstream pools and route parts that did not change.

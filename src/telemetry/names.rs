@@ -44,13 +44,14 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (STATE_PERSIST_FAILURES_TOTAL, Kind::Counter, "Writes of state.dir that failed; the change they carried was refused (a trip is still applied in memory)."),
 ];
 
-/// Histogram buckets of request duration, 1 ms to 10 s, five per decade (1, 2, 3, 5,
-/// 8). `0.8` is the p99 threshold in `config/alerts.yml`; every route's latency limit
-/// is added at start (see `Registry::new`), so PromQL's quantiles and the SLO guard
-/// agree on which side of a threshold a canary is.
+/// Histogram buckets of request duration, 1 ms to 10 s, four per decade (1, 2.5, 5,
+/// 8: the earlier 1-2.5-5 boundaries stay, so existing queries on `le` keep working).
+/// `0.8` is the p99 threshold in `config/alerts.yml`; every route's latency limit is
+/// added at start (see `Registry::new`), so PromQL's quantiles and the SLO guard agree
+/// on which side of a threshold a canary is.
 pub const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.002, 0.003, 0.005, 0.008, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0,
-    2.0, 3.0, 5.0, 8.0, 10.0,
+    0.001, 0.0025, 0.005, 0.008, 0.01, 0.025, 0.05, 0.08, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0, 8.0,
+    10.0,
 ];
 
 /// The latency thresholds of the alerts shipped in `config/alerts.yml` (a test checks

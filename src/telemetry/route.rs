@@ -64,6 +64,12 @@ impl SideMetrics {
         }
     }
 
+    /// Counts an upstream error that a retry elsewhere hid from the user (a refused
+    /// connect), so on-call still sees the instance failing.
+    pub fn record_hidden_error(&self, kind: ErrorKind) {
+        self.errors[kind as usize].increment(1);
+    }
+
     /// Records one request: its status class, its duration to response head, and the
     /// error kind when the upstream failed.
     pub fn record(&self, outcome: Outcome, elapsed: Duration) {

@@ -58,20 +58,30 @@ impl Health {
     pub fn failure(&self, addr: SocketAddr) {
         // Failures of requests that were already under way when it was ejected say
         // nothing new.
-        if self.eject_after == 0 || !self.is_available() {
+        let was_until = self.ejected_until_ms.load(Relaxed);
+        if self.eject_after == 0 || was_until > self.now_ms() {
             return;
         }
         let failures = self.failures.fetch_add(1, Relaxed) + 1;
         let on_probation = self.ejections.load(Relaxed) > 0;
         if failures >= self.eject_after || on_probation {
-            self.failures.store(0, Relaxed);
-            let ejections = self.ejections.fetch_add(1, Relaxed) + 1;
+            let ejections = self.ejections.load(Relaxed) + 1;
             let ejected_for = self
                 .eject_for
                 .saturating_mul(ejections)
                 .min(self.max_eject_for);
             let until = self.now_ms() + ejected_for.as_millis() as u64;
-            self.ejected_until_ms.store(until, Relaxed);
+            // One winner per ejection: failures racing on other workers must not stack
+            // a second, longer ejection on top of it.
+            if self
+                .ejected_until_ms
+                .compare_exchange(was_until, until, Relaxed, Relaxed)
+                .is_err()
+            {
+                return;
+            }
+            self.ejections.store(ejections, Relaxed);
+            self.failures.store(0, Relaxed);
             tracing::warn!(
                 instance = %addr,
                 failures,
