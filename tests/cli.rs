@@ -112,6 +112,7 @@ fn check_refuses_unreachable_routes_and_shared_listeners() {
         r#"
 [server]
 listen = "127.0.0.1:8080"
+max_headers = 1000
 [admin]
 listen = "127.0.0.1:8080"
 [upstreams.a]
@@ -138,6 +139,7 @@ stable = "a"
     assert_eq!(code, 2);
     for expected in [
         "admin.listen: 127.0.0.1:8080 is also server.listen",
+        "server.max_headers: must be at most 256",
         "routes[0] (.).name: \".\" is not a usable name",
         "routes[1] (..).name: \"..\" is not a usable name",
         "routes[3] (api-again).path_prefix: another route already has host",

@@ -323,6 +323,20 @@ fn compile_server(file: &FileConfig, names: Names, errors: &mut Errors) -> Optio
     if s.max_header_bytes < 8192 {
         errors.push("server.max_header_bytes", "must be at least 8192");
     }
+    // Beyond these the framing scan (server/head_scan.rs) cannot follow a head and
+    // would stop checking the rest of the connection.
+    if s.max_header_bytes > crate::server::head_scan::MAX_HEAD {
+        errors.push(
+            "server.max_header_bytes",
+            format!("must be at most {}", crate::server::head_scan::MAX_HEAD),
+        );
+    }
+    if s.max_headers > crate::server::head_scan::MAX_HEADERS {
+        errors.push(
+            "server.max_headers",
+            format!("must be at most {}", crate::server::head_scan::MAX_HEADERS),
+        );
+    }
     for (field, value) in [
         ("server.header_read_timeout", s.header_read_timeout),
         ("server.client_body_timeout", s.client_body_timeout),

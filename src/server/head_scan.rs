@@ -19,8 +19,8 @@ use std::mem::MaybeUninit;
 pub type Rejection = &'static str;
 
 /// Heads longer than this are hyper's to refuse (431); the scanner stops following.
-const MAX_HEAD: usize = 256 * 1024;
-const MAX_HEADERS: usize = 256;
+pub const MAX_HEAD: usize = 256 * 1024;
+pub const MAX_HEADERS: usize = 256;
 
 enum State {
     /// Reading a request head into `head`.
