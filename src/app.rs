@@ -21,7 +21,7 @@ use crate::state::{self, Source, StateHandle};
 /// Why splitgate could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("admin.listen {listen} is not a loopback address and {token_env} is not set: refusing to expose the admin API without a token")]
+    #[error("admin.listen {listen} is not a loopback address and {token_env} is not set (or empty): refusing to expose the admin API without a token")]
     ExposedAdmin {
         listen: SocketAddr,
         token_env: String,
@@ -34,7 +34,7 @@ pub enum StartError {
     },
     #[error("{0}")]
     Tls(#[from] crate::server::tls::TlsError),
-    #[error("cannot restore state: {0}")]
+    #[error(transparent)]
     Restore(#[from] state::ChangeError),
     #[error("signal handling: {0}")]
     Signals(std::io::Error),
@@ -82,16 +82,21 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     let token = admin_token(&settings);
     check_admin_exposure(&settings, token.as_deref())?;
-    let proxy_listener = bind("server.listen", settings.server.listen)?;
-    let admin_listener = bind("admin.listen", settings.admin.listen)?;
-    let proxy_addr = local_addr("server.listen", &proxy_listener, settings.server.listen)?;
-    let admin_addr = local_addr("admin.listen", &admin_listener, settings.admin.listen)?;
+    let listen = (settings.server.listen, settings.admin.listen);
     let tls_settings = settings.server.tls.clone();
-    let tls_listener = match &tls_settings {
-        Some(tls) => Some(bind("server.tls.listen", tls.listen)?),
-        None => None,
-    };
+    // State first: a second splitgate on the same state.dir is told so (with the
+    // holder's PID), rather than about a port the first one holds.
     let state = state::start(settings, config_path).await?;
+    let listeners = bind_all(listen, tls_settings.as_ref().map(|t| t.listen));
+    let (proxy_listener, admin_listener, tls_listener) = match listeners {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            state.stop().await;
+            return Err(error);
+        }
+    };
+    let proxy_addr = local_addr("server.listen", &proxy_listener, listen.0)?;
+    let admin_addr = local_addr("admin.listen", &admin_listener, listen.1)?;
     let (shutdown, stop) = watch::channel(false);
     let (stop_admin, admin_stop) = watch::channel(false);
     let proxy = tokio::spawn(crate::server::serve(
@@ -146,6 +151,19 @@ pub async fn start(
         admin,
         guard,
     })
+}
+
+/// The proxy, admin and (optional) HTTPS listeners.
+fn bind_all(
+    (proxy, admin): (SocketAddr, SocketAddr),
+    tls: Option<SocketAddr>,
+) -> Result<(TcpListener, TcpListener, Option<TcpListener>), StartError> {
+    let proxy = bind("server.listen", proxy)?;
+    let admin = bind("admin.listen", admin)?;
+    let tls = tls
+        .map(|addr| bind("server.tls.listen", addr))
+        .transpose()?;
+    Ok((proxy, admin, tls))
 }
 
 fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

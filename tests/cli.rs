@@ -534,8 +534,16 @@ async fn a_second_process_on_the_same_state_dir_refuses_to_start_naming_the_hold
     let dir = TempDir::new("state-lock");
     let (path, _stable, _canary) = two_pool_config(&dir).await;
     let first = spawn(&path);
+    // The same config as the first, its ports included: the state dir is what the
+    // second is told about, not a port in use.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replacen("127.0.0.1:0", &first.proxy.to_string(), 1)
+        .replacen("127.0.0.1:0", &first.admin.to_string(), 1);
+    let second = dir.path().join("same.toml");
+    std::fs::write(&second, text).unwrap();
     let (code, stderr) =
-        tokio::task::spawn_blocking(move || run_fails(&["--log-format", "json"], &path))
+        tokio::task::spawn_blocking(move || run_fails(&["--log-format", "json"], &second))
             .await
             .unwrap();
     assert_ne!(code, 0);
@@ -551,6 +559,7 @@ async fn a_second_process_on_the_same_state_dir_refuses_to_start_naming_the_hold
         "{error}"
     );
     assert!(error.contains(&dir.path().display().to_string()), "{error}");
+    assert!(!error.contains("listen"), "{error}");
     // The first is untouched and still serving.
     assert_eq!(
         get(first.admin, "/healthz", &[]).await.status,
