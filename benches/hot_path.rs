@@ -103,7 +103,7 @@ fn route_match(c: &mut Criterion) {
 
 fn recording(c: &mut Criterion) {
     let registry = Registry::new(&[]);
-    let metrics = RouteMetrics::new(&registry, "api", "s", Some("c"));
+    let metrics = RouteMetrics::new(&registry, "api", "s", Some("c"), &[]);
     c.bench_function("metrics record (one request)", |b| {
         b.iter(|| {
             metrics.side(Variant::Canary).record(
@@ -112,7 +112,7 @@ fn recording(c: &mut Criterion) {
             )
         })
     });
-    let windows = RouteWindows::new(Duration::from_secs(30), false);
+    let windows = RouteWindows::new(None);
     c.bench_function("SLO window record (one request)", |b| {
         b.iter(|| {
             windows.record(

@@ -100,6 +100,8 @@ pub fn status_table(routes: &[serde_json::Value]) -> String {
                 r["steps"].as_array().map_or(0, Vec::len),
                 if r["paused"] == true {
                     " (paused)".to_string()
+                } else if r["waiting_for"].is_string() {
+                    ", held; waiting for the judge".to_string()
                 } else {
                     format!(
                         ", next in {:.0}s",
@@ -122,6 +124,15 @@ pub fn status_table(routes: &[serde_json::Value]) -> String {
         ));
         if let Some(detail) = route["slo"]["detail"].as_str() {
             out.push_str(&format!("  tripped: {detail}\n"));
+        }
+        // The judge's evidence, one line per rule.
+        for rule in route["slo"]["rules"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  {}: {}, {}\n",
+                rule["rule"].as_str().unwrap_or("?"),
+                rule["verdict"].as_str().unwrap_or("?"),
+                rule["summary"].as_str().unwrap_or("")
+            ));
         }
     }
     out

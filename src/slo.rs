@@ -1,38 +1,109 @@
-//! The SLO guard's inputs and verdicts: per-route rolling windows for both sides
-//! (`window.rs`), recorded on every request, and the background guard that reads them.
+//! The SLO guard: per-route rolling windows for both sides (`window.rs`) and running
+//! totals (`evidence.rs`), recorded on every request; the judge (`sequential.rs`, the
+//! test; `rules.rs`, the rules), pure; and the background guard that runs it.
 
+pub mod evidence;
 pub mod guard;
-pub mod verdict;
+pub mod rules;
+pub mod sequential;
 pub mod window;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub use rules::{RuleReport, Verdict};
 pub use window::{Window, WindowStats};
 
+use crate::config::SloSpec;
 use crate::proxy::split::Variant;
 use crate::telemetry::Outcome;
+use evidence::{Ledger, SideTotals};
 
 /// Default window when a route has no `[routes.slo]`: its figures still show in the
 /// admin API.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
 
-/// Both sides' windows of one route, and the clock they share.
+/// Both sides' windows and totals of one route, the clock they share, and the judge's
+/// state (only the guard writes it; the admin API reads its last report).
 pub struct RouteWindows {
     origin: Instant,
     count_4xx: bool,
     pub stable: Window,
     pub canary: Window,
+    /// The absolute latency limits the totals count slow requests against.
+    limits: Box<[Duration]>,
+    stable_totals: SideTotals,
+    canary_totals: SideTotals,
+    /// Bumped at each new step: a new weight, a reset, a new canary version.
+    step: AtomicU64,
+    /// The totals when the latest step began, taken by the state writer as it made the
+    /// change (so requests before it never count towards the new step).
+    step_base: Mutex<Option<StepBase>>,
+    judge: Mutex<Option<JudgeState>>,
+}
+
+/// Where a step's evidence starts.
+struct StepBase {
+    step: u64,
+    at_ms: u64,
+    canary: evidence::Reading,
+    stable: evidence::Reading,
+}
+
+/// What the judge said about a route's current step.
+#[derive(Debug, Clone)]
+pub struct Judgement {
+    pub rules: Vec<RuleReport>,
+}
+
+impl Judgement {
+    /// The worst verdict of any rule.
+    pub fn verdict(&self) -> Verdict {
+        self.rules
+            .iter()
+            .map(|r| r.verdict)
+            .max_by_key(|v| v.gauge() as u8)
+            .unwrap_or(Verdict::Ok)
+    }
+
+    /// The first rule that is not `ok`, in words (what a rollout is waiting for).
+    pub fn waiting_for(&self) -> Option<String> {
+        self.rules
+            .iter()
+            .find(|r| r.verdict != Verdict::Ok)
+            .map(|r| format!("{}: {}, {}", r.rule, r.verdict.as_str(), r.summary))
+    }
+}
+
+/// The evidence of the current step.
+struct JudgeState {
+    step: u64,
+    canary: Ledger,
+    stable: Ledger,
+    last: Arc<Judgement>,
 }
 
 impl RouteWindows {
-    pub fn new(length: Duration, count_4xx: bool) -> Self {
+    pub fn new(spec: Option<&SloSpec>) -> Self {
+        let length = spec.map_or(DEFAULT_WINDOW, |s| s.window);
+        let limits: Box<[Duration]> = spec
+            .map(|s| s.latency.iter().map(|l| l.limit).collect())
+            .unwrap_or_default();
+        let histogram = spec.is_some_and(|s| !s.latency_ratio.is_empty());
         Self {
             origin: Instant::now(),
-            count_4xx,
+            count_4xx: spec.is_some_and(|s| s.count_4xx),
             stable: Window::new(length),
             canary: Window::new(length),
+            stable_totals: SideTotals::new(limits.len(), histogram),
+            canary_totals: SideTotals::new(limits.len(), histogram),
+            limits,
+            step: AtomicU64::new(0),
+            step_base: Mutex::new(None),
+            judge: Mutex::new(None),
         }
     }
 
@@ -49,10 +120,73 @@ impl RouteWindows {
                 status >= 500 || (self.count_4xx && (400..500).contains(&status))
             }
         };
-        let window = match variant {
-            Variant::Stable => &self.stable,
-            Variant::Canary => &self.canary,
+        let (window, totals) = match variant {
+            Variant::Stable => (&self.stable, &self.stable_totals),
+            Variant::Canary => (&self.canary, &self.canary_totals),
         };
         window.record(self.now_ms(), error, latency);
+        totals.record(error, latency, &self.limits);
+    }
+
+    /// Begins a new step (a new weight): the judge weighs only what comes after.
+    /// Called by the state writer as it makes the change.
+    pub fn new_step(&self) {
+        let step = self.step.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.step_base.lock().unwrap_or_else(|p| p.into_inner()) = Some(StepBase {
+            step,
+            at_ms: self.now_ms(),
+            canary: self.canary_totals.read(),
+            stable: self.stable_totals.read(),
+        });
+    }
+
+    /// Starts the canary's evidence over, window figures included (a reset, or a new
+    /// canary version): nothing recorded before counts again.
+    pub fn restart_evidence(&self) {
+        self.canary.clear(self.now_ms());
+        self.new_step();
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Option<JudgeState>> {
+        self.judge.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the step's evidence up to date and judges it. For the guard.
+    pub fn judge(&self, spec: &SloSpec) -> Arc<Judgement> {
+        let now = self.now_ms();
+        let step = self.step.load(Ordering::Relaxed);
+        let (canary, stable) = (self.canary_totals.read(), self.stable_totals.read());
+        let epoch_ms = spec.window.as_millis() as u64;
+        let mut state = self.state();
+        if state.as_ref().is_none_or(|current| current.step != step) {
+            // The step's evidence starts where the writer marked it; the first step
+            // of these windows starts at their creation.
+            let base = self.step_base.lock().unwrap_or_else(|p| p.into_inner());
+            let (canary_base, stable_base, at_ms) = match base.as_ref() {
+                Some(base) if base.step == step => {
+                    (base.canary.clone(), base.stable.clone(), base.at_ms)
+                }
+                _ if step == 0 => Default::default(),
+                _ => (canary.clone(), stable.clone(), now),
+            };
+            *state = Some(JudgeState {
+                step,
+                canary: Ledger::new(canary_base, at_ms),
+                stable: Ledger::new(stable_base, at_ms),
+                last: Arc::new(Judgement { rules: Vec::new() }),
+            });
+        }
+        let current = state.as_mut().expect("set above");
+        current.canary.update(canary, now, epoch_ms);
+        current.stable.update(stable, now, epoch_ms);
+        current.last = Arc::new(Judgement {
+            rules: rules::judge(spec, &current.canary, &current.stable),
+        });
+        current.last.clone()
+    }
+
+    /// The guard's last judgement, if it has judged this route.
+    pub fn last_judgement(&self) -> Option<Arc<Judgement>> {
+        self.state().as_ref().map(|s| s.last.clone())
     }
 }

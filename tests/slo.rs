@@ -108,7 +108,9 @@ async fn a_canary_returning_500s_is_pulled_end_to_end() {
         .find(|l| l.contains("\"action\":\"trip\""))
         .expect("a trip line");
     assert!(
-        trip.contains("\"source\":\"slo\"") && trip.contains("canary error rate"),
+        trip.contains("\"source\":\"slo\"")
+            && trip.contains("error_rate:")
+            && trip.contains("errors ("),
         "{trip}"
     );
 }
@@ -215,7 +217,7 @@ async fn transport_errors_count_and_4xx_do_not_by_default() {
     }
     evaluate(&proxy).await;
     assert_eq!(route_state(&proxy).await["slo"]["state"], "ok");
-    for _ in 0..10 {
+    for _ in 0..40 {
         route.windows.record(
             Variant::Canary,
             Outcome::Error(ErrorKind::Reset),

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::config::bp_to_percent;
-use crate::slo::WindowStats;
+use crate::slo::{RuleReport, Verdict, WindowStats};
 use crate::state::{LiveRoute, Snapshot};
 
 #[derive(Serialize)]
@@ -23,6 +23,14 @@ pub struct RouteView {
 pub struct SloView {
     /// `ok` or `tripped`.
     pub state: &'static str,
+    /// The judge's worst verdict over the rules (`ok`, `inconclusive`, `breach`), once
+    /// it has judged the route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+    /// Judged and reported, never tripped.
+    pub dry_run: bool,
+    /// Per rule: verdict, rate, allowed, interval, samples, samples needed, summary.
+    pub rules: Vec<RuleReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,6 +64,10 @@ pub struct RolloutView {
     pub paused: bool,
     /// Seconds until the next step, while running and not paused.
     pub next_step_in_s: Option<f64>,
+    /// Once the step has been held for its interval: what the judge has not yet
+    /// confirmed (the step advances only on its "ok").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 impl From<WindowStats> for StatsView {
@@ -75,20 +87,26 @@ impl From<WindowStats> for StatsView {
 pub fn route_view(snapshot: &Snapshot, route: &LiveRoute) -> RouteView {
     let spec = &route.spec;
     let now = route.windows.now_ms();
+    let judgement = route.windows.last_judgement();
     let rollout = spec.rollout.as_ref().map(|plan| {
         let progress = route.rollout.as_ref();
         let interval_ms = plan.interval.as_millis() as u64;
+        let remaining_ms = progress.filter(|p| !p.paused).map(|p| {
+            let held = p.held_ms + crate::timefmt::unix_ms().saturating_sub(p.step_started_ms);
+            interval_ms.saturating_sub(held)
+        });
         RolloutView {
             steps: plan.steps.iter().map(|&s| bp_to_percent(s)).collect(),
             step: progress.map(|p| p.step),
             running: progress.is_some(),
             paused: progress.is_some_and(|p| p.paused),
-            next_step_in_s: progress.filter(|p| !p.paused).map(|p| {
-                let held = p.held_ms + crate::timefmt::unix_ms().saturating_sub(p.step_started_ms);
-                interval_ms.saturating_sub(held) as f64 / 1000.0
-            }),
+            next_step_in_s: remaining_ms.map(|ms| ms as f64 / 1000.0),
+            waiting_for: remaining_ms
+                .filter(|&ms| ms == 0)
+                .and_then(|_| judgement.as_ref()?.waiting_for()),
         }
     });
+    let dry_run = spec.slo.as_ref().is_some_and(|s| s.dry_run);
     RouteView {
         name: spec.name.clone(),
         generation: snapshot.generation,
@@ -99,12 +117,18 @@ pub fn route_view(snapshot: &Snapshot, route: &LiveRoute) -> RouteView {
         slo: match &route.trip {
             None => SloView {
                 state: "ok",
+                verdict: judgement.as_ref().map(|j| j.verdict()),
+                dry_run,
+                rules: judgement.map(|j| j.rules.clone()).unwrap_or_default(),
                 reason: None,
                 detail: None,
                 at: None,
             },
             Some(trip) => SloView {
                 state: "tripped",
+                verdict: None,
+                dry_run,
+                rules: Vec::new(),
                 reason: Some(trip.reason.clone()),
                 detail: Some(trip.detail.clone()),
                 at: Some(trip.at.clone()),

@@ -58,8 +58,8 @@ impl Settings {
     pub fn latency_thresholds(&self) -> Vec<f64> {
         self.routes
             .iter()
-            .filter_map(|r| r.slo.as_ref()?.max_p99_latency)
-            .map(|limit| limit.as_secs_f64())
+            .filter_map(|r| r.slo.as_ref())
+            .flat_map(|slo| slo.latency.iter().map(|rule| rule.limit.as_secs_f64()))
             .collect()
     }
 }
@@ -156,15 +156,35 @@ pub struct OverrideName {
     pub from: Vec<IpRange>,
 }
 
+/// A route's SLO: the judge's settings and its rules (see `slo::rules`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SloSpec {
     pub window: Duration,
     pub min_requests: u64,
+    /// In (0.5, 1); `1 - confidence` bounds the false-trip chance per step.
+    pub confidence: f64,
+    pub dry_run: bool,
     pub max_error_rate: Option<f64>,
-    pub max_p99_latency: Option<Duration>,
     pub max_error_rate_increase: Option<f64>,
-    pub max_p99_ratio: Option<f64>,
+    /// Absolute latency rules (`max_latency`, `max_p99_latency`).
+    pub latency: Vec<LatencyLimit>,
+    /// Relative latency rules (`max_latency_ratio`, `max_p99_ratio`).
+    pub latency_ratio: Vec<LatencyRatio>,
     pub count_4xx: bool,
+}
+
+/// At most a `1 - quantile` share of canary requests slower than `limit`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencyLimit {
+    pub quantile: f64,
+    pub limit: Duration,
+}
+
+/// The canary's `quantile` at most `ratio` × stable's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatencyRatio {
+    pub quantile: f64,
+    pub ratio: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -710,39 +730,92 @@ fn compile_slo(field: &str, s: &SloSection, errors: &mut Errors) -> SloSpec {
     if s.window < Duration::from_secs(1) {
         errors.push(&format!("{field}.window"), "must be at least 1s");
     }
+    if !(s.confidence > 0.5 && s.confidence < 1.0) {
+        errors.push(
+            &format!("{field}.confidence"),
+            format!("{} is outside (0.5, 1)", s.confidence),
+        );
+    }
     for (key, value) in [
         ("max_error_rate", s.max_error_rate),
         ("max_error_rate_increase", s.max_error_rate_increase),
     ] {
         if let Some(v) = value {
-            if !(0.0..=1.0).contains(&v) {
-                errors.push(&format!("{field}.{key}"), format!("{v} is outside 0–1"));
+            if !(v > 0.0 && v < 1.0) {
+                errors.push(
+                    &format!("{field}.{key}"),
+                    format!("{v} is outside (0, 1): a limit of 0 would trip on the first error"),
+                );
             }
         }
     }
-    if let Some(ratio) = s.max_p99_ratio {
-        if !(ratio.is_finite() && ratio >= 1.0) {
+    let latency: Vec<(&str, LatencyLimit)> = [
+        s.max_p99_latency.map(|limit| {
+            let quantile = 0.99;
+            ("max_p99_latency", LatencyLimit { quantile, limit })
+        }),
+        s.max_latency.as_ref().map(|rule| {
+            let (quantile, limit) = (rule.quantile, rule.limit);
+            ("max_latency", LatencyLimit { quantile, limit })
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for (key, rule) in &latency {
+        check_quantile(&format!("{field}.{key}"), rule.quantile, errors);
+        if rule.limit.is_zero() {
             errors.push(
-                &format!("{field}.max_p99_ratio"),
-                format!("{ratio} must be at least 1"),
+                &format!("{field}.{key}"),
+                "a limit of 0 would trip on every request",
+            );
+        }
+    }
+    let latency_ratio: Vec<(&str, LatencyRatio)> = [
+        s.max_p99_ratio.map(|ratio| {
+            let quantile = 0.99;
+            ("max_p99_ratio", LatencyRatio { quantile, ratio })
+        }),
+        s.max_latency_ratio.as_ref().map(|rule| {
+            let (quantile, ratio) = (rule.quantile, rule.ratio);
+            ("max_latency_ratio", LatencyRatio { quantile, ratio })
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for (key, rule) in &latency_ratio {
+        check_quantile(&format!("{field}.{key}"), rule.quantile, errors);
+        if !(rule.ratio.is_finite() && rule.ratio > 1.0) {
+            errors.push(
+                &format!("{field}.{key}"),
+                format!("ratio {} must be above 1", rule.ratio),
             );
         }
     }
     if s.max_error_rate.is_none()
-        && s.max_p99_latency.is_none()
         && s.max_error_rate_increase.is_none()
-        && s.max_p99_ratio.is_none()
+        && latency.is_empty()
+        && latency_ratio.is_empty()
     {
-        errors.push(field, "sets no threshold (max_error_rate, max_p99_latency, max_error_rate_increase or max_p99_ratio)");
+        errors.push(field, "sets no rule (max_error_rate, max_error_rate_increase, max_latency, max_latency_ratio, max_p99_latency or max_p99_ratio)");
     }
     SloSpec {
         window: s.window,
         min_requests: s.min_requests,
+        confidence: s.confidence,
+        dry_run: s.dry_run,
         max_error_rate: s.max_error_rate,
-        max_p99_latency: s.max_p99_latency,
         max_error_rate_increase: s.max_error_rate_increase,
-        max_p99_ratio: s.max_p99_ratio,
+        latency: latency.into_iter().map(|(_, rule)| rule).collect(),
+        latency_ratio: latency_ratio.into_iter().map(|(_, rule)| rule).collect(),
         count_4xx: s.count_4xx,
+    }
+}
+
+fn check_quantile(field: &str, quantile: f64, errors: &mut Errors) {
+    if !(quantile > 0.0 && quantile < 1.0) {
+        errors.push(field, format!("quantile {quantile} is outside (0, 1)"));
     }
 }
 

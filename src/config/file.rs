@@ -248,15 +248,33 @@ pub struct RouteSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SloSection {
+    /// Epoch length of the judge's change detection, and the span of the window
+    /// figures in the admin API.
     #[serde(
         default = "defaults::slo_window",
         deserialize_with = "duration::deserialize"
     )]
     pub window: Duration,
+    /// No verdict before this many canary requests in the step (the test needs no
+    /// minimum; this is a floor an operator may want on top).
     #[serde(default = "defaults::min_requests")]
     pub min_requests: u64,
+    /// How sure the judge must be before it trips: 1 − confidence bounds the chance
+    /// that a healthy canary is ever tripped during a step.
+    #[serde(default = "defaults::confidence")]
+    pub confidence: f64,
+    /// Judge, log, count and show, but never trip.
+    #[serde(default)]
+    pub dry_run: bool,
     #[serde(default)]
     pub max_error_rate: Option<f64>,
+    /// `{ quantile = 0.95, limit = "800ms" }`.
+    #[serde(default)]
+    pub max_latency: Option<LatencySection>,
+    /// `{ quantile = 0.99, ratio = 1.5 }`: canary quantile against stable's.
+    #[serde(default)]
+    pub max_latency_ratio: Option<LatencyRatioSection>,
+    /// The same as `max_latency = { quantile = 0.99, limit = … }`.
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub max_p99_latency: Option<Duration>,
     /// Relative rule: canary error rate minus stable error rate.
@@ -268,6 +286,21 @@ pub struct SloSection {
     /// Whether 4xx responses count as errors.
     #[serde(default)]
     pub count_4xx: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencySection {
+    pub quantile: f64,
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub limit: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyRatioSection {
+    pub quantile: f64,
+    pub ratio: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -382,6 +415,9 @@ pub(super) mod defaults {
         Duration::from_secs(30)
     }
     pub fn min_requests() -> u64 {
-        50
+        20
+    }
+    pub fn confidence() -> f64 {
+        0.99
     }
 }

@@ -1,14 +1,16 @@
-//! The background guard: every 250 ms it judges each route's canary window, trips a
-//! breaching route through the state writer, and advances progressive rollouts whose
-//! step has been held for its interval while the SLO held. Every 5 s it also folds
-//! histogram samples into buckets (see `telemetry::Registry::upkeep`).
+//! The background guard: every 250 ms it judges each route's step so far (see
+//! `rules.rs`), trips a breaching route through the state writer, and advances
+//! progressive rollouts whose step has been held for its interval with the judge's ok.
+//! Every 5 s it also folds histogram samples into buckets (see
+//! `telemetry::Registry::upkeep`).
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::verdict;
-use crate::state::{Snapshot, StateHandle, Trip};
+use super::{Judgement, Verdict};
+use crate::state::{LiveRoute, Snapshot, StateHandle, Trip};
+use crate::telemetry::names::{LABEL_ROUTE, LABEL_RULE, SLO_BREACHES_TOTAL};
 
 /// How often the windows are judged.
 pub const EVALUATION_INTERVAL: Duration = Duration::from_millis(250);
@@ -35,21 +37,33 @@ pub async fn run(state: StateHandle, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// One pass over every route.
+/// One pass over every route: judge the step so far, trip a breach (or report it, in
+/// a dry run), and advance a rollout whose step has been held while the judge says ok.
 pub async fn evaluate(state: &StateHandle, snapshot: &Snapshot) {
     for route in snapshot.routes.iter() {
         if route.canary.is_none() || route.trip.is_some() {
             continue;
         }
-        let now = route.windows.now_ms();
-        let canary = route.windows.canary.stats(now);
-        let stable = route.windows.stable.stats(now);
         let name = &route.spec.name;
+        let mut judged = None;
         if let Some(spec) = &route.spec.slo {
-            if let Some(breach) = verdict::judge(spec, &canary, &stable) {
+            let before = route.windows.last_judgement();
+            let judgement = route.windows.judge(spec);
+            publish(state, route, before.as_deref(), &judgement, spec.dry_run);
+            if let Some(breach) = judgement
+                .rules
+                .iter()
+                .find(|r| r.verdict == Verdict::Breach)
+            {
+                if spec.dry_run {
+                    continue;
+                }
                 let trip = Trip {
-                    reason: breach.reason.to_string(),
-                    detail: breach.detail,
+                    reason: breach.rule.clone(),
+                    detail: format!(
+                        "{}: {} (confidence {})",
+                        breach.rule, breach.summary, spec.confidence
+                    ),
                     at: crate::timefmt::now_rfc3339(),
                 };
                 if let Err(error) = state.trip(name, trip).await {
@@ -57,6 +71,7 @@ pub async fn evaluate(state: &StateHandle, snapshot: &Snapshot) {
                 }
                 continue;
             }
+            judged = Some(judgement);
         }
         let (Some(plan), Some(progress)) = (&route.spec.rollout, &route.rollout) else {
             continue;
@@ -66,15 +81,57 @@ pub async fn evaluate(state: &StateHandle, snapshot: &Snapshot) {
         }
         let held =
             progress.held_ms + crate::timefmt::unix_ms().saturating_sub(progress.step_started_ms);
-        let slo_holds = route
-            .spec
-            .slo
-            .as_ref()
-            .is_none_or(|spec| verdict::has_enough(spec, &canary));
-        if held >= plan.interval.as_millis() as u64 && slo_holds {
+        // A step advances only on the judge's "ok": an inconclusive one waits.
+        let judge_ok = judged.is_none_or(|j| j.verdict() == Verdict::Ok);
+        if held >= plan.interval.as_millis() as u64 && judge_ok {
             if let Err(error) = state.rollout_advance(name, progress.step).await {
                 tracing::error!(route = %name, %error, "could not advance rollout");
             }
+        }
+    }
+}
+
+/// Moves the verdict gauges, and counts and logs each rule that newly breaches.
+fn publish(
+    state: &StateHandle,
+    route: &LiveRoute,
+    before: Option<&Judgement>,
+    now: &Judgement,
+    dry_run: bool,
+) {
+    for report in &now.rules {
+        if let Some((_, gauge)) = route
+            .metrics
+            .verdicts
+            .iter()
+            .find(|(r, _)| *r == report.rule)
+        {
+            gauge.set(report.verdict.gauge());
+        }
+        let was_breach = before.is_some_and(|b| {
+            b.rules
+                .iter()
+                .any(|r| r.rule == report.rule && r.verdict == Verdict::Breach)
+        });
+        if report.verdict != Verdict::Breach || was_breach {
+            continue;
+        }
+        let route_name = route.spec.name.as_str();
+        state
+            .shared
+            .registry
+            .counter(
+                SLO_BREACHES_TOTAL,
+                &[(LABEL_ROUTE, route_name), (LABEL_RULE, &report.rule)],
+            )
+            .increment(1);
+        if dry_run {
+            tracing::warn!(
+                route = route_name,
+                rule = %report.rule,
+                evidence = %report.summary,
+                "SLO breach (dry run: the canary keeps its weight)"
+            );
         }
     }
 }

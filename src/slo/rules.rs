@@ -188,7 +188,9 @@ pub fn judge(spec: &SloSpec, canary: &Ledger, stable: &Ledger) -> Vec<RuleReport
                     >= budget.threshold()
                 {
                     report.verdict = Verdict::Inconclusive;
-                    report.summary.push_str("; stable breaches too (shared outage, not held against the canary)");
+                    report.summary.push_str(
+                        "; stable breaches too (shared outage, not held against the canary)",
+                    );
                 }
             }
             report
@@ -370,13 +372,13 @@ fn latency_ratio(
     let shown = breach_counts.unwrap_or(Counts::new(canary_total, 0));
     let verdict = if below_floor(budget, shown).is_some() {
         Verdict::Inconclusive
-    } else if breach_counts.is_some_and(|c| {
-        sequential::log_evalue(c, allowed, Direction::Above) >= half.threshold()
-    }) {
+    } else if breach_counts
+        .is_some_and(|c| sequential::log_evalue(c, allowed, Direction::Above) >= half.threshold())
+    {
         Verdict::Breach
-    } else if ok_counts.is_some_and(|c| {
-        sequential::log_evalue(c, allowed, Direction::Below) >= half.threshold()
-    }) {
+    } else if ok_counts
+        .is_some_and(|c| sequential::log_evalue(c, allowed, Direction::Below) >= half.threshold())
+    {
         Verdict::Ok
     } else {
         Verdict::Inconclusive
@@ -389,10 +391,7 @@ fn latency_ratio(
             quantile_name(ratio.quantile),
             u as f64 / 1000.0
         ),
-        None => format!(
-            "(stable's {} not known yet)",
-            quantile_name(ratio.quantile)
-        ),
+        None => format!("(stable's {} not known yet)", quantile_name(ratio.quantile)),
     };
     report(rule, verdict, shown, allowed, interval, &half, &what)
 }
@@ -465,7 +464,12 @@ mod tests {
         let names: Vec<String> = Rule::all(&spec).iter().map(Rule::name).collect();
         assert_eq!(
             names,
-            ["error_rate", "error_rate_increase", "p95_latency", "p99.9_ratio"]
+            [
+                "error_rate",
+                "error_rate_increase",
+                "p95_latency",
+                "p99.9_ratio"
+            ]
         );
     }
 
@@ -478,7 +482,11 @@ mod tests {
         assert_eq!(reports[0].verdict, Verdict::Inconclusive);
         assert_eq!((reports[0].samples, reports[0].bad), (34, 2));
         assert!(reports[0].samples_needed.unwrap() > 0);
-        assert!(reports[0].summary.contains("2/34 errors"), "{}", reports[0].summary);
+        assert!(
+            reports[0].summary.contains("2/34 errors"),
+            "{}",
+            reports[0].summary
+        );
     }
 
     #[test]
@@ -511,7 +519,10 @@ mod tests {
         let stable_up = ledger(&spec, 2000, 0, fast);
         assert_eq!(
             verdicts(&judge(&spec, &canary, &stable_up))[..2],
-            [("error_rate", Verdict::Breach), ("error_rate_increase", Verdict::Breach)]
+            [
+                ("error_rate", Verdict::Breach),
+                ("error_rate_increase", Verdict::Breach)
+            ]
         );
     }
 

@@ -141,10 +141,9 @@ pub fn log_evalue_change(since_start: Counts, epochs: &[(u64, Counts)], p0: f64)
         }
     }
     starts.push((start_weight(1).ln(), since_start));
-    let terms = starts.iter().flat_map(|&(weight, counts)| {
-        grid.iter()
-            .map(move |&q| weight + log_ratio(counts, q, p0))
-    });
+    let terms = starts
+        .iter()
+        .flat_map(|&(weight, counts)| grid.iter().map(move |&q| weight + log_ratio(counts, q, p0)));
     log_sum_exp(terms) - (grid.len() as f64).ln()
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 const SUB: u64 = 16;
 /// Latencies are kept in microseconds up to 2^31 µs (about 36 minutes).
 const MAX_EXP: u64 = 31;
-const BUCKETS: usize = (SUB + (MAX_EXP - 3) * SUB) as usize;
+pub(crate) const BUCKETS: usize = (SUB + (MAX_EXP - 3) * SUB) as usize;
 
 /// Slices per window; one more is kept so the oldest is being reused while the
 /// newest fills.
@@ -140,7 +140,7 @@ impl Window {
     }
 }
 
-fn bucket_of(latency: Duration) -> usize {
+pub(crate) fn bucket_of(latency: Duration) -> usize {
     let micros = (latency.as_micros() as u64).clamp(0, (1 << MAX_EXP) - 1);
     if micros < SUB {
         return micros as usize;
@@ -148,6 +148,17 @@ fn bucket_of(latency: Duration) -> usize {
     let exp = 63 - u64::from(micros.leading_zeros());
     let mantissa = (micros >> (exp - 4)) & (SUB - 1);
     (SUB + (exp - 4) * SUB + mantissa) as usize
+}
+
+/// The lower edge of a bucket, in microseconds (`BUCKETS` gives the top of the last).
+pub(crate) fn bucket_low_micros(bucket: usize) -> u64 {
+    let bucket = bucket as u64;
+    if bucket < SUB {
+        return bucket;
+    }
+    let exp = (bucket - SUB) / SUB + 4;
+    let mantissa = (bucket - SUB) % SUB;
+    (SUB + mantissa) << (exp - 4)
 }
 
 /// The middle of a bucket, in microseconds.
@@ -181,6 +192,15 @@ fn percentile(histogram: &[u64], total: u64, q: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_edges_enclose_their_values() {
+        for micros in [0u64, 7, 16, 100, 999, 12_345, 800_000, 5_000_000] {
+            let bucket = bucket_of(Duration::from_micros(micros));
+            assert!(bucket_low_micros(bucket) <= micros, "{micros}");
+            assert!(bucket_low_micros(bucket + 1) > micros, "{micros}");
+        }
+    }
 
     #[test]
     fn buckets_round_trip_within_a_few_percent() {

@@ -16,7 +16,8 @@ use super::{
 use crate::config::{self, bp_to_percent, RouteSpec, Settings};
 use crate::proxy::route::sort_for_matching;
 use crate::server::tls::{self, Certificates};
-use crate::slo::{RouteWindows, DEFAULT_WINDOW};
+use crate::slo::rules::Rule;
+use crate::slo::RouteWindows;
 use crate::telemetry::names::{
     CONFIG_RELOADS_TOTAL, LABEL_OUTCOME, LABEL_REASON, LABEL_ROUTE, SLO_TRIPS_TOTAL,
     STATE_PERSIST_FAILURES_TOTAL,
@@ -418,7 +419,7 @@ impl Writer {
     fn forget_canary_evidence<'a>(&self, routes: impl IntoIterator<Item = &'a str>) {
         for route in routes {
             if let Some(parts) = self.parts.get(route) {
-                parts.windows.canary.clear(parts.windows.now_ms());
+                parts.windows.restart_evidence();
             }
         }
     }
@@ -439,16 +440,20 @@ impl Writer {
             let part = match self.parts.remove(&spec.name) {
                 Some(existing) if existing.key == key => existing,
                 _ => {
-                    let window = spec.slo.as_ref().map_or(DEFAULT_WINDOW, |s| s.window);
-                    let count_4xx = spec.slo.as_ref().is_some_and(|s| s.count_4xx);
+                    let rules: Vec<String> = spec
+                        .slo
+                        .as_ref()
+                        .map(|slo| Rule::all(slo).iter().map(Rule::name).collect())
+                        .unwrap_or_default();
                     RouteParts {
                         metrics: Arc::new(RouteMetrics::new(
                             &self.shared.registry,
                             &spec.name,
                             &spec.stable,
                             spec.canary.as_deref(),
+                            &rules,
                         )),
-                        windows: Arc::new(RouteWindows::new(window, count_4xx)),
+                        windows: Arc::new(RouteWindows::new(spec.slo.as_ref())),
                         key,
                     }
                 }
@@ -530,6 +535,16 @@ impl Writer {
                 "could not write state; the change was refused"
             );
             return Err(error);
+        }
+        // A new weight is a new step for the judge.
+        for (route, new) in &next {
+            let moved = self
+                .saved
+                .get(route)
+                .is_some_and(|old| old.weight_bp != new.weight_bp);
+            if let (true, Some(parts)) = (moved, self.parts.get(route)) {
+                parts.windows.new_step();
+            }
         }
         // The process log says what changed too, not only audit.jsonl: it is what
         // on-call reads first.

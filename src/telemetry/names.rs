@@ -19,8 +19,11 @@ pub const LABEL_KIND: &str = "kind";
 pub const LABEL_REASON: &str = "reason";
 pub const LABEL_OUTCOME: &str = "outcome";
 pub const LABEL_LISTENER: &str = "listener";
+pub const LABEL_RULE: &str = "rule";
 
 pub const STATE_PERSIST_FAILURES_TOTAL: &str = "splitgate_state_persist_failures_total";
+pub const SLO_VERDICT: &str = "splitgate_slo_verdict";
+pub const SLO_BREACHES_TOTAL: &str = "splitgate_slo_breaches_total";
 
 /// The type of a metric family, for its `# TYPE` line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +44,8 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (CONFIG_RELOADS_TOTAL, Kind::Counter, "Config reloads by outcome (ok, error)."),
     (CONNECTIONS, Kind::Gauge, "Open client connections by listener."),
     (ROLLOUT_STEP, Kind::Gauge, "Step of a route's running rollout, 1-based; 0 when none runs."),
+    (SLO_VERDICT, Kind::Gauge, "The judge's verdict per route and rule: 0 ok, 1 inconclusive, 2 breach."),
+    (SLO_BREACHES_TOTAL, Kind::Counter, "Breaches the judge found, per route and rule, whether they tripped the route or (dry run) only were reported."),
     (STATE_PERSIST_FAILURES_TOTAL, Kind::Counter, "Writes of state.dir that failed; the change they carried was refused (a trip is still applied in memory)."),
 ];
 

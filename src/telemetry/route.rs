@@ -89,11 +89,27 @@ pub struct RouteMetrics {
     pub slo_state: Gauge,
     /// Current rollout step, 1-based; 0 when no rollout runs.
     pub rollout_step: Gauge,
+    /// `splitgate_slo_verdict` per SLO rule, by rule name.
+    pub verdicts: Vec<(String, Gauge)>,
 }
 
 impl RouteMetrics {
-    pub fn new(registry: &Registry, route: &str, stable: &str, canary: Option<&str>) -> Self {
+    /// `rules` are the names of the route's SLO rules.
+    pub fn new(
+        registry: &Registry,
+        route: &str,
+        stable: &str,
+        canary: Option<&str>,
+        rules: &[String],
+    ) -> Self {
         Self {
+            verdicts: rules
+                .iter()
+                .map(|rule| {
+                    let labels = [(LABEL_ROUTE, route), (LABEL_RULE, rule.as_str())];
+                    (rule.clone(), registry.gauge(SLO_VERDICT, &labels))
+                })
+                .collect(),
             stable: SideMetrics::new(registry, route, stable, Variant::Stable),
             canary: canary.map(|c| SideMetrics::new(registry, route, c, Variant::Canary)),
             canary_weight: registry.gauge(CANARY_WEIGHT, &[(LABEL_ROUTE, route)]),
