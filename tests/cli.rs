@@ -192,6 +192,40 @@ fn a_long_eject_for_needs_no_max_eject_for() {
 }
 
 #[test]
+fn check_refuses_judge_settings_that_make_no_sense() {
+    let (code, _, stderr) = check(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[upstreams.a]
+instances = ["127.0.0.1:1"]
+[[routes]]
+name = "r"
+stable = "a"
+canary = "a"
+[routes.slo]
+confidence = 1.0
+max_error_rate = 0
+max_latency = { quantile = 1.5, limit = "0ms" }
+max_latency_ratio = { quantile = 0.99, ratio = 1.0 }
+"#,
+    );
+    assert_eq!(code, 2);
+    for expected in [
+        "routes[0] (r).slo.confidence: 1 is outside (0.5, 1)",
+        "routes[0] (r).slo.max_error_rate: 0 is outside (0, 1)",
+        "routes[0] (r).slo.max_latency: quantile 1.5 is outside (0, 1)",
+        "routes[0] (r).slo.max_latency: a limit of 0",
+        "routes[0] (r).slo.max_latency_ratio: ratio 1 must be above 1",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
 fn run_refuses_a_bad_config_with_exit_2() {
     let dir = TempDir::new("run-bad");
     let path = dir.path().join("c.toml");

@@ -411,11 +411,13 @@ pub(super) mod defaults {
     pub fn variant_header() -> String {
         "x-splitgate-variant".into()
     }
+    /// Long enough that the change-point test of a long step stays cheap in evidence
+    /// (12 epochs an hour), short enough to judge late failures on recent traffic.
     pub fn slo_window() -> Duration {
-        Duration::from_secs(30)
+        Duration::from_secs(300)
     }
     pub fn min_requests() -> u64 {
-        20
+        10
     }
     pub fn confidence() -> f64 {
         0.99

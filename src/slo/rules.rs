@@ -214,6 +214,20 @@ fn needed_text(needed: Option<u64>) -> String {
     }
 }
 
+/// Whether a rate test breaches: enough samples, and the change-point e-process
+/// against `allowed` at `alpha`. The one rule every breach decision uses (the guard's,
+/// and the simulation's in `benches/judge_sim.rs`).
+pub fn breaches(
+    counts: Counts,
+    epochs: &[(u64, Counts)],
+    allowed: f64,
+    alpha: f64,
+    min_requests: u64,
+) -> bool {
+    counts.samples >= min_requests
+        && sequential::log_evalue_change(counts, epochs, allowed) >= (1.0 / alpha).ln()
+}
+
 /// A rate against a fixed limit, with change detection.
 fn absolute(
     rule: &Rule,
@@ -227,7 +241,7 @@ fn absolute(
     let (low, high) = sequential::interval(counts, budget.alpha);
     let verdict = if below_floor(budget, counts).is_some() {
         Verdict::Inconclusive
-    } else if sequential::log_evalue_change(counts, epochs, allowed) >= threshold {
+    } else if breaches(counts, epochs, allowed, budget.alpha, 0) {
         Verdict::Breach
     } else if sequential::log_evalue(counts, allowed, Direction::Below) >= threshold {
         Verdict::Ok
