@@ -111,9 +111,14 @@ fn run(scenario: Scenario, seed: u64) -> (Outcome, Outcome) {
             new.bad_served += u64::from(!new.tripped) * bad;
             old.bad_served += u64::from(!old.tripped) * bad;
         }
+        let epoch_opened = (now - TICK_MS) / EPOCH_MS != now / EPOCH_MS;
+        let floor_reached =
+            totals.requests >= MIN_REQUESTS && totals.requests - requests < MIN_REQUESTS;
         ledger.update(totals.clone(), now, EPOCH_MS);
-        // Only bad requests raise the e-process: a look without any cannot trip.
-        if !new.tripped && bad > 0 {
+        // The e-process only rises with a bad request or when an epoch opens (its new
+        // test starts at 1), and a verdict may first be given when the floor is
+        // reached: a look at any other time cannot trip, so it is skipped.
+        if !new.tripped && (bad > 0 || epoch_opened || floor_reached) {
             let since = ledger.since_start();
             new.tripped = rules::breaches(
                 since.errors(),

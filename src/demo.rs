@@ -113,8 +113,8 @@ canary_weight = 10
 split_key = ["header:x-user-id", "client_ip"]
 
 [routes.slo]
-window = "10s"
-min_requests = 20
+window = "1m"
+min_requests = 10
 max_error_rate = 0.1
 max_p99_latency = "500ms"
 

@@ -37,7 +37,9 @@ pub struct RouteWindows {
     limits: Box<[Duration]>,
     stable_totals: SideTotals,
     canary_totals: SideTotals,
-    /// Bumped at each new step: a new weight, a reset, a new canary version.
+    /// Bumped when the canary's evidence starts over (a reset, a new canary version).
+    /// Weight changes do not restart it: whether a request is bad does not depend on
+    /// the weight, so one e-process covers a whole rollout with one error budget.
     step: AtomicU64,
     /// The totals when the latest step began, taken by the state writer as it made the
     /// change (so requests before it never count towards the new step).
@@ -112,8 +114,20 @@ impl RouteWindows {
         self.origin.elapsed().as_millis() as u64
     }
 
-    /// Records one finished request.
+    /// The evidence step requests routed now belong to (see `record_in_step`).
+    pub fn current_step(&self) -> u64 {
+        self.step.load(Ordering::Relaxed)
+    }
+
+    /// Records one finished request in the current step.
     pub fn record(&self, variant: Variant, outcome: Outcome, latency: Duration) {
+        self.record_in_step(variant, outcome, latency, self.current_step());
+    }
+
+    /// Records one finished request that was routed in `step`. A request routed before
+    /// the evidence started over (to the previous canary version, say) still shows in
+    /// the window figures but is never held against the new step.
+    pub fn record_in_step(&self, variant: Variant, outcome: Outcome, latency: Duration, step: u64) {
         let error = match outcome {
             Outcome::Error(_) => true,
             Outcome::Status(status) => {
@@ -125,26 +139,26 @@ impl RouteWindows {
             Variant::Canary => (&self.canary, &self.canary_totals),
         };
         window.record(self.now_ms(), error, latency);
-        totals.record(error, latency, &self.limits);
+        if step == self.current_step() {
+            totals.record(error, latency, &self.limits);
+        }
     }
 
-    /// Begins a new step (a new weight): the judge weighs only what comes after.
-    /// Called by the state writer as it makes the change.
-    pub fn new_step(&self) {
+    /// Starts the canary's evidence over, window figures included (a reset, or a new
+    /// canary version): the judge weighs only what comes after. Called by the state
+    /// writer as it makes the change.
+    pub fn restart_evidence(&self) {
+        self.canary.clear(self.now_ms());
+        // The step and its base change together, under the lock the judge reads them
+        // under, so the judge never pairs a new step with an old base.
+        let mut base = self.step_base.lock().unwrap_or_else(|p| p.into_inner());
         let step = self.step.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.step_base.lock().unwrap_or_else(|p| p.into_inner()) = Some(StepBase {
+        *base = Some(StepBase {
             step,
             at_ms: self.now_ms(),
             canary: self.canary_totals.read(),
             stable: self.stable_totals.read(),
         });
-    }
-
-    /// Starts the canary's evidence over, window figures included (a reset, or a new
-    /// canary version): nothing recorded before counts again.
-    pub fn restart_evidence(&self) {
-        self.canary.clear(self.now_ms());
-        self.new_step();
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, Option<JudgeState>> {
@@ -154,14 +168,14 @@ impl RouteWindows {
     /// Brings the step's evidence up to date and judges it. For the guard.
     pub fn judge(&self, spec: &SloSpec) -> Arc<Judgement> {
         let now = self.now_ms();
-        let step = self.step.load(Ordering::Relaxed);
-        let (canary, stable) = (self.canary_totals.read(), self.stable_totals.read());
         let epoch_ms = spec.window.as_millis() as u64;
         let mut state = self.state();
+        let base = self.step_base.lock().unwrap_or_else(|p| p.into_inner());
+        let step = self.step.load(Ordering::Relaxed);
+        let (canary, stable) = (self.canary_totals.read(), self.stable_totals.read());
         if state.as_ref().is_none_or(|current| current.step != step) {
             // The step's evidence starts where the writer marked it; the first step
             // of these windows starts at their creation.
-            let base = self.step_base.lock().unwrap_or_else(|p| p.into_inner());
             let (canary_base, stable_base, at_ms) = match base.as_ref() {
                 Some(base) if base.step == step => {
                     (base.canary.clone(), base.stable.clone(), base.at_ms)
@@ -188,5 +202,85 @@ impl RouteWindows {
     /// The guard's last judgement, if it has judged this route.
     pub fn last_judgement(&self) -> Option<Arc<Judgement>> {
         self.state().as_ref().map(|s| s.last.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::compile::LatencyLimit;
+
+    fn spec() -> SloSpec {
+        SloSpec {
+            window: Duration::from_secs(60),
+            min_requests: 1,
+            confidence: 0.99,
+            dry_run: false,
+            max_error_rate: Some(0.05),
+            max_error_rate_increase: None,
+            latency: vec![LatencyLimit {
+                quantile: 0.99,
+                limit: Duration::from_millis(500),
+            }],
+            latency_ratio: Vec::new(),
+            count_4xx: false,
+        }
+    }
+
+    /// A request routed before a reset (or to the previous canary version) finishes
+    /// after it: it must not count towards the new evidence.
+    #[tokio::test]
+    async fn requests_routed_before_the_evidence_restarted_do_not_count() {
+        let spec = spec();
+        let windows = RouteWindows::new(Some(&spec));
+        let in_flight = windows.current_step();
+        windows.record(
+            Variant::Canary,
+            Outcome::Status(500),
+            Duration::from_millis(5),
+        );
+        windows.restart_evidence();
+        windows.record_in_step(
+            Variant::Canary,
+            Outcome::Status(500),
+            Duration::from_millis(900),
+            in_flight,
+        );
+        windows.record(
+            Variant::Canary,
+            Outcome::Status(200),
+            Duration::from_millis(5),
+        );
+        let judged = windows.judge(&spec);
+        assert_eq!(
+            (judged.rules[0].samples, judged.rules[0].bad),
+            (1, 0),
+            "{judged:?}"
+        );
+        assert_eq!(judged.rules[1].bad, 0);
+    }
+
+    /// A weight change is no new step: the evidence (and its single error budget)
+    /// carries across a rollout.
+    #[tokio::test]
+    async fn the_evidence_carries_across_weight_changes() {
+        let spec = spec();
+        let windows = RouteWindows::new(Some(&spec));
+        for _ in 0..10 {
+            windows.record(
+                Variant::Canary,
+                Outcome::Status(200),
+                Duration::from_millis(5),
+            );
+        }
+        windows.judge(&spec);
+        for _ in 0..10 {
+            windows.record(
+                Variant::Canary,
+                Outcome::Status(200),
+                Duration::from_millis(5),
+            );
+        }
+        assert_eq!(windows.judge(&spec).rules[0].samples, 20);
     }
 }

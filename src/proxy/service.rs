@@ -92,6 +92,9 @@ impl ProxyService {
                 client_ip: self.conn.peer.ip(),
             },
         );
+        // The judge's evidence step this request belongs to: if the canary's evidence
+        // starts over while it is in flight, its outcome is not held against the new one.
+        let evidence_step = route.windows.current_step();
         let choice = match choose_instance(route, decision.variant, started) {
             Ok(choice) => choice,
             Err(error) => return Ok(error.into_response()),
@@ -180,7 +183,9 @@ impl ProxyService {
             Err(error) => (Outcome::Error(error.kind()), Err(error)),
         };
         route.metrics.side(variant).record(outcome, elapsed);
-        route.windows.record(variant, outcome, elapsed);
+        route
+            .windows
+            .record_in_step(variant, outcome, elapsed, evidence_step);
 
         let mut response = match response {
             Ok(response) => {

@@ -5,7 +5,10 @@
 //! totals when the step began, and the counts of each epoch (`slo.window`) since.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::time::Duration;
 
 use super::sequential::Counts;
@@ -41,14 +44,16 @@ impl SideTotals {
     }
 
     /// Adds one finished request. `limits` are the latency limits `slow` counts against.
+    /// The request is counted before its badness (Release), and `read` loads the bad
+    /// counts first (Acquire), so a reading never holds a bad request without it.
     pub fn record(&self, error: bool, latency: Duration, limits: &[Duration]) {
         self.requests.fetch_add(1, Relaxed);
         if error {
-            self.errors.fetch_add(1, Relaxed);
+            self.errors.fetch_add(1, Release);
         }
         for (counter, limit) in self.slow.iter().zip(limits) {
             if latency > *limit {
-                counter.fetch_add(1, Relaxed);
+                counter.fetch_add(1, Release);
             }
         }
         if let Some(histogram) = &self.histogram {
@@ -57,10 +62,12 @@ impl SideTotals {
     }
 
     pub fn read(&self) -> Reading {
+        let errors = self.errors.load(Acquire);
+        let slow = self.slow.iter().map(|c| c.load(Acquire)).collect();
         Reading {
             requests: self.requests.load(Relaxed),
-            errors: self.errors.load(Relaxed),
-            slow: self.slow.iter().map(|c| c.load(Relaxed)).collect(),
+            errors,
+            slow,
             histogram: self
                 .histogram
                 .iter()

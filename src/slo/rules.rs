@@ -8,7 +8,12 @@
 //!   confidence bound plus the margin.
 //! - `max_latency_ratio` (and `max_p99_ratio`): canary requests slower than `ratio` ×
 //!   stable's quantile (its upper confidence bound, for a breach), against
-//!   `1 - quantile`. Judged over the whole step (no change points).
+//!   `1 - quantile`.
+//!
+//! Absolute rules also look for a late change (change points per epoch); relative
+//! rules compare both sides over the same span, the whole evidence, since stable's
+//! bound is over that span too (a late incident both sides share must not read as the
+//! canary's).
 //!
 //! Each route's false-trip budget, `1 - confidence`, is split evenly over its rules,
 //! and a relative rule spends half of its share on stable's bound, so the bound holds
@@ -167,7 +172,6 @@ pub fn judge(spec: &SloSpec, canary: &Ledger, stable: &Ledger) -> Vec<RuleReport
                     rule,
                     &budget,
                     canary_all.errors(),
-                    &canary.epochs(Reading::errors),
                     stable_all.errors(),
                     margin,
                 ),
@@ -176,15 +180,23 @@ pub fn judge(spec: &SloSpec, canary: &Ledger, stable: &Ledger) -> Vec<RuleReport
                 }
             };
             // Baseline mode: an outage both sides share is not the canary's doing.
+            // Stable is judged the way the canary was (change points included), so a
+            // late shared outage is recognised as one.
             let shared = match *rule {
-                Rule::ErrorRate(limit) => Some((stable_all.errors(), limit)),
-                Rule::Latency(i, latency) => Some((stable_all.slow(i), 1.0 - latency.quantile)),
+                Rule::ErrorRate(limit) => {
+                    Some((stable_all.errors(), stable.epochs(Reading::errors), limit))
+                }
+                Rule::Latency(i, latency) => Some((
+                    stable_all.slow(i),
+                    stable.epochs(|r| r.slow(i)),
+                    1.0 - latency.quantile,
+                )),
                 _ => None,
             };
-            if let (true, Verdict::Breach, Some((stable_counts, allowed))) =
+            if let (true, Verdict::Breach, Some((stable_counts, stable_epochs, allowed))) =
                 (baseline, report.verdict, shared)
             {
-                if sequential::log_evalue(stable_counts, allowed, Direction::Above)
+                if sequential::log_evalue_change(stable_counts, &stable_epochs, allowed)
                     >= budget.threshold()
                 {
                     report.verdict = Verdict::Inconclusive;
@@ -296,12 +308,14 @@ fn report(
     }
 }
 
-/// The canary's error rate against stable's plus a margin.
+/// The canary's error rate against stable's plus a margin, both over the whole
+/// evidence. Stable's upper bound and the canary's test each spend half the budget;
+/// the canary's e-value only falls as the reference rises, so testing against a bound
+/// at least stable's true rate is conservative whenever the bound holds.
 fn increase(
     rule: &Rule,
     budget: &Budget,
     canary: Counts,
-    epochs: &[(u64, Counts)],
     stable: Counts,
     margin: f64,
 ) -> RuleReport {
@@ -316,7 +330,7 @@ fn increase(
     let verdict = if below_floor(budget, canary).is_some() {
         Verdict::Inconclusive
     } else if allowed < 1.0
-        && sequential::log_evalue_change(canary, epochs, allowed) >= half.threshold()
+        && sequential::log_evalue(canary, allowed, Direction::Above) >= half.threshold()
     {
         Verdict::Breach
     } else if high <= stable_low + margin {
@@ -348,10 +362,11 @@ fn latency_ratio(
         min_requests: budget.min_requests,
     };
     let allowed = 1.0 - ratio.quantile;
-    // Stable's quantile is bounded at one of the histogram's edges: the budget is
-    // split over all of them, so searching for the first that passes stays valid.
-    let per_edge = half.alpha / window::BUCKETS as f64;
-    let threshold = (1.0 / per_edge).ln();
+    // Stable's quantile is bounded at one of the histogram's edges. The nulls "more
+    // than `allowed` of stable is above edge e" are nested (fewer samples lie above a
+    // higher edge), so searching the edges for the first rejection needs no split of
+    // the budget: if any true null is rejected, so is the highest true one.
+    let threshold = half.threshold();
     let stable_total = stable.requests;
     let above = |edge: usize| {
         let slower: u64 = stable.histogram.iter().skip(edge).sum();
@@ -537,6 +552,34 @@ mod tests {
                 ("error_rate", Verdict::Breach),
                 ("error_rate_increase", Verdict::Breach)
             ]
+        );
+    }
+
+    /// Both sides go bad late in a long step (a shared incident): neither the relative
+    /// rule nor, in baseline mode, the absolute one holds it against the canary.
+    #[test]
+    fn a_late_shared_incident_is_not_the_canarys() {
+        let spec = spec(|s| {
+            s.latency.clear();
+            s.max_error_rate_increase = Some(0.02);
+        });
+        let side = |per_epoch: u64| {
+            let totals = SideTotals::new(0, false);
+            let mut ledger = Ledger::new(totals.read(), 0);
+            for epoch in 0..12u64 {
+                let bad_every = if epoch < 10 { 200 } else { 10 };
+                for i in 0..per_epoch {
+                    totals.record(i % bad_every == 0, Duration::from_millis(5), &[]);
+                }
+                ledger.update(totals.read(), epoch * 300_000 + 1, 300_000);
+            }
+            ledger
+        };
+        let (canary, stable) = (side(600), side(5400));
+        let reports = judge(&spec, &canary, &stable);
+        assert!(
+            reports.iter().all(|r| r.verdict != Verdict::Breach),
+            "{reports:#?}"
         );
     }
 

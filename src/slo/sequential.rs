@@ -89,8 +89,13 @@ fn alternatives(p0: f64, direction: Direction) -> [f64; OFFSETS.len()] {
     })
 }
 
-/// `ln(sum(exp(terms)))`, without overflow.
+/// `ln(sum(exp(terms)))`, without overflow. A NaN term (impossible with the validated
+/// config) makes the whole NaN, never a silently smaller value.
 fn log_sum_exp(terms: impl Iterator<Item = f64> + Clone) -> f64 {
+    if terms.clone().any(f64::is_nan) {
+        debug_assert!(false, "NaN evidence");
+        return f64::NAN;
+    }
     let max = terms.clone().fold(f64::NEG_INFINITY, f64::max);
     if max == f64::NEG_INFINITY {
         return max;
@@ -154,7 +159,7 @@ pub fn interval(counts: Counts, alpha: f64) -> (f64, f64) {
     let threshold = (1.0 / alpha).ln();
     let rejected = |p: f64, direction| log_evalue(counts, p, direction) >= threshold;
     // The lower end: the largest p still rejected as "at most p", by bisection on the
-    // log-odds scale (rejection is monotone in p below the observed rate).
+    // log-odds scale (each test's e-value is monotone in p).
     let estimate = counts.rate().clamp(1e-9, 1.0 - 1e-9);
     let bisect = |direction: Direction, from: f64, to: f64| {
         let (mut inside, mut outside) = (logit(from), logit(to));

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 /// Sub-buckets per power of two.
 const SUB: u64 = 16;
-/// Latencies are kept in microseconds up to 2^31 µs (about 36 minutes).
+/// Latencies are kept in microseconds up to 2^31 µs (about 36 minutes); the last
+/// reachable bucket is `BUCKETS - 17`, the rest of the array is headroom.
 const MAX_EXP: u64 = 31;
 pub(crate) const BUCKETS: usize = (SUB + (MAX_EXP - 3) * SUB) as usize;
 

@@ -536,16 +536,6 @@ impl Writer {
             );
             return Err(error);
         }
-        // A new weight is a new step for the judge.
-        for (route, new) in &next {
-            let moved = self
-                .saved
-                .get(route)
-                .is_some_and(|old| old.weight_bp != new.weight_bp);
-            if let (true, Some(parts)) = (moved, self.parts.get(route)) {
-                parts.windows.new_step();
-            }
-        }
         // The process log says what changed too, not only audit.jsonl: it is what
         // on-call reads first.
         for (route, action, old, new, detail) in &lines {
