@@ -149,6 +149,10 @@ impl RouteWindows {
     /// writer as it makes the change.
     pub fn restart_evidence(&self) {
         self.canary.clear(self.now_ms());
+        // The last judgement was about the old evidence: show none until the next.
+        if let Some(state) = self.state().as_mut() {
+            state.last = Arc::new(Judgement { rules: Vec::new() });
+        }
         // The step and its base change together, under the lock the judge reads them
         // under, so the judge never pairs a new step with an old base.
         let mut base = self.step_base.lock().unwrap_or_else(|p| p.into_inner());
@@ -239,7 +243,9 @@ mod tests {
             Outcome::Status(500),
             Duration::from_millis(5),
         );
+        assert_eq!(windows.judge(&spec).rules[0].bad, 1);
         windows.restart_evidence();
+        assert!(windows.last_judgement().is_none_or(|j| j.rules.is_empty()));
         windows.record_in_step(
             Variant::Canary,
             Outcome::Status(500),
