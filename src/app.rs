@@ -15,8 +15,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, Admin};
 use crate::config::Settings;
-use crate::server::listener::Tls;
+use crate::server::listener::{Limits, Tls};
 use crate::state::{self, Source, StateHandle};
+use crate::worker::Assignment;
 
 /// Why splitgate could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub enum StartError {
     Restore(#[from] state::ChangeError),
     #[error("signal handling: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// A started splitgate.
@@ -47,12 +50,11 @@ pub struct Running {
     /// The HTTPS listener's address, when `[server.tls]` is configured.
     pub tls_addr: Option<SocketAddr>,
     pub state: StateHandle,
-    /// Stops the proxy listener (first).
+    /// Stops the workers' listeners (first).
     shutdown: watch::Sender<bool>,
     /// Stops the admin API and the guard (after the drain, so `/readyz` stays answerable).
     stop_admin: watch::Sender<bool>,
-    proxy: JoinHandle<bool>,
-    proxy_tls: Option<JoinHandle<bool>>,
+    workers: crate::worker::Workers,
     admin: JoinHandle<()>,
     guard: JoinHandle<()>,
 }
@@ -84,46 +86,62 @@ pub async fn start(
     check_admin_exposure(&settings, token.as_deref())?;
     let listen = (settings.server.listen, settings.admin.listen);
     let tls_settings = settings.server.tls.clone();
+    let worker_count = settings.server.workers;
+    let limits = Limits::per_worker(&settings.server);
     // State first: a second splitgate on the same state.dir is told so (with the
     // holder's PID), rather than about a port the first one holds.
     let state = state::start(settings, config_path).await?;
-    let listeners = bind_all(listen, tls_settings.as_ref().map(|t| t.listen));
-    let (proxy_listener, admin_listener, tls_listener) = match listeners {
+    let listeners = bind_all(
+        listen,
+        tls_settings.as_ref().map(|t| t.listen),
+        worker_count,
+    );
+    let (proxy_sockets, admin_listener, tls_sockets) = match listeners {
         Ok(listeners) => listeners,
         Err(error) => {
             state.stop().await;
             return Err(error);
         }
     };
-    let proxy_addr = local_addr("server.listen", &proxy_listener, listen.0)?;
-    let admin_addr = local_addr("admin.listen", &admin_listener, listen.1)?;
-    let (shutdown, stop) = watch::channel(false);
-    let (stop_admin, admin_stop) = watch::channel(false);
-    let proxy = tokio::spawn(crate::server::serve(
-        proxy_listener,
-        state.shared.clone(),
-        None,
-        stop.clone(),
-    ));
-    let mut tls_addr = None;
-    let proxy_tls = match (tls_listener, tls_settings, &state.shared.certificates) {
-        (Some(listener), Some(tls), Some(certificates)) => {
-            tls_addr = Some(local_addr("server.tls.listen", &listener, tls.listen)?);
-            let config =
-                crate::server::tls::server_config(certificates.clone(), tls.session_resumption)?;
-            let tls = Tls {
-                acceptor: TlsAcceptor::from(config),
-                handshake_timeout: tls.handshake_timeout,
-            };
-            Some(tokio::spawn(crate::server::serve(
-                listener,
-                state.shared.clone(),
-                Some(tls),
-                stop,
-            )))
+    let proxy_addr = local_addr("server.listen", &proxy_sockets[0], listen.0)?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            field: "admin.listen",
+            addr: listen.1,
+            source,
+        })?;
+    let tls_addr = match (&tls_sockets, &tls_settings) {
+        (Some(sockets), Some(tls)) => {
+            Some(local_addr("server.tls.listen", &sockets[0], tls.listen)?)
         }
         _ => None,
     };
+    let acceptor = match (&tls_settings, &state.shared.certificates) {
+        (Some(tls), Some(certificates)) => Some(Tls {
+            acceptor: TlsAcceptor::from(crate::server::tls::server_config(
+                certificates.clone(),
+                tls.session_resumption,
+            )?),
+            handshake_timeout: tls.handshake_timeout,
+        }),
+        _ => None,
+    };
+    let mut tls_sockets = tls_sockets.map(Vec::into_iter);
+    let assignments = proxy_sockets
+        .into_iter()
+        .map(|plain| Assignment {
+            plain,
+            tls: tls_sockets
+                .as_mut()
+                .and_then(Iterator::next)
+                .zip(acceptor.clone()),
+        })
+        .collect();
+    let (shutdown, stop) = watch::channel(false);
+    let (stop_admin, admin_stop) = watch::channel(false);
+    let workers = crate::worker::start(state.shared.clone(), assignments, limits, stop)
+        .map_err(StartError::Workers)?;
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(Admin {
@@ -137,6 +155,7 @@ pub async fn start(
         proxy = %proxy_addr,
         https = tls_addr.map(tracing::field::display),
         admin = %admin_addr,
+        workers = worker_count,
         "splitgate serving"
     );
     Ok(Running {
@@ -146,37 +165,43 @@ pub async fn start(
         state,
         shutdown,
         stop_admin,
-        proxy,
-        proxy_tls,
+        workers,
         admin,
         guard,
     })
 }
 
-/// The proxy, admin and (optional) HTTPS listeners.
+/// Sockets bound for each worker.
+type Group = Vec<std::net::TcpListener>;
+
+/// The workers' proxy (and HTTPS) sockets, one per worker each, and the admin listener.
 fn bind_all(
     (proxy, admin): (SocketAddr, SocketAddr),
     tls: Option<SocketAddr>,
-) -> Result<(TcpListener, TcpListener, Option<TcpListener>), StartError> {
-    let proxy = bind("server.listen", proxy)?;
-    let admin = bind("admin.listen", admin)?;
+    workers: usize,
+) -> Result<(Group, TcpListener, Option<Group>), StartError> {
+    let group = |field, addr| {
+        crate::worker::bind_group(addr, workers).map_err(|source| StartError::Bind {
+            field,
+            addr,
+            source,
+        })
+    };
+    let proxy = group("server.listen", proxy)?;
+    let admin = crate::server::listener::bind(admin).map_err(|source| StartError::Bind {
+        field: "admin.listen",
+        addr: admin,
+        source,
+    })?;
     let tls = tls
-        .map(|addr| bind("server.tls.listen", addr))
+        .map(|addr| group("server.tls.listen", addr))
         .transpose()?;
     Ok((proxy, admin, tls))
 }
 
-fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    crate::server::listener::bind(addr).map_err(|source| StartError::Bind {
-        field,
-        addr,
-        source,
-    })
-}
-
 fn local_addr(
     field: &'static str,
-    listener: &TcpListener,
+    listener: &std::net::TcpListener,
     addr: SocketAddr,
 ) -> Result<SocketAddr, StartError> {
     listener.local_addr().map_err(|source| StartError::Bind {
@@ -192,10 +217,7 @@ impl Running {
     pub async fn shutdown(self) -> bool {
         self.state.shared.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
-        let mut drained = self.proxy.await.unwrap_or(false);
-        if let Some(tls) = self.proxy_tls {
-            drained &= tls.await.unwrap_or(false);
-        }
+        let drained = self.workers.drained().await;
         let _ = self.stop_admin.send(true);
         let _ = self.admin.await;
         let _ = self.guard.await;

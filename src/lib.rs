@@ -2,16 +2,19 @@
 //!
 //! # Layout
 //!
-//! A request arrives on a listener (`server`), which runs hyper with the configured
-//! limits and drains on shutdown. The proxy service (`proxy::service`) loads the current
+//! Data plane: `worker` runs N threads, each a current-thread runtime with its own
+//! listening sockets (`SO_REUSEPORT`) and its own upstream pools. A request arrives on
+//! a worker's listener (`server`), which runs hyper with the configured limits and
+//! drains on shutdown. The proxy service (`proxy::service`) loads the current
 //! [`state::Snapshot`] once, so the whole request sees one generation; checks framing
 //! (`proxy::framing`); matches a route (`proxy::route`); decides stable or canary by a
 //! keyed hash of the user's key (`proxy::split`); rewrites headers (`proxy::forward`);
 //! and forwards through a pooled upstream connection (`upstream`), streaming both bodies.
 //! It records metrics (`telemetry`) and the SLO windows (`slo`) and logs the access line.
 //!
-//! Everything that changes at runtime (weights, trips, rollouts, reloaded config) is
-//! changed by one task, the state writer (`state`), which persists it before swapping
+//! Control plane, on the runtime that started it all: everything that changes at
+//! runtime (weights, trips, rollouts, reloaded config) is changed by one task, the
+//! state writer (`state`), which persists it before swapping
 //! in a new snapshot. The admin API (`admin`), SIGHUP and the SLO guard (`slo::guard`)
 //! only send it commands. `config` parses and validates the file; `app` wires it all
 //! and runs the shutdown sequence. `demo` is the self-contained demo, `client` the
@@ -29,3 +32,4 @@ pub mod state;
 pub mod telemetry;
 pub mod timefmt;
 pub mod upstream;
+pub mod worker;

@@ -129,13 +129,12 @@ fn main() -> ExitCode {
             };
             report(
                 format,
-                runtime(settings.server.workers)
-                    .and_then(|rt| Ok(rt.block_on(splitgate::app::run(settings, config))?)),
+                runtime().and_then(|rt| Ok(rt.block_on(splitgate::app::run(settings, config))?)),
             )
         }
         Command::Demo { port, admin_port } => report(
             format,
-            runtime(0).and_then(|rt| rt.block_on(demo(port, admin_port))),
+            runtime().and_then(|rt| rt.block_on(demo(port, admin_port))),
         ),
         Command::Weight {
             route,
@@ -245,20 +244,12 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// The runtime: one thread runs a current-thread scheduler (no work-stealing
-/// bookkeeping or cross-thread wake-ups: measured cheaper per request); more use the
-/// multi-thread scheduler. 0 means one worker per core.
-fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if workers > 1 {
-            builder.worker_threads(workers);
-        }
-        builder
-    };
-    Ok(builder.enable_all().build()?)
+/// The control runtime (admin API, state writer, SLO guard; the deploy CLI): one
+/// thread. The proxy's workers run runtimes of their own (see `worker`).
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn report(format: LogFormat, result: anyhow::Result<()>) -> ExitCode {
@@ -280,7 +271,7 @@ fn with_client<T>(
     args: &AdminArgs,
     work: impl AsyncFnOnce(AdminClient) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    runtime(1)?.block_on(async {
+    runtime()?.block_on(async {
         let client = AdminClient::new(&args.admin, args.token.clone())?;
         work(client).await
     })

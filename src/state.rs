@@ -8,7 +8,7 @@ pub mod snapshot;
 pub mod store;
 mod writer;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -27,6 +27,10 @@ use crate::telemetry::Registry;
 pub struct Shared {
     /// The one snapshot requests read, swapped by the writer.
     pub snapshot: ArcSwap<Snapshot>,
+    /// The generation of `snapshot`, stored after it: workers compare it with their
+    /// cached copy's and reload only when it moved (see `worker::snapshot`), so a
+    /// request reads a shared cache line but never writes one.
+    pub generation: AtomicU64,
     pub registry: Registry,
     /// Set on SIGTERM; `/readyz` turns false.
     pub draining: AtomicBool,

@@ -118,36 +118,73 @@ pub struct Sent {
     pub failed_connects: usize,
 }
 
-/// A named upstream: its instances and the round-robin cursor.
+/// A named upstream: per worker, a connection pool for each instance and a
+/// round-robin cursor. Each worker uses only its own (see `worker::index`), so
+/// connections are opened, used and pooled on one thread and no lock or cursor is
+/// shared between cores; an instance's health is shared, so every worker stops sending
+/// to an instance any worker found dead.
 pub struct Upstream {
     pub spec: UpstreamSpec,
+    workers: Box<[WorkerPools]>,
+}
+
+/// One worker's view of an upstream. Aligned to its own cache lines: the cursor is
+/// written on every request, by that worker only.
+#[repr(align(128))]
+struct WorkerPools {
     instances: Box<[Arc<Pool>]>,
     next: AtomicUsize,
 }
 
+/// A per-instance limit split over `workers`, rounded up (so never 0).
+fn per_worker(limit: usize, workers: usize) -> usize {
+    limit.div_ceil(workers.max(1)).max(1)
+}
+
 impl Upstream {
-    pub fn new(spec: UpstreamSpec) -> Self {
-        let instances = spec
+    /// `workers` pools per instance; `max_connections_per_instance` and
+    /// `max_idle_per_instance` are split evenly between them.
+    pub fn new(spec: UpstreamSpec, workers: usize) -> Self {
+        let workers = workers.max(1);
+        let health: Vec<Arc<health::Health>> = spec
             .instances
             .iter()
-            .map(|&addr| {
-                let tls = spec.tls.as_ref().and_then(tls::UpstreamConnector::new);
-                let health =
-                    health::Health::new(spec.eject_after, spec.eject_for, spec.max_eject_for);
-                Arc::new(Pool::new(
-                    addr,
-                    spec.max_idle_per_instance,
-                    spec.max_connections_per_instance,
-                    tls,
-                    health,
+            .map(|_| {
+                Arc::new(health::Health::new(
+                    spec.eject_after,
+                    spec.eject_for,
+                    spec.max_eject_for,
                 ))
+            })
+            .collect();
+        let pools = (0..workers)
+            .map(|_| WorkerPools {
+                instances: spec
+                    .instances
+                    .iter()
+                    .zip(&health)
+                    .map(|(&addr, health)| {
+                        Arc::new(Pool::new(
+                            addr,
+                            per_worker(spec.max_idle_per_instance, workers),
+                            per_worker(spec.max_connections_per_instance, workers),
+                            spec.tls.as_ref().and_then(tls::UpstreamConnector::new),
+                            health.clone(),
+                        ))
+                    })
+                    .collect(),
+                next: AtomicUsize::new(0),
             })
             .collect();
         Self {
             spec,
-            instances,
-            next: AtomicUsize::new(0),
+            workers: pools,
         }
+    }
+
+    /// The calling worker's pools.
+    fn local(&self) -> &WorkerPools {
+        &self.workers[crate::worker::index() % self.workers.len()]
     }
 
     pub fn name(&self) -> &str {
@@ -157,30 +194,34 @@ impl Upstream {
     /// The next instance in round-robin order that is not ejected; `None` when every
     /// instance is.
     pub fn pick(&self) -> Option<&Arc<Pool>> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.instances.len();
+        let local = self.local();
+        let start = local.next.fetch_add(1, Ordering::Relaxed);
+        let n = local.instances.len();
         (0..n)
-            .map(|i| &self.instances[(start + i) % n])
+            .map(|i| &local.instances[(start + i) % n])
             .find(|instance| instance.health.is_available())
     }
 
     /// The next instance in round-robin order, ejected or not: when every instance is
     /// ejected, trying one beats refusing everyone (Envoy's "panic mode").
     pub fn pick_any(&self) -> &Arc<Pool> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.instances.len();
-        &self.instances[i]
+        let local = self.local();
+        let i = local.next.fetch_add(1, Ordering::Relaxed) % local.instances.len();
+        &local.instances[i]
     }
 
+    /// The calling worker's pool for each instance.
     pub fn instances(&self) -> &[Arc<Pool>] {
-        &self.instances
+        &self.local().instances
     }
 
     /// The next available instance in round-robin order that is not in `tried`.
     fn pick_untried(&self, tried: &[SocketAddr]) -> Option<Arc<Pool>> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.instances.len();
+        let local = self.local();
+        let start = local.next.fetch_add(1, Ordering::Relaxed);
+        let n = local.instances.len();
         (0..n)
-            .map(|i| &self.instances[(start + i) % n])
+            .map(|i| &local.instances[(start + i) % n])
             .find(|instance| instance.health.is_available() && !tried.contains(&instance.addr()))
             .cloned()
     }

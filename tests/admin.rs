@@ -757,3 +757,28 @@ async fn weight_bodies_other_than_the_object_form_are_refused_naming_the_field()
     }
     assert_eq!(weight_of(s.proxy.admin).await, 10.0);
 }
+
+/// With several workers, each caching the snapshot: an acknowledged weight change is
+/// seen by the very next request on every worker (new connections land on both).
+#[tokio::test]
+async fn a_weight_change_reaches_every_workers_next_request() {
+    let s = setup("workers = 2", "").await;
+    for (weight, side) in [(100, "canary"), (0, "stable"), (100, "canary")] {
+        let (status, _) = admin(
+            s.proxy.admin,
+            "PUT",
+            "/admin/routes/main/weight",
+            &format!(r#"{{"canary_weight": {weight}}}"#),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        for i in 0..20 {
+            let reply = get(s.proxy.addr, "/", &[("x-user-id", &format!("u{i}"))]).await;
+            assert_eq!(
+                reply.headers["x-splitgate-variant"], side,
+                "weight {weight}"
+            );
+        }
+    }
+}

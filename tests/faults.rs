@@ -425,7 +425,7 @@ async fn at_the_instance_connection_cap_requests_queue_and_all_get_served() {
     let extra = "max_connections_per_instance = 1\nqueue_timeout = \"10s\"";
     let proxy = start_proxy(
         dir.clone(),
-        &config(dir.path(), &[slow.addr], None, "", extra, ""),
+        &config(dir.path(), &[slow.addr], None, "workers = 1", extra, ""),
     )
     .await;
     let tasks: Vec<_> = (0..5)
@@ -442,6 +442,30 @@ async fn at_the_instance_connection_cap_requests_queue_and_all_get_served() {
     );
 }
 
+/// With several workers the instance's cap is a total: split evenly between them.
+#[tokio::test]
+async fn the_instance_connection_cap_is_a_total_across_workers() {
+    let (slow, peak) = counting_upstream(Duration::from_millis(100)).await;
+    let dir = Arc::new(TempDir::new("cap-workers"));
+    let extra = "max_connections_per_instance = 2\nqueue_timeout = \"10s\"";
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[slow.addr], None, "workers = 2", extra, ""),
+    )
+    .await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { get(proxy.addr, "/", &[]).await.status }))
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(slow.hits(), 10);
+    assert!(
+        peak.load(Ordering::SeqCst) <= 2,
+        "the cap of two was exceeded"
+    );
+}
+
 #[tokio::test]
 async fn a_queue_timeout_gives_503_and_does_not_eject_the_instance() {
     let (slow, _) = counting_upstream(Duration::from_secs(3)).await;
@@ -450,7 +474,7 @@ async fn a_queue_timeout_gives_503_and_does_not_eject_the_instance() {
     let extra = "max_connections_per_instance = 1\nqueue_timeout = \"300ms\"\neject_after = 1";
     let proxy = start_proxy(
         dir.clone(),
-        &config(dir.path(), &[slow.addr], None, "", extra, ""),
+        &config(dir.path(), &[slow.addr], None, "workers = 1", extra, ""),
     )
     .await;
     let holder = tokio::spawn(async move { get(proxy.addr, "/", &[]).await.status });

@@ -440,7 +440,7 @@ async fn at_the_connection_cap_new_connections_are_refused_and_the_others_served
             dir.path(),
             &[stable.addr],
             None,
-            "max_connections = 3",
+            "max_connections = 3\nworkers = 1",
             "",
             "",
         ),

@@ -128,7 +128,14 @@ async fn refused(proxy: std::net::SocketAddr) -> bool {
 async fn an_open_tunnel_counts_against_the_connection_cap_until_it_closes() {
     let echo = websocket_echo().await;
     let dir = Arc::new(TempDir::new("ws-cap"));
-    let text = config(dir.path(), &[echo], None, "max_connections = 1", "", "");
+    let text = config(
+        dir.path(),
+        &[echo],
+        None,
+        "max_connections = 1\nworkers = 1",
+        "",
+        "",
+    );
     let proxy = start_proxy(dir.clone(), &text).await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
     let url = format!("ws://{}/chat", proxy.addr);
@@ -216,7 +223,7 @@ async fn an_upgrade_at_the_instance_connection_cap_closes_an_idle_pooled_connect
     let (upstream, _) = upgrade_or_plain_upstream().await;
     let dir = Arc::new(TempDir::new("ws-upstream-cap"));
     let extra = "max_connections_per_instance = 1\nqueue_timeout = \"3s\"";
-    let text = config(dir.path(), &[upstream], None, "", extra, "");
+    let text = config(dir.path(), &[upstream], None, "workers = 1", extra, "");
     let proxy = start_proxy(dir.clone(), &text).await;
     // The one allowed upstream connection is now idle in the pool.
     let reply = get(proxy.addr, "/", &[]).await;

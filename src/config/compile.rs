@@ -26,6 +26,7 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
+    /// Worker threads (at least 1; the file's 0 is resolved to one per core).
     pub workers: usize,
     pub trusted_proxies: Vec<IpRange>,
     pub max_connections: usize,
@@ -330,6 +331,9 @@ fn compile_server(file: &FileConfig, names: Names, errors: &mut Errors) -> Optio
                 .ok()
         })
         .collect();
+    if s.workers > 1024 {
+        errors.push("server.workers", "must be at most 1024");
+    }
     for (field, value) in [
         ("server.max_connections", s.max_connections),
         ("server.max_headers", s.max_headers),
@@ -411,7 +415,10 @@ fn compile_server(file: &FileConfig, names: Names, errors: &mut Errors) -> Optio
     Some(ServerSettings {
         tls,
         listen: listen?,
-        workers: s.workers,
+        workers: match s.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        },
         trusted_proxies,
         max_connections: s.max_connections,
         header_read_timeout: s.header_read_timeout,

@@ -66,7 +66,7 @@ impl ProxyService {
         framing_rejection: Option<&'static str>,
     ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
         let started = Instant::now();
-        let snapshot = self.shared.snapshot.load_full();
+        let snapshot = crate::worker::snapshot(&self.shared);
         let server = &snapshot.settings.server;
         let (mut parts, body) = request.into_parts();
 

@@ -26,7 +26,7 @@ use crate::telemetry::names::{CONNECTIONS, LABEL_LISTENER};
 /// tokio's `TcpListener::bind` asks for 1 024; a burst of more connects than that
 /// overflows the queue, and the kernel drops the SYNs, which clients retry only
 /// after a second. HAProxy sizes its backlog from maxconn for the same reason.
-const BACKLOG: u32 = 4096;
+pub const BACKLOG: u32 = 4096;
 
 /// Binds a listening socket on `addr` with address reuse and a long accept queue.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -43,9 +43,25 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// The limits of one listener, fixed when it starts.
 #[derive(Clone)]
 pub struct Limits {
+    /// This listener's share of `server.max_connections`.
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+}
+
+impl Limits {
+    /// One worker's limits: `server.max_connections` split evenly over the workers
+    /// (rounded up), the timeouts as configured.
+    pub fn per_worker(server: &ServerSettings) -> Self {
+        Self {
+            max_connections: server
+                .max_connections
+                .div_ceil(server.workers.max(1))
+                .max(1),
+            idle_timeout: server.idle_timeout,
+            drain_timeout: server.drain_timeout,
+        }
+    }
 }
 
 /// Builds hyper's connection builder with every limit set. hyper's header-read
@@ -90,15 +106,11 @@ pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     tls: Option<Tls>,
+    limits: Limits,
     shutdown: watch::Receiver<bool>,
 ) -> bool {
     let server = shared.snapshot.load().settings.server.clone();
     let name = if tls.is_some() { "https" } else { "http" };
-    let limits = Limits {
-        max_connections: server.max_connections,
-        idle_timeout: server.idle_timeout,
-        drain_timeout: server.drain_timeout,
-    };
     let state = Arc::new(Listener {
         connections: shared
             .registry

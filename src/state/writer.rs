@@ -42,6 +42,8 @@ struct Writer {
     parts: BTreeMap<String, RouteParts>,
     store: Store,
     generation: u64,
+    /// Worker threads, fixed at start: each upstream keeps a pool per worker.
+    workers: usize,
 }
 
 /// Starts the writer: loads saved state, merges it with `settings`, persists the result
@@ -102,11 +104,13 @@ pub async fn start(
         snapshot: ArcSwap::from_pointee(placeholder),
         registry,
         draining: AtomicBool::new(false),
+        generation: std::sync::atomic::AtomicU64::new(0),
         certificates,
         reloads_ok,
         reloads_failed,
         persist_failures,
     });
+    let workers = settings.server.workers;
     let mut writer = Writer {
         shared: shared.clone(),
         config_path,
@@ -117,6 +121,7 @@ pub async fn start(
         parts: BTreeMap::new(),
         store,
         generation: 0,
+        workers,
     };
     writer.install(writer.settings.clone());
     writer.forget_canary_evidence(merged.notes.keys().map(String::as_str));
@@ -387,6 +392,10 @@ impl Writer {
                 warnings.push(format!("latency limit {threshold}s is not a bucket of splitgate_request_duration_seconds until the next restart (PromQL quantiles near it are approximate until then)"));
             }
         }
+        if settings.server.workers != self.workers {
+            warnings
+                .push("server.workers changed; it takes effect at the next restart".to_string());
+        }
         if settings.state_dir != old.state_dir {
             warnings.push("state.dir changed; it takes effect at the next restart".to_string());
         }
@@ -430,7 +439,7 @@ impl Writer {
         for (name, spec) in &settings.upstreams {
             let upstream = match self.upstreams.get(name) {
                 Some(existing) if existing.spec == *spec => existing.clone(),
-                _ => Arc::new(Upstream::new(spec.clone())),
+                _ => Arc::new(Upstream::new(spec.clone(), self.workers)),
             };
             upstreams.insert(name.clone(), upstream);
         }
@@ -593,5 +602,8 @@ impl Writer {
             settings: self.settings.clone(),
             routes: routes.into_boxed_slice(),
         }));
+        self.shared
+            .generation
+            .store(self.generation, std::sync::atomic::Ordering::Release);
     }
 }

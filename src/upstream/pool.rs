@@ -41,8 +41,9 @@ pub struct Pool {
     addr: SocketAddr,
     max_idle: usize,
     tls: Option<UpstreamConnector>,
-    /// Passive health: consecutive failures eject the instance for a while.
-    pub health: Health,
+    /// Passive health of the instance (shared by every worker's pool for it):
+    /// consecutive failures eject the instance for a while.
+    pub health: Arc<Health>,
     /// Connection slots: at most this many connections to the instance at once.
     slots: Arc<Semaphore>,
     /// Idle senders, and the requests queued for one at the connection cap.
@@ -66,7 +67,7 @@ impl Pool {
         max_idle: usize,
         max_connections: usize,
         tls: Option<UpstreamConnector>,
-        health: Health,
+        health: Arc<Health>,
     ) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max_connections)),

@@ -1,0 +1,194 @@
+//! The data plane's threads. Each worker is an OS thread running a current-thread
+//! tokio runtime with its own listening sockets (`SO_REUSEPORT` on Linux: the kernel
+//! spreads new connections over the workers' sockets) and its own upstream connection
+//! pools (see `upstream::Upstream`). A connection is accepted, proxied and answered on
+//! one thread: no work stealing, no cross-core wake-ups, no pool lock another core
+//! contends for. The control plane (admin API, state writer, SLO guard) runs on the
+//! runtime that called [`start`].
+//!
+//! Envoy's threading model is the reference: a main thread for admin and stats,
+//! workers that own their listeners and connection pools.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpSocket;
+use tokio::sync::{oneshot, watch};
+
+use crate::server::listener::{Limits, Tls, BACKLOG};
+use crate::state::{Shared, Snapshot};
+
+thread_local! {
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+    /// This thread's copy of the current snapshot, by the `Shared` it came from.
+    static SNAPSHOT: RefCell<Option<(usize, u64, Arc<Local>)>> = const { RefCell::new(None) };
+}
+
+/// A worker's own handle on a snapshot. Requests clone this `Arc`, whose count lives
+/// on a cache line only its worker writes, instead of the shared snapshot's (which
+/// every worker would otherwise write on every request).
+pub struct Local(Arc<Snapshot>);
+
+impl std::ops::Deref for Local {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.0
+    }
+}
+
+/// The current snapshot for a request on this thread: the cached copy while the
+/// writer's generation has not moved, else a fresh load. A change the writer has
+/// published is seen by the next request on every worker.
+pub fn snapshot(shared: &Arc<Shared>) -> Arc<Local> {
+    let key = Arc::as_ptr(shared) as usize;
+    let generation = shared.generation.load(Ordering::Acquire);
+    SNAPSHOT.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        match cached.as_ref() {
+            Some((owner, seen, local)) if *owner == key && *seen == generation => local.clone(),
+            _ => {
+                let local = Arc::new(Local(shared.snapshot.load_full()));
+                *cached = Some((key, generation, local.clone()));
+                local
+            }
+        }
+    })
+}
+
+/// The calling thread's worker index (0 on any thread that is not a worker, such as
+/// the control thread or a test's runtime).
+pub fn index() -> usize {
+    INDEX.with(Cell::get)
+}
+
+/// One listening socket per worker on `addr`. The first binds (resolving port 0); on
+/// Linux the others bind the same port with `SO_REUSEPORT`, so the kernel balances new
+/// connections over them; elsewhere they share the first socket.
+pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = bind_one(addr)?;
+    let bound = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..count.max(1) {
+        sockets.push(if cfg!(target_os = "linux") {
+            bind_one(bound)?
+        } else {
+            sockets[0].try_clone()?
+        });
+    }
+    Ok(sockets)
+}
+
+/// A listening socket with address reuse, `SO_REUSEPORT` (Linux) and a long accept
+/// queue, not yet registered with any runtime.
+fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    #[cfg(target_os = "linux")]
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)?.into_std()
+}
+
+/// What one worker serves.
+pub struct Assignment {
+    pub plain: std::net::TcpListener,
+    /// The HTTPS listener's socket and acceptor, when `[server.tls]` is set.
+    pub tls: Option<(std::net::TcpListener, Tls)>,
+}
+
+/// The running workers.
+pub struct Workers {
+    /// One per worker: whether its connections all finished within the drain timeout.
+    drained: Vec<oneshot::Receiver<bool>>,
+}
+
+/// Starts one worker thread per assignment. Each serves until `shutdown` turns true,
+/// then drains its connections under `limits.drain_timeout`.
+pub fn start(
+    shared: Arc<Shared>,
+    assignments: Vec<Assignment>,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<Workers> {
+    let mut drained = Vec::with_capacity(assignments.len());
+    for (index, assignment) in assignments.into_iter().enumerate() {
+        let (done, finished) = oneshot::channel();
+        let (shared, limits, shutdown) = (shared.clone(), limits.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name(format!("splitgate-worker-{index}"))
+            .spawn(move || {
+                INDEX.with(|cell| cell.set(index));
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        tracing::error!(worker = index, %error, "worker runtime did not start");
+                        let _ = done.send(false);
+                        return;
+                    }
+                };
+                let all = runtime.block_on(serve(shared, assignment, limits, shutdown));
+                let _ = done.send(all);
+            })?;
+        drained.push(finished);
+    }
+    Ok(Workers { drained })
+}
+
+/// One worker's listeners, until shutdown and drain.
+async fn serve(
+    shared: Arc<Shared>,
+    assignment: Assignment,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+) -> bool {
+    let plain = match tokio::net::TcpListener::from_std(assignment.plain) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, "worker could not take its listener");
+            return false;
+        }
+    };
+    let https = assignment.tls.and_then(|(socket, tls)| {
+        tokio::net::TcpListener::from_std(socket)
+            .map(|listener| (listener, tls))
+            .map_err(|error| tracing::error!(%error, "worker could not take its HTTPS listener"))
+            .ok()
+    });
+    let plain = crate::server::serve(
+        plain,
+        shared.clone(),
+        None,
+        limits.clone(),
+        shutdown.clone(),
+    );
+    match https {
+        None => plain.await,
+        Some((listener, tls)) => {
+            let https = crate::server::serve(listener, shared, Some(tls), limits, shutdown);
+            let (plain, https) = tokio::join!(plain, https);
+            plain && https
+        }
+    }
+}
+
+impl Workers {
+    /// Waits for every worker to finish its drain; whether all drained in time.
+    pub async fn drained(self) -> bool {
+        let mut all = true;
+        for worker in self.drained {
+            all &= worker.await.unwrap_or(false);
+        }
+        all
+    }
+}
