@@ -17,6 +17,7 @@ use crate::admin::{self, Admin};
 use crate::config::Settings;
 use crate::server::listener::{Limits, Tls};
 use crate::state::{self, Source, StateHandle};
+use crate::takeover::Sockets;
 use crate::worker::Assignment;
 
 /// Why splitgate could not start.
@@ -41,6 +42,8 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error("cannot start worker threads: {0}")]
     Workers(std::io::Error),
+    #[error(transparent)]
+    Takeover(#[from] crate::takeover::TakeoverError),
 }
 
 /// A started splitgate.
@@ -57,6 +60,9 @@ pub struct Running {
     workers: crate::worker::Workers,
     admin: JoinHandle<()>,
     guard: JoinHandle<()>,
+    /// Duplicates of the listening sockets, for a binary takeover (`takeover.rs`).
+    sockets: Option<Sockets>,
+    state_dir: PathBuf,
 }
 
 /// The admin token from the configured environment variable, if set and non-empty.
@@ -82,27 +88,50 @@ pub async fn start(
     settings: Settings,
     config_path: Option<PathBuf>,
 ) -> Result<Running, StartError> {
+    start_with(settings, config_path, None).await
+}
+
+/// `start`, serving on `inherited` sockets (a binary takeover) instead of binding.
+pub async fn start_with(
+    settings: Settings,
+    config_path: Option<PathBuf>,
+    inherited: Option<Sockets>,
+) -> Result<Running, StartError> {
     let token = admin_token(&settings);
     check_admin_exposure(&settings, token.as_deref())?;
     let listen = (settings.server.listen, settings.admin.listen);
     let tls_settings = settings.server.tls.clone();
-    let worker_count = settings.server.workers;
-    let limits = Limits::per_worker(&settings.server);
+    // Every inherited socket is served: one left unserved would reset the
+    // connections in its accept queue when the old process exits.
+    let worker_count = settings
+        .server
+        .workers
+        .max(inherited.as_ref().map_or(0, |s| s.proxy.len()));
+    let mut server = settings.server.clone();
+    server.workers = worker_count;
+    let limits = Limits::per_worker(&server);
+    let state_dir = settings.state_dir.clone();
     // State first: a second splitgate on the same state.dir is told so (with the
     // holder's PID), rather than about a port the first one holds.
     let state = state::start(settings, config_path).await?;
-    let listeners = bind_all(
-        listen,
-        tls_settings.as_ref().map(|t| t.listen),
-        worker_count,
-    );
-    let (proxy_sockets, admin_listener, tls_sockets) = match listeners {
-        Ok(listeners) => listeners,
+    let tls_listen = tls_settings.as_ref().map(|t| t.listen);
+    let listeners = match inherited {
+        Some(sockets) => adopt(sockets, tls_listen, worker_count),
+        None => bind_all(listen, tls_listen, worker_count),
+    };
+    let sockets = match listeners {
+        Ok(sockets) => sockets,
         Err(error) => {
             state.stop().await;
             return Err(error);
         }
     };
+    // Kept to hand over to a successor; without a duplicate there is nothing to hand.
+    let handover = sockets.duplicate().ok();
+    let admin_listener =
+        TcpListener::from_std(sockets.admin).map_err(bind_error("admin.listen", listen.1))?;
+    let proxy_sockets = sockets.proxy;
+    let tls_sockets = Some(sockets.tls).filter(|t| !t.is_empty());
     let proxy_addr = local_addr("server.listen", &proxy_sockets[0], listen.0)?;
     let admin_addr = admin_listener
         .local_addr()
@@ -168,35 +197,83 @@ pub async fn start(
         workers,
         admin,
         guard,
+        sockets: handover,
+        state_dir,
     })
 }
 
-/// Sockets bound for each worker.
-type Group = Vec<std::net::TcpListener>;
+fn bind_error(field: &'static str, addr: SocketAddr) -> impl Fn(std::io::Error) -> StartError {
+    move |source| StartError::Bind {
+        field,
+        addr,
+        source,
+    }
+}
 
 /// The workers' proxy (and HTTPS) sockets, one per worker each, and the admin listener.
 fn bind_all(
     (proxy, admin): (SocketAddr, SocketAddr),
     tls: Option<SocketAddr>,
     workers: usize,
-) -> Result<(Group, TcpListener, Option<Group>), StartError> {
-    let group = |field, addr| {
-        crate::worker::bind_group(addr, workers).map_err(|source| StartError::Bind {
-            field,
-            addr,
-            source,
-        })
+) -> Result<Sockets, StartError> {
+    let group =
+        |field, addr| crate::worker::bind_group(addr, workers).map_err(bind_error(field, addr));
+    Ok(Sockets {
+        proxy: group("server.listen", proxy)?,
+        tls: match tls {
+            Some(addr) => group("server.tls.listen", addr)?,
+            None => Vec::new(),
+        },
+        admin: crate::server::listener::bind(admin)
+            .and_then(TcpListener::into_std)
+            .map_err(bind_error("admin.listen", admin))?,
+    })
+}
+
+/// Sockets inherited in a takeover, completed for `workers` workers: where the
+/// predecessor had fewer workers (or no HTTPS), more sockets are bound beside its
+/// with `SO_REUSEPORT`.
+fn adopt(
+    mut sockets: Sockets,
+    tls: Option<SocketAddr>,
+    workers: usize,
+) -> Result<Sockets, StartError> {
+    let complete = |group: &mut Vec<std::net::TcpListener>, field, fallback: SocketAddr| {
+        let addr = match group.first() {
+            Some(first) => first.local_addr().map_err(bind_error(field, fallback))?,
+            None => fallback,
+        };
+        if group.is_empty() {
+            *group = crate::worker::bind_group(addr, workers).map_err(bind_error(field, addr))?;
+        }
+        while group.len() < workers {
+            group.push(crate::worker::bind_one(addr).map_err(bind_error(field, addr))?);
+        }
+        Ok::<_, StartError>(())
     };
-    let proxy = group("server.listen", proxy)?;
-    let admin = crate::server::listener::bind(admin).map_err(|source| StartError::Bind {
-        field: "admin.listen",
-        addr: admin,
-        source,
-    })?;
-    let tls = tls
-        .map(|addr| group("server.tls.listen", addr))
-        .transpose()?;
-    Ok((proxy, admin, tls))
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    complete(&mut sockets.proxy, "server.listen", any)?;
+    match tls {
+        Some(addr) => complete(&mut sockets.tls, "server.tls.listen", addr)?,
+        None if !sockets.tls.is_empty() => {
+            tracing::warn!(
+                "the predecessor served HTTPS and this config does not: its HTTPS listener closes"
+            );
+            sockets.tls.clear();
+        }
+        None => {}
+    }
+    for socket in sockets
+        .proxy
+        .iter()
+        .chain(&sockets.tls)
+        .chain([&sockets.admin])
+    {
+        socket
+            .set_nonblocking(true)
+            .map_err(bind_error("server.listen", any))?;
+    }
+    Ok(sockets)
 }
 
 fn local_addr(
@@ -214,8 +291,11 @@ fn local_addr(
 impl Running {
     /// Drains: readiness turns false, the proxy stops accepting, in-flight requests get
     /// the drain timeout to finish. Returns whether they all did.
-    pub async fn shutdown(self) -> bool {
+    pub async fn shutdown(mut self) -> bool {
         self.state.shared.draining.store(true, Ordering::Relaxed);
+        // The listening sockets close with the workers' listeners: new connections are
+        // refused from now on, not queued where nobody will accept them.
+        drop(self.sockets.take());
         let _ = self.shutdown.send(true);
         let drained = self.workers.drained().await;
         let _ = self.stop_admin.send(true);
@@ -226,14 +306,67 @@ impl Running {
     }
 }
 
-/// Serves until SIGTERM or SIGINT, reloading on SIGHUP.
-pub async fn run(settings: Settings, config_path: PathBuf) -> Result<(), StartError> {
+/// Serves until SIGTERM or SIGINT (reloading on SIGHUP), or until a new binary takes
+/// over (`takeover.rs`). With `takeover`, first takes over from the running process.
+pub async fn run(
+    settings: Settings,
+    config_path: PathBuf,
+    takeover: bool,
+) -> Result<(), StartError> {
     // Handlers first: a SIGHUP that arrives once "serving" is logged must reload, not
     // take the default action and end the process.
-    let signals = Signals::install()?;
-    let running = start(settings, Some(config_path)).await?;
-    signals.wait(&running.state).await;
-    tracing::info!("shutting down: draining in-flight requests");
+    let mut signals = Signals::install()?;
+    let (inherited, ready) = if takeover {
+        let state_dir = settings.state_dir.clone();
+        let (sockets, ready) =
+            tokio::task::spawn_blocking(move || crate::takeover::request(&state_dir))
+                .await
+                .map_err(|e| crate::takeover::TakeoverError::Exchange(e.to_string()))??;
+        (Some(sockets), Some(ready))
+    } else {
+        (None, None)
+    };
+    let mut running = start_with(settings, Some(config_path), inherited).await?;
+    if let Some(ready) = ready {
+        tokio::task::spawn_blocking(move || ready.send())
+            .await
+            .map_err(|e| crate::takeover::TakeoverError::Exchange(e.to_string()))??;
+    }
+    let successor = running.sockets.take().map(|sockets| {
+        let (state, dir) = (running.state.clone(), running.state_dir.clone());
+        tokio::spawn(async move {
+            crate::takeover::serve(&dir, sockets, || async move { state.stop().await }).await
+        })
+    });
+    // On SIGTERM the control socket goes, and with it the sockets it would hand over.
+    let abort_successor = successor.as_ref().map(JoinHandle::abort_handle);
+    let taken_over = async {
+        match successor {
+            Some(task) => match task.await {
+                Ok(Ok(())) => true,
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "binary takeover failed; serving on (restart to change state again)");
+                    std::future::pending().await
+                }
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = signals.wait(&running.state) => {
+            tracing::info!("shutting down: draining in-flight requests");
+            if let Some(task) = abort_successor {
+                task.abort();
+            }
+            let _ = std::fs::remove_file(crate::takeover::socket_path(&running.state_dir));
+        }
+        _ = taken_over => {
+            tracing::info!("a new splitgate took over: draining in-flight requests");
+            // The successor answers the admin API from now on.
+            let _ = running.stop_admin.send(true);
+        }
+    }
     if running.shutdown().await {
         tracing::info!("drained; bye");
     } else {
@@ -262,7 +395,7 @@ impl Signals {
     }
 
     /// Returns on SIGTERM or SIGINT, reloading on each SIGHUP meanwhile.
-    async fn wait(mut self, state: &StateHandle) {
+    async fn wait(&mut self, state: &StateHandle) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return,
@@ -289,7 +422,7 @@ impl Signals {
         Ok(Self)
     }
 
-    async fn wait(self, _state: &StateHandle) {
+    async fn wait(&mut self, _state: &StateHandle) {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -29,6 +29,7 @@ pub mod proxy;
 pub mod server;
 pub mod slo;
 pub mod state;
+pub mod takeover;
 pub mod telemetry;
 pub mod timefmt;
 pub mod upstream;

@@ -43,6 +43,11 @@ enum Command {
     Run {
         #[arg(short, long)]
         config: PathBuf,
+        /// Take over from the splitgate running on the same state.dir: receive its
+        /// listening sockets, then it drains and exits (a binary upgrade without a
+        /// failed request).
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a config file: prints `ok` or every error, exits 2 on error.
     Check {
@@ -122,14 +127,16 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => {
+        Command::Run { config, takeover } => {
             let settings = match load_and_preflight(&config, format) {
                 Ok(settings) => settings,
                 Err(code) => return code,
             };
             report(
                 format,
-                runtime().and_then(|rt| Ok(rt.block_on(splitgate::app::run(settings, config))?)),
+                runtime().and_then(|rt| {
+                    Ok(rt.block_on(splitgate::app::run(settings, config, takeover))?)
+                }),
             )
         }
         Command::Demo { port, admin_port } => report(

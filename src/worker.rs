@@ -84,7 +84,7 @@ pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::Tc
 
 /// A listening socket with address reuse, `SO_REUSEPORT` (Linux) and a long accept
 /// queue, not yet registered with any runtime.
-fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

@@ -257,9 +257,15 @@ impl Drop for Process {
 
 /// Starts `splitgate run` and reads the bound addresses from its log.
 fn spawn(config: &std::path::Path) -> Process {
+    spawn_with(config, &[])
+}
+
+/// `spawn` with more arguments after `run -c CONFIG`.
+fn spawn_with(config: &std::path::Path, extra: &[&str]) -> Process {
     let mut child = Command::new(BIN)
         .args(["--log-format", "json", "run", "-c"])
         .arg(config)
+        .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -706,4 +712,90 @@ fn the_example_config_shows_every_documented_field() {
         }
     }
     assert!(checked > 40, "only {checked} fields found in the README");
+}
+
+/// A binary takeover under load: a second `splitgate run --takeover` receives the
+/// running one's listening sockets and state; the first drains and exits 0; no
+/// request fails, before, during or after.
+#[tokio::test]
+async fn a_new_binary_takes_over_under_load_without_a_failed_request() {
+    let dir = TempDir::new("takeover");
+    let (path, _stable, _canary) = two_pool_config(&dir).await;
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("access_log = false", "access_log = false\nworkers = 2");
+    std::fs::write(&path, text).unwrap();
+    let mut first = spawn(&path);
+    let (proxy, admin_addr) = (first.proxy, first.admin);
+    let admin = admin_addr;
+    let (code, _, stderr) =
+        tokio::task::spawn_blocking(move || cli(admin, &["weight", "main", "30"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{stderr}");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|client| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let request = Request::get("/")
+                        .header("x-user-id", format!("u{client}-{ok}"))
+                        .body(full(""))
+                        .unwrap();
+                    match try_send(proxy, request).await {
+                        Ok(reply) if reply.status == StatusCode::OK => ok += 1,
+                        Ok(reply) => failed.push(format!("status {}", reply.status)),
+                        Err(error) => failed.push(error.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let second_path = path.clone();
+    let second = tokio::task::spawn_blocking(move || spawn_with(&second_path, &["--takeover"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (second.proxy, second.admin),
+        (proxy, admin_addr),
+        "the same sockets"
+    );
+    let exited = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = first.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        exited.and_then(|s| s.code()),
+        Some(0),
+        "the first did not drain and exit"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for task in load {
+        let (ok, failed) = task.await.unwrap();
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 100, "too little load to mean anything: {total}");
+    // The successor has the state and answers the admin API.
+    let state: serde_json::Value =
+        serde_json::from_slice(&get(second.admin, "/admin/routes/main", &[]).await.body).unwrap();
+    assert_eq!(state["canary_weight"], 30.0);
 }

@@ -28,6 +28,11 @@ use crate::telemetry::names::{CONNECTIONS, LABEL_LISTENER};
 /// after a second. HAProxy sizes its backlog from maxconn for the same reason.
 pub const BACKLOG: u32 = 4096;
 
+/// While draining, how often a connection checks whether it can close, and how long
+/// it must have been quiet to be closed between requests.
+const DRAIN_CHECK: Duration = Duration::from_millis(10);
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
+
 /// Binds a listening socket on `addr` with address reuse and a long accept queue.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -199,10 +204,12 @@ async fn serve_connection<I>(
         .serve_connection_with_upgrades(TokioIo::new(Tracked::new(io, activity.clone())), svc);
     tokio::pin!(connection);
     let idle_timeout = listener.limits.idle_timeout;
-    let mut closing = *shutdown.borrow();
-    if closing {
-        connection.as_mut().graceful_shutdown();
-    }
+    // Draining (shutdown or takeover): the connection closes once a request is in
+    // flight (it gets `Connection: close` or GOAWAY) or after a short quiet spell. Not
+    // at once: a client whose request is already on the wire, on a connection just
+    // accepted or idle in keep-alive, would see it closed unanswered.
+    let mut draining = *shutdown.borrow();
+    let mut closing = false;
     // Set when the idle timeout asked hyper to close: if the connection is still stuck
     // (a client that stopped reading a response) one more idle period later, it is
     // dropped outright.
@@ -230,9 +237,18 @@ async fn serve_connection<I>(
                     hard_close_at = Some(Instant::now() + idle_timeout);
                 }
             }
-            _ = stopped(&mut shutdown), if !closing => {
-                connection.as_mut().graceful_shutdown();
-                closing = true;
+            _ = stopped(&mut shutdown), if !draining => {
+                draining = true;
+            }
+            _ = tokio::time::sleep(DRAIN_CHECK), if draining && !closing => {
+                let in_flight = activity.idle_deadline(DRAIN_QUIET).is_none();
+                let quiet = activity
+                    .idle_deadline(DRAIN_QUIET)
+                    .is_some_and(|at| at <= Instant::now());
+                if in_flight || quiet {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
         }
     }
