@@ -6,6 +6,7 @@
   idle      RSS with 10 000 idle keep-alive client connections, per connection
   slowloris wrk p99 alone, then with 500 slowloris connections trickling headers
   h2        h2load, h2c multiplexed (-c10 -m100), splitgate against nginx
+  takeover  errors while the binary is replaced 5 times (`run --takeover`) under wrk load
 
 Loopback only; every loop is bounded in count and time.
 """
@@ -33,16 +34,27 @@ def wait_up(port):
     raise SystemExit(f"nothing listening on {port}")
 
 
-def start_splitgate(extra_server=""):
+def start_splitgate(extra_server="", takeover=False):
     state = "/tmp/splitgate-loadcheck-state"
-    subprocess.run(["rm", "-rf", state])
+    if not takeover:
+        subprocess.run(["rm", "-rf", state])
     text = open(os.path.join(PEER, "splitgate.toml")).read()
     text = text.replace("/tmp/splitgate-bench-state", state)
     text = text.replace("access_log = false", "access_log = false\n" + extra_server)
     path = "/tmp/splitgate-loadcheck.toml"
     open(path, "w").write(text)
-    p = subprocess.Popen(["taskset", "-c", "0", BIN, "run", "-c", path],
-                         stdout=subprocess.DEVNULL, stderr=open("/tmp/splitgate-loadcheck.log", "w"))
+    log = "/tmp/splitgate-loadcheck.log"
+    p = subprocess.Popen(["taskset", "-c", "0", BIN, "run", "-c", path] + (["--takeover"] if takeover else []),
+                         stdout=subprocess.DEVNULL, stderr=open(log, "a"))
+    if takeover:
+        # Serving once it logged so (the ports answer all along: the old process serves).
+        for _ in range(200):
+            if p.poll() is not None:
+                raise SystemExit(f"takeover failed; see {log}")
+            if open(log).read().count("splitgate serving") >= takeover:
+                return p
+            time.sleep(0.05)
+        raise SystemExit(f"takeover did not finish; see {log}")
     wait_up(18084)
     wait_up(19901)
     return p
@@ -87,6 +99,31 @@ def weights():
         print(json.dumps(dict(check="weights", weight_changes=changes, changes_refused=refused, reloads=reloads,
                               reloads_refused=reloads_refused, requests=reqs,
                               rps=round(reqs / 10), non2xx=int(bad.group(1)) if bad else 0,
+                              socket_errors=sock.group(1) if sock else "none")))
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+
+
+def takeover(times=5, seconds=20):
+    open("/tmp/splitgate-loadcheck.log", "w").close()
+    p = start_splitgate()
+    old = []
+    try:
+        wrk = subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s",
+                                os.path.join(PEER, "users.lua"), "http://127.0.0.1:18084/"],
+                               stdout=subprocess.PIPE, text=True)
+        for i in range(times):
+            time.sleep(seconds / (times + 1))
+            old.append(p)
+            p = start_splitgate(takeover=i + 2)
+        out = wrk.communicate()[0]
+        exits = [o.wait(timeout=30) for o in old]
+        reqs = int(re.search(r"(\d+) requests in", out).group(1))
+        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        sock = re.search(r"Socket errors: (.*)", out)
+        print(json.dumps(dict(check="takeover", replacements=times, old_exit_codes=exits, requests=reqs,
+                              non2xx=int(bad.group(1)) if bad else 0,
                               socket_errors=sock.group(1) if sock else "none")))
     finally:
         p.send_signal(signal.SIGTERM)
@@ -199,6 +236,6 @@ def h2load(port):
 
 
 if __name__ == "__main__":
-    checks = sys.argv[1:] or ["weights", "idle", "slowloris", "h2"]
+    checks = sys.argv[1:] or ["weights", "idle", "slowloris", "h2", "takeover"]
     for check in checks:
         globals()[check]()
