@@ -102,7 +102,7 @@ fn route_match(c: &mut Criterion) {
 }
 
 fn recording(c: &mut Criterion) {
-    let registry = Registry::new(&[]);
+    let registry = Registry::new(&[], 1);
     let metrics = RouteMetrics::new(&registry, "api", "s", Some("c"), &[]);
     c.bench_function("metrics record (one request)", |b| {
         b.iter(|| {
@@ -112,7 +112,7 @@ fn recording(c: &mut Criterion) {
             )
         })
     });
-    let windows = RouteWindows::new(None);
+    let windows = RouteWindows::new(None, 1);
     c.bench_function("SLO window record (one request)", |b| {
         b.iter(|| {
             windows.record(

@@ -89,7 +89,9 @@ struct JudgeState {
 }
 
 impl RouteWindows {
-    pub fn new(spec: Option<&SloSpec>) -> Self {
+    /// Windows and totals for a route with `spec`, sharded `shards` ways (one per
+    /// worker).
+    pub fn new(spec: Option<&SloSpec>, shards: usize) -> Self {
         let length = spec.map_or(DEFAULT_WINDOW, |s| s.window);
         let limits: Box<[Duration]> = spec
             .map(|s| s.latency.iter().map(|l| l.limit).collect())
@@ -98,10 +100,10 @@ impl RouteWindows {
         Self {
             origin: Instant::now(),
             count_4xx: spec.is_some_and(|s| s.count_4xx),
-            stable: Window::new(length),
-            canary: Window::new(length),
-            stable_totals: SideTotals::new(limits.len(), histogram),
-            canary_totals: SideTotals::new(limits.len(), histogram),
+            stable: Window::new(length, shards),
+            canary: Window::new(length, shards),
+            stable_totals: SideTotals::new(limits.len(), histogram, shards),
+            canary_totals: SideTotals::new(limits.len(), histogram, shards),
             limits,
             step: AtomicU64::new(0),
             step_base: Mutex::new(None),
@@ -236,7 +238,7 @@ mod tests {
     #[tokio::test]
     async fn requests_routed_before_the_evidence_restarted_do_not_count() {
         let spec = spec();
-        let windows = RouteWindows::new(Some(&spec));
+        let windows = RouteWindows::new(Some(&spec), 2);
         let in_flight = windows.current_step();
         windows.record(
             Variant::Canary,
@@ -271,7 +273,7 @@ mod tests {
     #[tokio::test]
     async fn the_evidence_carries_across_weight_changes() {
         let spec = spec();
-        let windows = RouteWindows::new(Some(&spec));
+        let windows = RouteWindows::new(Some(&spec), 2);
         for _ in 0..10 {
             windows.record(
                 Variant::Canary,

@@ -5,6 +5,7 @@ pub mod access_log;
 pub mod names;
 pub mod registry;
 pub mod route;
+pub mod sharded;
 
 pub use registry::Registry;
 pub use route::{Outcome, RouteMetrics};

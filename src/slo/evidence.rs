@@ -14,8 +14,15 @@ use std::time::Duration;
 use super::sequential::Counts;
 use super::window;
 
-/// The running totals of one side of a route.
+/// The running totals of one side of a route: a shard per worker (each worker writes
+/// only its own), summed when read.
 pub struct SideTotals {
+    shards: Box<[TotalsShard]>,
+}
+
+/// One worker's totals. Aligned so that two workers never write one cache line.
+#[repr(align(128))]
+struct TotalsShard {
     requests: AtomicU64,
     errors: AtomicU64,
     /// Requests slower than each absolute latency limit, in `SloSpec::latency` order.
@@ -34,12 +41,19 @@ pub struct Reading {
 }
 
 impl SideTotals {
-    pub fn new(limits: usize, histogram: bool) -> Self {
+    /// Totals counting requests slower than each of `limits` latency limits, with a
+    /// latency histogram when `histogram`, in `shards` shards (one per worker).
+    pub fn new(limits: usize, histogram: bool, shards: usize) -> Self {
         Self {
-            requests: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            slow: (0..limits).map(|_| AtomicU64::new(0)).collect(),
-            histogram: histogram.then(|| (0..window::BUCKETS).map(|_| AtomicU64::new(0)).collect()),
+            shards: (0..shards.max(1))
+                .map(|_| TotalsShard {
+                    requests: AtomicU64::new(0),
+                    errors: AtomicU64::new(0),
+                    slow: (0..limits).map(|_| AtomicU64::new(0)).collect(),
+                    histogram: histogram
+                        .then(|| (0..window::BUCKETS).map(|_| AtomicU64::new(0)).collect()),
+                })
+                .collect(),
         }
     }
 
@@ -47,33 +61,44 @@ impl SideTotals {
     /// The request is counted before its badness (Release), and `read` loads the bad
     /// counts first (Acquire), so a reading never holds a bad request without it.
     pub fn record(&self, error: bool, latency: Duration, limits: &[Duration]) {
-        self.requests.fetch_add(1, Relaxed);
+        let shard = &self.shards[crate::worker::index() % self.shards.len()];
+        shard.requests.fetch_add(1, Relaxed);
         if error {
-            self.errors.fetch_add(1, Release);
+            shard.errors.fetch_add(1, Release);
         }
-        for (counter, limit) in self.slow.iter().zip(limits) {
+        for (counter, limit) in shard.slow.iter().zip(limits) {
             if latency > *limit {
                 counter.fetch_add(1, Release);
             }
         }
-        if let Some(histogram) = &self.histogram {
+        if let Some(histogram) = &shard.histogram {
             histogram[window::bucket_of(latency)].fetch_add(1, Relaxed);
         }
     }
 
+    /// The sum of the shards.
     pub fn read(&self) -> Reading {
-        let errors = self.errors.load(Acquire);
-        let slow = self.slow.iter().map(|c| c.load(Acquire)).collect();
-        Reading {
-            requests: self.requests.load(Relaxed),
-            errors,
-            slow,
-            histogram: self
-                .histogram
-                .iter()
-                .flat_map(|h| h.iter().map(|c| c.load(Relaxed)))
-                .collect(),
+        let mut total = Reading::default();
+        for shard in self.shards.iter() {
+            let errors = shard.errors.load(Acquire);
+            let slow: Vec<u64> = shard.slow.iter().map(|c| c.load(Acquire)).collect();
+            total.requests += shard.requests.load(Relaxed);
+            total.errors += errors;
+            add(&mut total.slow, &slow);
+            if let Some(histogram) = &shard.histogram {
+                let counts: Vec<u64> = histogram.iter().map(|c| c.load(Relaxed)).collect();
+                add(&mut total.histogram, &counts);
+            }
         }
+        total
+    }
+}
+
+/// Adds `b` into `a` element by element, growing `a` as needed.
+fn add(a: &mut Vec<u64>, b: &[u64]) {
+    a.resize(a.len().max(b.len()), 0);
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
     }
 }
 
@@ -155,15 +180,9 @@ impl Ledger {
         }
         let gained = reading.since(&self.last);
         if let Some(current) = self.epochs.back_mut() {
-            let sum = |a: &mut Vec<u64>, b: &[u64]| {
-                a.resize(a.len().max(b.len()), 0);
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-            };
             current.counts.requests += gained.requests;
             current.counts.errors += gained.errors;
-            sum(&mut current.counts.slow, &gained.slow);
+            add(&mut current.counts.slow, &gained.slow);
         }
         self.last = reading;
     }
@@ -188,7 +207,7 @@ mod tests {
 
     #[test]
     fn epochs_cut_the_step_and_the_whole_step_adds_up() {
-        let totals = SideTotals::new(1, false);
+        let totals = SideTotals::new(1, false, 2);
         let limits = [Duration::from_millis(100)];
         totals.record(true, Duration::from_millis(5), &limits);
         let mut ledger = Ledger::new(totals.read(), 0);

@@ -460,7 +460,7 @@ mod tests {
         latency: impl Fn(u64) -> Duration,
     ) -> Ledger {
         let limits: Vec<Duration> = spec.latency.iter().map(|l| l.limit).collect();
-        let totals = SideTotals::new(limits.len(), !spec.latency_ratio.is_empty());
+        let totals = SideTotals::new(limits.len(), !spec.latency_ratio.is_empty(), 1);
         let mut ledger = Ledger::new(totals.read(), 0);
         for i in 0..requests {
             let error = error_every > 0 && i % error_every == 0;
@@ -564,7 +564,7 @@ mod tests {
             s.max_error_rate_increase = Some(0.02);
         });
         let side = |per_epoch: u64| {
-            let totals = SideTotals::new(0, false);
+            let totals = SideTotals::new(0, false, 1);
             let mut ledger = Ledger::new(totals.read(), 0);
             for epoch in 0..12u64 {
                 let bad_every = if epoch < 10 { 200 } else { 10 };

@@ -41,10 +41,17 @@ impl Slice {
     }
 }
 
-/// The rolling window of one side of one route.
+/// One worker's slices. Aligned so that two workers never write one cache line.
+#[repr(align(128))]
+struct Shard {
+    slots: Box<[Slice]>,
+}
+
+/// The rolling window of one side of one route: a set of slices per worker (each
+/// worker writes only its own), summed when read.
 pub struct Window {
     slice_ms: u64,
-    slots: Box<[Slice]>,
+    shards: Box<[Shard]>,
     /// Slices up to this number hold evidence from before a `clear` and are ignored.
     cleared_through: AtomicU64,
 }
@@ -70,12 +77,17 @@ impl WindowStats {
 }
 
 impl Window {
-    /// A window of `length`, cut into [`SLICES`] slices.
-    pub fn new(length: Duration) -> Self {
+    /// A window of `length`, cut into [`SLICES`] slices, with `shards` sets of them
+    /// (one per worker).
+    pub fn new(length: Duration, shards: usize) -> Self {
         let slice_ms = (length.as_millis() as u64 / SLICES).max(1);
         Self {
             slice_ms,
-            slots: (0..SLOTS).map(|_| Slice::new()).collect(),
+            shards: (0..shards.max(1))
+                .map(|_| Shard {
+                    slots: (0..SLOTS).map(|_| Slice::new()).collect(),
+                })
+                .collect(),
             cleared_through: AtomicU64::new(0),
         }
     }
@@ -92,7 +104,8 @@ impl Window {
     /// Records one request at `now_ms` (milliseconds on the guard's clock).
     pub fn record(&self, now_ms: u64, error: bool, latency: Duration) {
         let slice_no = now_ms / self.slice_ms + 1;
-        let slot = &self.slots[(slice_no % SLOTS as u64) as usize];
+        let shard = &self.shards[crate::worker::index() % self.shards.len()];
+        let slot = &shard.slots[(slice_no % SLOTS as u64) as usize];
         let seen = slot.epoch.load(Relaxed);
         if seen != slice_no
             && seen < slice_no
@@ -122,7 +135,7 @@ impl Window {
             .max(self.cleared_through.load(Relaxed) + 1);
         let mut stats = WindowStats::default();
         let mut histogram = [0u64; BUCKETS];
-        for slot in self.slots.iter() {
+        for slot in self.shards.iter().flat_map(|shard| shard.slots.iter()) {
             let epoch = slot.epoch.load(Relaxed);
             if epoch == 0 || epoch < oldest || epoch > newest {
                 continue;
@@ -214,7 +227,7 @@ mod tests {
 
     #[test]
     fn percentiles_of_a_known_distribution() {
-        let window = Window::new(Duration::from_secs(10));
+        let window = Window::new(Duration::from_secs(10), 1);
         for i in 1..=1000u64 {
             window.record(500, i % 10 == 0, Duration::from_millis(i));
         }
@@ -232,7 +245,7 @@ mod tests {
 
     #[test]
     fn old_slices_fall_out_of_the_window() {
-        let window = Window::new(Duration::from_secs(10));
+        let window = Window::new(Duration::from_secs(10), 1);
         window.record(0, true, Duration::from_millis(5));
         assert_eq!(window.stats(9_000).requests, 1);
         assert_eq!(window.stats(10_000).requests, 0);
@@ -245,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_cleared_window_forgets_what_came_before() {
-        let window = Window::new(Duration::from_secs(10));
+        let window = Window::new(Duration::from_secs(10), 1);
         for at in [0, 1_500, 2_100] {
             window.record(at, true, Duration::from_millis(5));
         }

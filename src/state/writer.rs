@@ -90,7 +90,7 @@ pub async fn start(
         }
         None => None,
     };
-    let registry = Registry::new(&settings.latency_thresholds());
+    let registry = Registry::new(&settings.latency_thresholds(), settings.server.workers);
     let reloads_ok = registry.counter(CONFIG_RELOADS_TOTAL, &[(LABEL_OUTCOME, "ok")]);
     let reloads_failed = registry.counter(CONFIG_RELOADS_TOTAL, &[(LABEL_OUTCOME, "error")]);
     let persist_failures = registry.counter(STATE_PERSIST_FAILURES_TOTAL, &[]);
@@ -462,7 +462,7 @@ impl Writer {
                             spec.canary.as_deref(),
                             &rules,
                         )),
-                        windows: Arc::new(RouteWindows::new(spec.slo.as_ref())),
+                        windows: Arc::new(RouteWindows::new(spec.slo.as_ref(), self.workers)),
                         key,
                     }
                 }

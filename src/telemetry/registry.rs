@@ -5,14 +5,14 @@
 //! Each [`Registry`] owns its recorder instead of installing a global one, so several
 //! proxies in one process (tests, the demo) keep separate counts.
 
-use metrics::{
-    Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString,
-};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use super::names;
+use super::sharded::ShardedHistogram;
 
 static METADATA: Metadata<'static> = Metadata::new("splitgate", Level::INFO, Some(module_path!()));
 
@@ -21,12 +21,18 @@ pub struct Registry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     /// The duration histogram's bucket boundaries, in seconds.
-    buckets: Vec<f64>,
+    buckets: Arc<[f64]>,
+    /// Worker threads: the sharded histograms keep a shard for each.
+    workers: usize,
+    /// The duration histogram's series, by label text: kept for the life of the
+    /// process (as the exporter keeps its series), so a route rebuilt by a reload goes
+    /// on counting where it was.
+    durations: Mutex<BTreeMap<String, Arc<ShardedHistogram>>>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Self::new(&[])
+        Self::new(&[], 1)
     }
 }
 
@@ -45,22 +51,18 @@ pub fn duration_buckets(thresholds: &[f64]) -> Vec<f64> {
 
 impl Registry {
     /// A registry whose duration histogram has a bucket boundary at each of
-    /// `latency_thresholds` (seconds): the configured SLO limits.
-    pub fn new(latency_thresholds: &[f64]) -> Self {
-        let buckets = duration_buckets(latency_thresholds);
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Full(names::REQUEST_DURATION_SECONDS.to_string()),
-                &buckets,
-            )
-            .expect("duration buckets are never empty")
-            .build_recorder();
+    /// `latency_thresholds` (seconds): the configured SLO limits; with a shard per
+    /// worker thread.
+    pub fn new(latency_thresholds: &[f64], workers: usize) -> Self {
+        let buckets: Arc<[f64]> = duration_buckets(latency_thresholds).into();
+        let recorder = PrometheusBuilder::new().build_recorder();
         for &(name, kind, help) in names::FAMILIES {
             let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
             match kind {
                 names::Kind::Counter => recorder.describe_counter(name, None, help),
                 names::Kind::Gauge => recorder.describe_gauge(name, None, help),
-                names::Kind::Histogram => recorder.describe_histogram(name, None, help),
+                // Rendered here, not by the exporter (see `render`).
+                names::Kind::Histogram => {}
             }
         }
         let handle = recorder.handle();
@@ -68,6 +70,8 @@ impl Registry {
             recorder,
             handle,
             buckets,
+            workers: workers.max(1),
+            durations: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -80,7 +84,43 @@ impl Registry {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
-        self.handle.render()
+        let mut out = self.handle.render();
+        let durations = self.durations.lock().unwrap_or_else(|p| p.into_inner());
+        if !durations.is_empty() {
+            let name = names::REQUEST_DURATION_SECONDS;
+            let help = names::FAMILIES
+                .iter()
+                .find(|(family, _, _)| *family == name)
+                .map_or("", |(_, _, help)| help);
+            if !out.is_empty() && !out.ends_with("\n\n") {
+                out.push('\n');
+            }
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+            for histogram in durations.values() {
+                histogram.render(name, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The request-duration series for `labels` (made once, then shared).
+    pub fn duration(&self, labels: &[(&'static str, &str)]) -> Arc<ShardedHistogram> {
+        let key: String = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}\u{0}"))
+            .collect();
+        self.durations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(ShardedHistogram::new(
+                    labels,
+                    self.buckets.clone(),
+                    self.workers,
+                ))
+            })
+            .clone()
     }
 
     /// Folds recorded histogram samples into their buckets. The recorder keeps raw
@@ -97,11 +137,6 @@ impl Registry {
 
     pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
         self.recorder.register_gauge(&key(name, labels), &METADATA)
-    }
-
-    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
-        self.recorder
-            .register_histogram(&key(name, labels), &METADATA)
     }
 }
 

@@ -2,10 +2,13 @@
 
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram};
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge};
 
 use super::names::*;
 use super::registry::Registry;
+use super::sharded::ShardedHistogram;
 use crate::proxy::split::Variant;
 use crate::upstream::ErrorKind;
 
@@ -32,7 +35,7 @@ impl Outcome {
 /// Handles for one side (stable or canary) of a route.
 pub struct SideMetrics {
     requests: [Counter; 6],
-    duration: Histogram,
+    duration: Arc<ShardedHistogram>,
     errors: [Counter; 4],
 }
 
@@ -59,7 +62,7 @@ impl SideMetrics {
         });
         Self {
             requests,
-            duration: registry.histogram(REQUEST_DURATION_SECONDS, &side),
+            duration: registry.duration(&side),
             errors,
         }
     }
@@ -74,7 +77,7 @@ impl SideMetrics {
     /// error kind when the upstream failed.
     pub fn record(&self, outcome: Outcome, elapsed: Duration) {
         self.requests[outcome.code_index()].increment(1);
-        self.duration.record(elapsed.as_secs_f64());
+        self.duration.record(elapsed);
         if let Outcome::Error(kind) = outcome {
             self.errors[kind as usize].increment(1);
         }
