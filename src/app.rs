@@ -107,10 +107,13 @@ pub async fn start_with(
         .server
         .workers
         .max(inherited.as_ref().map_or(0, |s| s.proxy.len()));
-    let mut server = settings.server.clone();
-    server.workers = worker_count;
-    let limits = Limits::per_worker(&server);
+    let mut settings = settings;
+    settings.server.workers = worker_count;
+    let limits = Limits::per_worker(&settings.server);
     let state_dir = settings.state_dir.clone();
+    if let Some(inherited) = &inherited {
+        check_inherited(&settings, inherited, token.as_deref())?;
+    }
     // State first: a second splitgate on the same state.dir is told so (with the
     // holder's PID), rather than about a port the first one holds.
     let state = state::start(settings, config_path).await?;
@@ -230,6 +233,38 @@ fn bind_all(
     })
 }
 
+/// A successor serves where its predecessor listened: say so where the config names
+/// other addresses, and refuse an admin socket reachable from the network without a
+/// token, whatever the config says.
+fn check_inherited(
+    settings: &Settings,
+    inherited: &Sockets,
+    token: Option<&str>,
+) -> Result<(), StartError> {
+    let admin = inherited
+        .admin
+        .local_addr()
+        .map_err(bind_error("admin.listen", settings.admin.listen))?;
+    let mut actual = settings.clone();
+    actual.admin.listen = admin;
+    check_admin_exposure(&actual, token)?;
+    let proxy = inherited.proxy.first().and_then(|s| s.local_addr().ok());
+    for (field, configured, serving) in [
+        ("server.listen", settings.server.listen, proxy),
+        ("admin.listen", settings.admin.listen, Some(admin)),
+    ] {
+        if serving.is_some_and(|serving| serving != configured && configured.port() != 0) {
+            tracing::warn!(
+                field,
+                %configured,
+                serving = serving.map(tracing::field::display),
+                "taken over: serving on the predecessor's address, not the configured one (restart to move)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Sockets inherited in a takeover, completed for `workers` workers: where the
 /// predecessor had fewer workers (or no HTTPS), more sockets are bound beside its
 /// with `SO_REUSEPORT`.
@@ -328,40 +363,42 @@ pub async fn run(
     };
     let mut running = start_with(settings, Some(config_path), inherited).await?;
     if let Some(ready) = ready {
-        tokio::task::spawn_blocking(move || ready.send())
-            .await
-            .map_err(|e| crate::takeover::TakeoverError::Exchange(e.to_string()))??;
+        // Serving already: a predecessor gone before hearing it changes nothing here.
+        match tokio::task::spawn_blocking(move || ready.send()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the predecessor did not hear that this process is ready")
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the predecessor did not hear that this process is ready")
+            }
+        }
     }
-    let successor = running.sockets.take().map(|sockets| {
-        let (state, dir) = (running.state.clone(), running.state_dir.clone());
-        tokio::spawn(async move {
-            crate::takeover::serve(&dir, sockets, || async move { state.stop().await }).await
-        })
+    // Listen for a successor (a binary takeover), with duplicates of the sockets.
+    let control = running.sockets.take().and_then(|sockets| {
+        crate::takeover::listen(&running.state_dir, sockets, running.state.clone())
+            .map_err(|error| tracing::warn!(%error, "no control socket: binary takeover is off"))
+            .ok()
     });
-    // On SIGTERM the control socket goes, and with it the sockets it would hand over.
-    let abort_successor = successor.as_ref().map(JoinHandle::abort_handle);
+    let (socket_file, successor) = match control {
+        Some((file, successor)) => (Some(file), Some(successor)),
+        None => (None, None),
+    };
     let taken_over = async {
         match successor {
-            Some(task) => match task.await {
-                Ok(Ok(())) => true,
-                Ok(Err(error)) => {
-                    tracing::error!(%error, "binary takeover failed; serving on (restart to change state again)");
-                    std::future::pending().await
-                }
-                Err(_) => std::future::pending().await,
-            },
+            Some(successor) => successor.await,
             None => std::future::pending().await,
         }
     };
     tokio::select! {
         _ = signals.wait(&running.state) => {
             tracing::info!("shutting down: draining in-flight requests");
-            if let Some(task) = abort_successor {
-                task.abort();
+            // The control socket goes, and with it the sockets it would hand over.
+            if let Some(file) = &socket_file {
+                file.remove();
             }
-            let _ = std::fs::remove_file(crate::takeover::socket_path(&running.state_dir));
         }
-        _ = taken_over => {
+        () = taken_over => {
             tracing::info!("a new splitgate took over: draining in-flight requests");
             // The successor answers the admin API from now on.
             let _ = running.stop_admin.send(true);
@@ -373,6 +410,16 @@ pub async fn run(
         tracing::warn!("drain deadline passed with requests still in flight");
     }
     Ok(())
+}
+
+impl crate::takeover::StateDir for StateHandle {
+    async fn release(&self) -> Result<(), String> {
+        StateHandle::release(self).await.map_err(|e| e.to_string())
+    }
+
+    async fn resume(&self) -> Result<(), String> {
+        StateHandle::resume(self).await.map_err(|e| e.to_string())
+    }
 }
 
 /// SIGTERM and SIGINT drain; SIGHUP reloads.

@@ -25,6 +25,9 @@ use crate::telemetry::Registry;
 
 /// What every part of the running proxy shares.
 pub struct Shared {
+    /// Unique in the process: what a worker's snapshot cache is keyed by (an address
+    /// could be reused once a `Shared` is gone).
+    pub id: u64,
     /// The one snapshot requests read, swapped by the writer.
     pub snapshot: ArcSwap<Snapshot>,
     /// The generation of `snapshot`, stored after it: workers compare it with their
@@ -88,6 +91,10 @@ pub enum ChangeError {
     NoConfigFile,
     #[error(transparent)]
     StateDir(#[from] StateDirError),
+    #[error(
+        "handing over to a new splitgate process (binary takeover): no change is accepted here"
+    )]
+    HandedOver,
     #[error("the state writer has stopped")]
     Stopped,
 }
@@ -138,6 +145,12 @@ pub(crate) enum Command {
     /// Ends the writer and releases the state directory's lock (at shutdown, so a
     /// restart in the same process can take it).
     Stop { reply: Reply<()> },
+    /// Releases the state directory to a successor (binary takeover); changes are
+    /// refused until `Resume`.
+    Release { reply: Reply<()> },
+    /// Takes the state directory back after a takeover that did not complete; fails
+    /// (and stays released) when the successor holds it.
+    Resume { reply: Reply<()> },
 }
 
 /// The handle the admin API, signal handlers and the SLO guard use to ask for changes.
@@ -213,6 +226,16 @@ impl StateHandle {
     /// Stops the writer; it has released the state directory when this returns.
     pub async fn stop(&self) {
         let _ = self.ask(|reply| Command::Stop { reply }).await;
+    }
+
+    /// Releases the state directory to a successor (see `Command::Release`).
+    pub async fn release(&self) -> Result<(), ChangeError> {
+        self.ask(|reply| Command::Release { reply }).await
+    }
+
+    /// Takes the state directory back (see `Command::Resume`).
+    pub async fn resume(&self) -> Result<(), ChangeError> {
+        self.ask(|reply| Command::Resume { reply }).await
     }
 
     /// Moves a running rollout from step `step` to the next; a stale request (the

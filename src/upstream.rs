@@ -157,6 +157,8 @@ impl Upstream {
                 ))
             })
             .collect();
+        // One TLS client config per upstream, shared by its pools.
+        let tls = spec.tls.as_ref().and_then(tls::UpstreamConnector::new);
         let pools = (0..workers)
             .map(|_| WorkerPools {
                 instances: spec
@@ -166,9 +168,10 @@ impl Upstream {
                     .map(|(&addr, health)| {
                         Arc::new(Pool::new(
                             addr,
-                            per_worker(spec.max_idle_per_instance, workers),
+                            // 0 idle stays 0: no pooling.
+                            spec.max_idle_per_instance.div_ceil(workers),
                             per_worker(spec.max_connections_per_instance, workers),
-                            spec.tls.as_ref().and_then(tls::UpstreamConnector::new),
+                            tls.clone(),
                             health.clone(),
                         ))
                     })

@@ -23,8 +23,9 @@ use crate::state::{Shared, Snapshot};
 
 thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
-    /// This thread's copy of the current snapshot, by the `Shared` it came from.
-    static SNAPSHOT: RefCell<Option<(usize, u64, Arc<Local>)>> = const { RefCell::new(None) };
+    /// This thread's copy of the current snapshot: the `Shared` it came from (by id),
+    /// its generation, the copy.
+    static SNAPSHOT: RefCell<Option<(u64, u64, Arc<Local>)>> = const { RefCell::new(None) };
 }
 
 /// A worker's own handle on a snapshot. Requests clone this `Arc`, whose count lives
@@ -44,7 +45,7 @@ impl std::ops::Deref for Local {
 /// writer's generation has not moved, else a fresh load. A change the writer has
 /// published is seen by the next request on every worker.
 pub fn snapshot(shared: &Arc<Shared>) -> Arc<Local> {
-    let key = Arc::as_ptr(shared) as usize;
+    let key = shared.id;
     let generation = shared.generation.load(Ordering::Acquire);
     SNAPSHOT.with(|cell| {
         let mut cached = cell.borrow_mut();
@@ -110,8 +111,10 @@ pub struct Workers {
     drained: Vec<oneshot::Receiver<bool>>,
 }
 
-/// Starts one worker thread per assignment. Each serves until `shutdown` turns true,
-/// then drains its connections under `limits.drain_timeout`.
+/// Starts one worker thread per assignment, and returns once each has taken its
+/// listeners (a worker that cannot would leave its socket's share of connections
+/// queued with nobody accepting: that fails the start instead). Each serves until
+/// `shutdown` turns true, then drains its connections under `limits.drain_timeout`.
 pub fn start(
     shared: Arc<Shared>,
     assignments: Vec<Assignment>,
@@ -119,9 +122,11 @@ pub fn start(
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<Workers> {
     let mut drained = Vec::with_capacity(assignments.len());
+    let (started, confirmations) = std::sync::mpsc::channel::<io::Result<()>>();
     for (index, assignment) in assignments.into_iter().enumerate() {
         let (done, finished) = oneshot::channel();
         let (shared, limits, shutdown) = (shared.clone(), limits.clone(), shutdown.clone());
+        let started = started.clone();
         std::thread::Builder::new()
             .name(format!("splitgate-worker-{index}"))
             .spawn(move || {
@@ -132,39 +137,57 @@ pub fn start(
                 {
                     Ok(runtime) => runtime,
                     Err(error) => {
-                        tracing::error!(worker = index, %error, "worker runtime did not start");
+                        let _ = started.send(Err(error));
                         let _ = done.send(false);
                         return;
                     }
                 };
-                let all = runtime.block_on(serve(shared, assignment, limits, shutdown));
+                let all = runtime.block_on(async move {
+                    let listeners = match take(assignment) {
+                        Ok(listeners) => listeners,
+                        Err(error) => {
+                            let _ = started.send(Err(error));
+                            return false;
+                        }
+                    };
+                    let _ = started.send(Ok(()));
+                    serve(shared, listeners, limits, shutdown).await
+                });
                 let _ = done.send(all);
             })?;
         drained.push(finished);
     }
+    drop(started);
+    for confirmation in confirmations.iter().take(drained.len()) {
+        confirmation?;
+    }
     Ok(Workers { drained })
+}
+
+/// A worker's listeners, registered with its runtime.
+struct Listeners {
+    plain: tokio::net::TcpListener,
+    https: Option<(tokio::net::TcpListener, Tls)>,
+}
+
+fn take(assignment: Assignment) -> io::Result<Listeners> {
+    Ok(Listeners {
+        plain: tokio::net::TcpListener::from_std(assignment.plain)?,
+        https: match assignment.tls {
+            Some((socket, tls)) => Some((tokio::net::TcpListener::from_std(socket)?, tls)),
+            None => None,
+        },
+    })
 }
 
 /// One worker's listeners, until shutdown and drain.
 async fn serve(
     shared: Arc<Shared>,
-    assignment: Assignment,
+    listeners: Listeners,
     limits: Limits,
     shutdown: watch::Receiver<bool>,
 ) -> bool {
-    let plain = match tokio::net::TcpListener::from_std(assignment.plain) {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(%error, "worker could not take its listener");
-            return false;
-        }
-    };
-    let https = assignment.tls.and_then(|(socket, tls)| {
-        tokio::net::TcpListener::from_std(socket)
-            .map(|listener| (listener, tls))
-            .map_err(|error| tracing::error!(%error, "worker could not take its HTTPS listener"))
-            .ok()
-    });
+    let Listeners { plain, https } = listeners;
     let plain = crate::server::serve(
         plain,
         shared.clone(),

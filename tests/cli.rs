@@ -757,6 +757,18 @@ async fn a_new_binary_takes_over_under_load_without_a_failed_request() {
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    // A probe of the control socket (connect, say nothing useful, leave) changes nothing.
+    let control = dir.path().join("splitgate.sock");
+    wait_for_file(&control).await;
+    {
+        use std::io::Write as _;
+        let mut probe = std::os::unix::net::UnixStream::connect(&control).unwrap();
+        let _ = probe.write_all(b"{\"hello\":1}\n");
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the control socket is private");
+
     let second_path = path.clone();
     let second = tokio::task::spawn_blocking(move || spawn_with(&second_path, &["--takeover"]))
         .await
@@ -798,4 +810,70 @@ async fn a_new_binary_takes_over_under_load_without_a_failed_request() {
     let state: serde_json::Value =
         serde_json::from_slice(&get(second.admin, "/admin/routes/main", &[]).await.body).unwrap();
     assert_eq!(state["canary_weight"], 30.0);
+}
+
+/// A successor that breaks off after the state directory was released (it died while
+/// starting, say): the running process takes `state.dir` back and goes on, changes
+/// included, and a later takeover still works.
+#[tokio::test]
+async fn a_takeover_broken_off_after_the_release_leaves_the_old_process_in_charge() {
+    let dir = TempDir::new("takeover-broken");
+    let (path, _stable, _canary) = two_pool_config(&dir).await;
+    let first = spawn(&path);
+    let control = dir.path().join("splitgate.sock");
+    wait_for_file(&control).await;
+    let released = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&control).unwrap();
+        stream.write_all(b"{\"takeover\":true}\n").unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // The header, then (the sockets themselves are dropped unread) the release.
+        let mut lines = std::io::BufReader::new(stream).lines();
+        let header = lines.next().unwrap().unwrap();
+        let released = lines.next().unwrap().unwrap();
+        (header, released)
+        // The stream closes here without "ready".
+    })
+    .await
+    .unwrap();
+    assert!(released.0.contains("\"proxy\""), "{released:?}");
+    assert!(released.1.contains("released"), "{released:?}");
+
+    // The old process resumes: changes are accepted again and it still serves.
+    let admin = first.admin;
+    let mut code = -1;
+    for _ in 0..50 {
+        code = tokio::task::spawn_blocking(move || cli(admin, &["weight", "main", "20"]).0)
+            .await
+            .unwrap();
+        if code == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(code, 0, "changes stay refused after a broken takeover");
+    assert_eq!(get(first.proxy, "/", &[]).await.status, StatusCode::OK);
+
+    // And a real takeover afterwards succeeds.
+    let second_path = path.clone();
+    let second = tokio::task::spawn_blocking(move || spawn_with(&second_path, &["--takeover"]))
+        .await
+        .unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&get(second.admin, "/admin/routes/main", &[]).await.body).unwrap();
+    assert_eq!(state["canary_weight"], 20.0);
+}
+
+/// Waits (up to 5 s) for a file to appear: the control socket is bound just after the
+/// process logs that it serves.
+async fn wait_for_file(path: &std::path::Path) {
+    for _ in 0..100 {
+        if path.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} never appeared", path.display());
 }

@@ -138,6 +138,7 @@ fn change_error(error: ChangeError) -> Response<AdminBody> {
         | ChangeError::Invalid(_)
         | ChangeError::Config(_)
         | ChangeError::NoConfigFile => StatusCode::BAD_REQUEST,
+        ChangeError::HandedOver => StatusCode::SERVICE_UNAVAILABLE,
         ChangeError::Persist(_) | ChangeError::StateDir(_) | ChangeError::Stopped => {
             StatusCode::INTERNAL_SERVER_ERROR
         }

@@ -28,10 +28,15 @@ use crate::telemetry::names::{CONNECTIONS, LABEL_LISTENER};
 /// after a second. HAProxy sizes its backlog from maxconn for the same reason.
 pub const BACKLOG: u32 = 4096;
 
-/// While draining, how often a connection checks whether it can close, and how long
-/// it must have been quiet to be closed between requests.
-const DRAIN_CHECK: Duration = Duration::from_millis(10);
+/// While draining, a connection closes once it has been quiet for DRAIN_QUIET. One
+/// that is never quiet (a busy keep-alive client) is closed from DRAIN_BUSY on, at the
+/// next request in flight (which gets `Connection: close`; closing it between two
+/// requests would race the client's next one), looked at every DRAIN_CHECK; and at
+/// DRAIN_GIVE_UP whatever it does (an h2 client that only pings).
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
+const DRAIN_BUSY: Duration = Duration::from_secs(1);
+const DRAIN_CHECK: Duration = Duration::from_millis(10);
+const DRAIN_GIVE_UP: Duration = Duration::from_secs(5);
 
 /// Binds a listening socket on `addr` with address reuse and a long accept queue.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -170,6 +175,20 @@ pub async fn serve(
     drained.is_ok()
 }
 
+/// When a draining connection should next look at whether it can close.
+fn drain_wake(activity: &Activity, drain_started: Option<Instant>) -> Instant {
+    let now = Instant::now();
+    let busy_from = drain_started.unwrap_or(now) + DRAIN_BUSY;
+    if now >= busy_from {
+        return now + DRAIN_CHECK;
+    }
+    // In flight: look again once it could be quiet.
+    let quiet_at = activity
+        .idle_deadline(DRAIN_QUIET)
+        .unwrap_or(now + DRAIN_QUIET);
+    quiet_at.min(busy_from)
+}
+
 async fn serve_connection<I>(
     listener: Arc<Listener>,
     io: I,
@@ -208,7 +227,7 @@ async fn serve_connection<I>(
     // flight (it gets `Connection: close` or GOAWAY) or after a short quiet spell. Not
     // at once: a client whose request is already on the wire, on a connection just
     // accepted or idle in keep-alive, would see it closed unanswered.
-    let mut draining = *shutdown.borrow();
+    let mut drain_started = shutdown.borrow().then(Instant::now);
     let mut closing = false;
     // Set when the idle timeout asked hyper to close: if the connection is still stuck
     // (a client that stopped reading a response) one more idle period later, it is
@@ -237,15 +256,19 @@ async fn serve_connection<I>(
                     hard_close_at = Some(Instant::now() + idle_timeout);
                 }
             }
-            _ = stopped(&mut shutdown), if !draining => {
-                draining = true;
+            _ = stopped(&mut shutdown), if drain_started.is_none() => {
+                drain_started = Some(Instant::now());
             }
-            _ = tokio::time::sleep(DRAIN_CHECK), if draining && !closing => {
-                let in_flight = activity.idle_deadline(DRAIN_QUIET).is_none();
-                let quiet = activity
-                    .idle_deadline(DRAIN_QUIET)
-                    .is_some_and(|at| at <= Instant::now());
-                if in_flight || quiet {
+            // Wakes when the connection will have been quiet long enough (a request in
+            // flight finishes first), or at the latest DRAIN_FORCE into the drain; a
+            // request in flight then gets `Connection: close` (or the h2 GOAWAY).
+            _ = tokio::time::sleep_until(drain_wake(&activity, drain_started)), if drain_started.is_some() && !closing => {
+                let now = Instant::now();
+                let draining_for = drain_started.map_or(Duration::ZERO, |at| now - at);
+                let quiet_at = activity.idle_deadline(DRAIN_QUIET);
+                let quiet = quiet_at.is_some_and(|at| at <= now);
+                let busy = quiet_at.is_none() && draining_for >= DRAIN_BUSY;
+                if quiet || busy || draining_for >= DRAIN_GIVE_UP {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }

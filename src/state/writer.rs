@@ -40,7 +40,10 @@ struct Writer {
     saved: BTreeMap<String, SavedRoute>,
     upstreams: BTreeMap<String, Arc<Upstream>>,
     parts: BTreeMap<String, RouteParts>,
-    store: Store,
+    /// `None` while handed over to a successor (a binary takeover): every change is
+    /// refused, since another process may be writing `state.dir`.
+    store: Option<Store>,
+    state_dir: PathBuf,
     generation: u64,
     /// Worker threads, fixed at start: each upstream keeps a pool per worker.
     workers: usize,
@@ -100,7 +103,9 @@ pub async fn start(
         settings: Arc::new(settings.clone()),
         routes: Box::new([]),
     };
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let shared = Arc::new(Shared {
+        id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         snapshot: ArcSwap::from_pointee(placeholder),
         registry,
         draining: AtomicBool::new(false),
@@ -111,6 +116,7 @@ pub async fn start(
         persist_failures,
     });
     let workers = settings.server.workers;
+    let state_dir = settings.state_dir.clone();
     let mut writer = Writer {
         shared: shared.clone(),
         config_path,
@@ -119,7 +125,8 @@ pub async fn start(
         saved: BTreeMap::new(),
         upstreams: BTreeMap::new(),
         parts: BTreeMap::new(),
-        store,
+        store: Some(store),
+        state_dir,
         generation: 0,
         workers,
     };
@@ -142,6 +149,25 @@ impl Writer {
                     drop(self);
                     let _ = reply.send(Ok(()));
                     return;
+                }
+                Command::Release { reply } => {
+                    self.store = None;
+                    tracing::info!("state.dir released for a new process");
+                    let _ = reply.send(Ok(()));
+                }
+                Command::Resume { reply } => {
+                    let result = match &self.store {
+                        Some(_) => Ok(()),
+                        None => Store::open(&self.state_dir)
+                            .map(|store| {
+                                self.store = Some(store);
+                                tracing::warn!(
+                                    "took state.dir back: the takeover did not complete"
+                                );
+                            })
+                            .map_err(ChangeError::StateDir),
+                    };
+                    let _ = reply.send(result);
                 }
                 Command::SetWeight {
                     route,
@@ -513,7 +539,9 @@ impl Writer {
                 .or_else(|| new.trip.as_ref().map(|t| t.detail.clone()));
             lines.push((route.clone(), action, old_weight, new.weight_bp, detail));
         }
-        let store = self.store.clone();
+        let Some(store) = self.store.clone() else {
+            return Err(ChangeError::HandedOver);
+        };
         let to_save = next.clone();
         let audited = lines.clone();
         let persisted = tokio::task::spawn_blocking(move || {
@@ -538,7 +566,7 @@ impl Writer {
         if let Err(error) = persisted {
             self.shared.persist_failures.increment(1);
             tracing::error!(
-                state_dir = %self.store.dir().display(),
+                state_dir = %self.state_dir.display(),
                 by = source.as_str(),
                 %error,
                 "could not write state; the change was refused"
