@@ -12,7 +12,7 @@ use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, Sh
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use super::names;
-use super::sharded::ShardedHistogram;
+use super::sharded::{ShardedCounter, ShardedHistogram};
 
 static METADATA: Metadata<'static> = Metadata::new("splitgate", Level::INFO, Some(module_path!()));
 
@@ -24,10 +24,17 @@ pub struct Registry {
     buckets: Arc<[f64]>,
     /// Worker threads: the sharded histograms keep a shard for each.
     workers: usize,
-    /// The duration histogram's series, by label text: kept for the life of the
-    /// process (as the exporter keeps its series), so a route rebuilt by a reload goes
-    /// on counting where it was.
-    durations: Mutex<BTreeMap<String, Arc<ShardedHistogram>>>,
+    /// The sharded families' series, by family and label text: kept for the life of
+    /// the process (as the exporter keeps its series), so a route rebuilt by a reload
+    /// goes on counting where it was.
+    sharded: Mutex<BTreeMap<&'static str, BTreeMap<String, Series>>>,
+}
+
+/// A series of a family splitgate renders itself.
+#[derive(Clone)]
+enum Series {
+    Counter(Arc<ShardedCounter>),
+    Histogram(Arc<ShardedHistogram>),
 }
 
 impl Default for Registry {
@@ -57,6 +64,9 @@ impl Registry {
         let buckets: Arc<[f64]> = duration_buckets(latency_thresholds).into();
         let recorder = PrometheusBuilder::new().build_recorder();
         for &(name, kind, help) in names::FAMILIES {
+            if names::SHARDED.contains(&name) {
+                continue;
+            }
             let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
             match kind {
                 names::Kind::Counter => recorder.describe_counter(name, None, help),
@@ -71,7 +81,7 @@ impl Registry {
             handle,
             buckets,
             workers: workers.max(1),
-            durations: Mutex::new(BTreeMap::new()),
+            sharded: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -85,42 +95,77 @@ impl Registry {
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
         let mut out = self.handle.render();
-        let durations = self.durations.lock().unwrap_or_else(|p| p.into_inner());
-        if !durations.is_empty() {
-            let name = names::REQUEST_DURATION_SECONDS;
-            let help = names::FAMILIES
-                .iter()
-                .find(|(family, _, _)| *family == name)
-                .map_or("", |(_, _, help)| help);
+        let sharded = self.sharded.lock().unwrap_or_else(|p| p.into_inner());
+        for (&name, series) in sharded.iter() {
+            let Some(&(_, kind, help)) = names::FAMILIES.iter().find(|(f, _, _)| *f == name) else {
+                continue;
+            };
+            let kind = match kind {
+                names::Kind::Counter => "counter",
+                names::Kind::Gauge => "gauge",
+                names::Kind::Histogram => "histogram",
+            };
             if !out.is_empty() && !out.ends_with("\n\n") {
                 out.push('\n');
             }
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
-            for histogram in durations.values() {
-                histogram.render(name, &mut out);
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for series in series.values() {
+                match series {
+                    Series::Counter(counter) => counter.render(name, &mut out),
+                    Series::Histogram(histogram) => histogram.render(name, &mut out),
+                }
             }
         }
         out
     }
 
-    /// The request-duration series for `labels` (made once, then shared).
-    pub fn duration(&self, labels: &[(&'static str, &str)]) -> Arc<ShardedHistogram> {
+    /// The series of `name` for `labels`, made once by `make`, then shared.
+    fn series(
+        &self,
+        name: &'static str,
+        labels: &[(&'static str, &str)],
+        make: impl FnOnce() -> Series,
+    ) -> Series {
         let key: String = labels
             .iter()
             .map(|(k, v)| format!("{k}={v}\u{0}"))
             .collect();
-        self.durations
+        self.sharded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .entry(name)
+            .or_default()
             .entry(key)
-            .or_insert_with(|| {
-                Arc::new(ShardedHistogram::new(
-                    labels,
-                    self.buckets.clone(),
-                    self.workers,
-                ))
-            })
+            .or_insert_with(make)
             .clone()
+    }
+
+    /// A request-duration series (see `sharded.rs`).
+    pub fn duration(&self, labels: &[(&'static str, &str)]) -> Arc<ShardedHistogram> {
+        let make = || {
+            Series::Histogram(Arc::new(ShardedHistogram::new(
+                labels,
+                self.buckets.clone(),
+                self.workers,
+            )))
+        };
+        match self.series(names::REQUEST_DURATION_SECONDS, labels, make) {
+            Series::Histogram(histogram) => histogram,
+            Series::Counter(_) => unreachable!("a histogram family"),
+        }
+    }
+
+    /// A per-request counter series, sharded per worker (see `sharded.rs`).
+    pub fn sharded_counter(
+        &self,
+        name: &'static str,
+        labels: &[(&'static str, &str)],
+    ) -> Arc<ShardedCounter> {
+        let make = || Series::Counter(Arc::new(ShardedCounter::new(labels, self.workers)));
+        match self.series(name, labels, make) {
+            Series::Counter(counter) => counter,
+            Series::Histogram(_) => unreachable!("a counter family"),
+        }
     }
 
     /// Folds recorded histogram samples into their buckets. The recorder keeps raw

@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use metrics::{Counter, Gauge};
+use metrics::Gauge;
 
 use super::names::*;
 use super::registry::Registry;
-use super::sharded::ShardedHistogram;
+use super::sharded::{ShardedCounter, ShardedHistogram};
 use crate::proxy::split::Variant;
 use crate::upstream::ErrorKind;
 
@@ -34,9 +34,9 @@ impl Outcome {
 
 /// Handles for one side (stable or canary) of a route.
 pub struct SideMetrics {
-    requests: [Counter; 6],
+    requests: [Arc<ShardedCounter>; 6],
     duration: Arc<ShardedHistogram>,
-    errors: [Counter; 4],
+    errors: [Arc<ShardedCounter>; 4],
 }
 
 impl SideMetrics {
@@ -48,10 +48,10 @@ impl SideMetrics {
         ];
         let requests = CODE_LABELS.map(|code| {
             let [r, u, v] = side;
-            registry.counter(REQUESTS_TOTAL, &[r, u, v, (LABEL_CODE, code)])
+            registry.sharded_counter(REQUESTS_TOTAL, &[r, u, v, (LABEL_CODE, code)])
         });
         let errors = ErrorKind::ALL.map(|kind| {
-            registry.counter(
+            registry.sharded_counter(
                 UPSTREAM_ERRORS_TOTAL,
                 &[
                     (LABEL_ROUTE, route),

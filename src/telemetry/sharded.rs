@@ -1,7 +1,8 @@
-//! The request-duration histogram, kept in per-worker shards and rendered by splitgate
-//! itself. Recording is two relaxed adds on a cache line only the recording worker
-//! writes (the exporter's histogram appended every sample to one shared lock-free
-//! list, and bucketed them later); a scrape sums the shards.
+//! The per-request metrics (the request and upstream-error counters and the duration
+//! histogram), kept in per-worker shards and rendered by splitgate itself. Recording
+//! is a relaxed add or two on a cache line only the recording worker writes (the
+//! exporter's handles are one atomic per series that every worker writes, and its
+//! histogram appended every sample to one shared list); a scrape sums the shards.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -16,6 +17,55 @@ struct Shard {
     sum_nanos: AtomicU64,
 }
 
+/// One worker's count. Aligned so that two workers never share a cache line.
+#[repr(align(128))]
+struct Count(AtomicU64);
+
+/// One series (a label set) of a counter.
+pub struct ShardedCounter {
+    labels: String,
+    shards: Box<[Count]>,
+}
+
+impl ShardedCounter {
+    pub fn new(labels: &[(&str, &str)], workers: usize) -> Self {
+        Self {
+            labels: label_text(labels),
+            shards: (0..workers.max(1))
+                .map(|_| Count(AtomicU64::new(0)))
+                .collect(),
+        }
+    }
+
+    /// Adds `n`, in the calling worker's shard.
+    pub fn increment(&self, n: u64) {
+        self.shards[crate::worker::index() % self.shards.len()]
+            .0
+            .fetch_add(n, Relaxed);
+    }
+
+    pub fn value(&self) -> u64 {
+        self.shards.iter().map(|c| c.0.load(Relaxed)).sum()
+    }
+
+    /// Appends this series' line for `name`.
+    pub fn render(&self, name: &str, out: &mut String) {
+        let _ = writeln!(out, "{name}{{{}}} {}", self.labels, self.value());
+    }
+}
+
+/// `key="value",…`, escaped, as it goes between braces.
+fn label_text(labels: &[(&str, &str)]) -> String {
+    let mut text = String::new();
+    for (i, (key, value)) in labels.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        let _ = write!(text, "{key}=\"{}\"", escape(value));
+    }
+    text
+}
+
 /// One series (a label set) of a duration histogram.
 pub struct ShardedHistogram {
     /// `key="value",…`, escaped, as it goes between braces.
@@ -27,13 +77,7 @@ pub struct ShardedHistogram {
 
 impl ShardedHistogram {
     pub fn new(labels: &[(&str, &str)], bounds: Arc<[f64]>, workers: usize) -> Self {
-        let mut text = String::new();
-        for (i, (key, value)) in labels.iter().enumerate() {
-            if i > 0 {
-                text.push(',');
-            }
-            let _ = write!(text, "{key}=\"{}\"", escape(value));
-        }
+        let text = label_text(labels);
         let shards = (0..workers.max(1))
             .map(|_| Shard {
                 counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
