@@ -10,15 +10,17 @@
 //! (`proxy::framing`); matches a route (`proxy::route`); decides stable or canary by a
 //! keyed hash of the user's key (`proxy::split`); rewrites headers (`proxy::forward`);
 //! and forwards through a pooled upstream connection (`upstream`), streaming both bodies.
-//! It records metrics (`telemetry`) and the SLO windows (`slo`) and logs the access line.
+//! It records metrics (`telemetry`) and the SLO evidence (`slo`), each in the worker's
+//! own shard, and logs the access line.
 //!
 //! Control plane, on the runtime that started it all: everything that changes at
 //! runtime (weights, trips, rollouts, reloaded config) is changed by one task, the
-//! state writer (`state`), which persists it before swapping
-//! in a new snapshot. The admin API (`admin`), SIGHUP and the SLO guard (`slo::guard`)
-//! only send it commands. `config` parses and validates the file; `app` wires it all
-//! and runs the shutdown sequence. `demo` is the self-contained demo, `client` the
-//! deploy CLI's admin client.
+//! state writer (`state`), which persists it before swapping in a new snapshot. The
+//! admin API (`admin`), SIGHUP and the SLO guard (`slo::guard`, which runs the judge in
+//! `slo::rules` and `slo::sequential`) only send it commands. `takeover` hands the
+//! listening sockets and `state.dir` to a new binary. `config` parses and validates
+//! the file; `app` wires it all and runs the shutdown sequence. `demo` is the
+//! self-contained demo, `client` the deploy CLI's admin client.
 
 pub mod admin;
 pub mod app;
