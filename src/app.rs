@@ -109,6 +109,17 @@ pub async fn start_with(
         .max(inherited.as_ref().map_or(0, |s| s.proxy.len()));
     let mut settings = settings;
     settings.server.workers = worker_count;
+    // Caps are split over the workers, each at least 1: say so where that exceeds one.
+    for upstream in settings.upstreams.values() {
+        if upstream.max_connections_per_instance < worker_count {
+            tracing::warn!(
+                upstream = %upstream.name,
+                cap = upstream.max_connections_per_instance,
+                workers = worker_count,
+                "max_connections_per_instance is below the number of workers: each worker still opens up to one connection per instance"
+            );
+        }
+    }
     let limits = Limits::per_worker(&settings.server);
     let state_dir = settings.state_dir.clone();
     if let Some(inherited) = &inherited {

@@ -41,6 +41,24 @@ impl std::ops::Deref for Local {
     }
 }
 
+/// How often an idle worker lets go of a snapshot the writer has replaced (and with
+/// it the old upstream pools and their idle connections).
+const SNAPSHOT_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Drops this thread's cached snapshot if the writer has published a newer one.
+fn sweep_snapshot(shared: &Shared) {
+    let generation = shared.generation.load(Ordering::Acquire);
+    SNAPSHOT.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached
+            .as_ref()
+            .is_some_and(|(owner, seen, _)| *owner == shared.id && *seen != generation)
+        {
+            *cached = None;
+        }
+    });
+}
+
 /// The current snapshot for a request on this thread: the cached copy while the
 /// writer's generation has not moved, else a fresh load. A change the writer has
 /// published is seen by the next request on every worker.
@@ -188,6 +206,16 @@ async fn serve(
     shutdown: watch::Receiver<bool>,
 ) -> bool {
     let Listeners { plain, https } = listeners;
+    let sweeper = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SNAPSHOT_SWEEP);
+            loop {
+                tick.tick().await;
+                sweep_snapshot(&shared);
+            }
+        })
+    };
     let plain = crate::server::serve(
         plain,
         shared.clone(),
@@ -195,14 +223,16 @@ async fn serve(
         limits.clone(),
         shutdown.clone(),
     );
-    match https {
+    let drained = match https {
         None => plain.await,
         Some((listener, tls)) => {
             let https = crate::server::serve(listener, shared, Some(tls), limits, shutdown);
             let (plain, https) = tokio::join!(plain, https);
             plain && https
         }
-    }
+    };
+    sweeper.abort();
+    drained
 }
 
 impl Workers {
