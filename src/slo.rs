@@ -67,7 +67,7 @@ impl Judgement {
         self.rules
             .iter()
             .map(|r| r.verdict)
-            .max_by_key(|v| v.gauge() as u8)
+            .max()
             .unwrap_or(Verdict::Ok)
     }
 

@@ -136,11 +136,6 @@ struct WorkerPools {
     next: AtomicUsize,
 }
 
-/// A per-instance limit split over `workers`, rounded up (so never 0).
-fn per_worker(limit: usize, workers: usize) -> usize {
-    limit.div_ceil(workers.max(1)).max(1)
-}
-
 impl Upstream {
     /// `workers` pools per instance; `max_connections_per_instance` and
     /// `max_idle_per_instance` are split evenly between them.
@@ -170,7 +165,7 @@ impl Upstream {
                             addr,
                             // 0 idle stays 0: no pooling.
                             spec.max_idle_per_instance.div_ceil(workers),
-                            per_worker(spec.max_connections_per_instance, workers),
+                            crate::worker::share(spec.max_connections_per_instance, workers),
                             tls.clone(),
                             health.clone(),
                         ))
@@ -197,12 +192,7 @@ impl Upstream {
     /// The next instance in round-robin order that is not ejected; `None` when every
     /// instance is.
     pub fn pick(&self) -> Option<&Arc<Pool>> {
-        let local = self.local();
-        let start = local.next.fetch_add(1, Ordering::Relaxed);
-        let n = local.instances.len();
-        (0..n)
-            .map(|i| &local.instances[(start + i) % n])
-            .find(|instance| instance.health.is_available())
+        self.pick_untried(&[])
     }
 
     /// The next instance in round-robin order, ejected or not: when every instance is
@@ -219,14 +209,13 @@ impl Upstream {
     }
 
     /// The next available instance in round-robin order that is not in `tried`.
-    fn pick_untried(&self, tried: &[SocketAddr]) -> Option<Arc<Pool>> {
+    fn pick_untried(&self, tried: &[SocketAddr]) -> Option<&Arc<Pool>> {
         let local = self.local();
         let start = local.next.fetch_add(1, Ordering::Relaxed);
         let n = local.instances.len();
         (0..n)
             .map(|i| &local.instances[(start + i) % n])
             .find(|instance| instance.health.is_available() && !tried.contains(&instance.addr()))
-            .cloned()
     }
 
     /// Sends a request, starting with `instance`: the connect (when no pooled
@@ -246,7 +235,7 @@ impl Upstream {
                     instance.health.failure(instance.addr());
                     tried.push(instance.addr());
                     let next = (tried.len() < MAX_CONNECT_TRIES)
-                        .then(|| self.pick_untried(&tried))
+                        .then(|| self.pick_untried(&tried).cloned())
                         .flatten();
                     let Some(next) = next else {
                         tried.pop();

@@ -78,6 +78,12 @@ pub fn snapshot(shared: &Arc<Shared>) -> Arc<Local> {
     })
 }
 
+/// One worker's share of a limit that is a total across `workers`: split evenly,
+/// rounded up, and never 0 (so a limit below the worker count allows one per worker).
+pub fn share(limit: usize, workers: usize) -> usize {
+    limit.div_ceil(workers.max(1)).max(1)
+}
+
 /// The calling thread's worker index (0 on any thread that is not a worker, such as
 /// the control thread or a test's runtime).
 pub fn index() -> usize {

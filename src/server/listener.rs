@@ -64,10 +64,7 @@ impl Limits {
     /// (rounded up), the timeouts as configured.
     pub fn per_worker(server: &ServerSettings) -> Self {
         Self {
-            max_connections: server
-                .max_connections
-                .div_ceil(server.workers.max(1))
-                .max(1),
+            max_connections: crate::worker::share(server.max_connections, server.workers),
             idle_timeout: server.idle_timeout,
             drain_timeout: server.drain_timeout,
         }

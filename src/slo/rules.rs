@@ -28,8 +28,8 @@ use super::window;
 use crate::config::compile::{LatencyLimit, LatencyRatio};
 use crate::config::SloSpec;
 
-/// A rule's verdict. Only a breach trips.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// A rule's verdict, from best to worst. Only a breach trips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     Ok,
@@ -136,6 +136,14 @@ struct Budget {
 impl Budget {
     fn threshold(&self) -> f64 {
         (1.0 / self.alpha).ln()
+    }
+
+    /// Half of this budget: a relative rule spends the other half on stable's bound.
+    fn half(&self) -> Budget {
+        Budget {
+            alpha: self.alpha / 2.0,
+            min_requests: self.min_requests,
+        }
     }
 }
 
@@ -319,10 +327,7 @@ fn increase(
     stable: Counts,
     margin: f64,
 ) -> RuleReport {
-    let half = Budget {
-        alpha: budget.alpha / 2.0,
-        min_requests: budget.min_requests,
-    };
+    let half = budget.half();
     let (stable_low, stable_high) = sequential::interval(stable, half.alpha);
     let (low, high) = sequential::interval(canary, half.alpha);
     // Breach: above even the highest rate stable may have, plus the margin.
@@ -357,10 +362,7 @@ fn latency_ratio(
     stable: &Reading,
     ratio: LatencyRatio,
 ) -> RuleReport {
-    let half = Budget {
-        alpha: budget.alpha / 2.0,
-        min_requests: budget.min_requests,
-    };
+    let half = budget.half();
     let allowed = 1.0 - ratio.quantile;
     // Stable's quantile is bounded at one of the histogram's edges. The nulls "more
     // than `allowed` of stable is above edge e" are nested (fewer samples lie above a
