@@ -101,6 +101,7 @@ pub async fn start_with(
     check_admin_exposure(&settings, token.as_deref())?;
     let listen = (settings.server.listen, settings.admin.listen);
     let tls_settings = settings.server.tls.clone();
+    let pin = settings.server.pin_workers;
     // Every inherited socket is served: one left unserved would reset the
     // connections in its accept queue when the old process exits.
     let worker_count = settings
@@ -183,7 +184,7 @@ pub async fn start_with(
         .collect();
     let (shutdown, stop) = watch::channel(false);
     let (stop_admin, admin_stop) = watch::channel(false);
-    let workers = crate::worker::start(state.shared.clone(), assignments, limits, stop)
+    let workers = crate::worker::start(state.shared.clone(), assignments, limits, pin, stop)
         .map_err(StartError::Workers)?;
     let admin = tokio::spawn(admin::serve(
         admin_listener,

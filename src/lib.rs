@@ -3,7 +3,9 @@
 //! # Layout
 //!
 //! Data plane: `worker` runs N threads, each a current-thread runtime with its own
-//! listening sockets (`SO_REUSEPORT`) and its own upstream pools. A request arrives on
+//! listening sockets (`worker::sockets`, `SO_REUSEPORT`), its own upstream pools and
+//! its own cached copy of the snapshot (`worker::snapshot`), optionally pinned to a
+//! CPU (`worker::pin`). A request arrives on
 //! a worker's listener (`server`), which runs hyper with the configured limits and
 //! drains on shutdown. The proxy service (`proxy::service`) loads the current
 //! [`state::Snapshot`] once, so the whole request sees one generation; checks framing

@@ -9,74 +9,25 @@
 //! Envoy's threading model is the reference: a main thread for admin and stats,
 //! workers that own their listeners and connection pools.
 
-use std::cell::{Cell, RefCell};
+mod pin;
+mod snapshot;
+mod sockets;
+
+use std::cell::Cell;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::net::TcpSocket;
 use tokio::sync::{oneshot, watch};
 
-use crate::server::listener::{Limits, Tls, BACKLOG};
-use crate::state::{Shared, Snapshot};
+use crate::server::listener::{Limits, Tls};
+use crate::state::Shared;
 
 thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
-    /// This thread's copy of the current snapshot: the `Shared` it came from (by id),
-    /// its generation, the copy.
-    static SNAPSHOT: RefCell<Option<(u64, u64, Arc<Local>)>> = const { RefCell::new(None) };
 }
 
-/// A worker's own handle on a snapshot. Requests clone this `Arc`, whose count lives
-/// on a cache line only its worker writes, instead of the shared snapshot's (which
-/// every worker would otherwise write on every request).
-pub struct Local(Arc<Snapshot>);
-
-impl std::ops::Deref for Local {
-    type Target = Snapshot;
-
-    fn deref(&self) -> &Snapshot {
-        &self.0
-    }
-}
-
-/// How often an idle worker lets go of a snapshot the writer has replaced (and with
-/// it the old upstream pools and their idle connections).
-const SNAPSHOT_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Drops this thread's cached snapshot if the writer has published a newer one.
-fn sweep_snapshot(shared: &Shared) {
-    let generation = shared.generation.load(Ordering::Acquire);
-    SNAPSHOT.with(|cell| {
-        let mut cached = cell.borrow_mut();
-        if cached
-            .as_ref()
-            .is_some_and(|(owner, seen, _)| *owner == shared.id && *seen != generation)
-        {
-            *cached = None;
-        }
-    });
-}
-
-/// The current snapshot for a request on this thread: the cached copy while the
-/// writer's generation has not moved, else a fresh load. A change the writer has
-/// published is seen by the next request on every worker.
-pub fn snapshot(shared: &Arc<Shared>) -> Arc<Local> {
-    let key = shared.id;
-    let generation = shared.generation.load(Ordering::Acquire);
-    SNAPSHOT.with(|cell| {
-        let mut cached = cell.borrow_mut();
-        match cached.as_ref() {
-            Some((owner, seen, local)) if *owner == key && *seen == generation => local.clone(),
-            _ => {
-                let local = Arc::new(Local(shared.snapshot.load_full()));
-                *cached = Some((key, generation, local.clone()));
-                local
-            }
-        }
-    })
-}
+pub use snapshot::{snapshot, Local};
+pub use sockets::{bind_group, bind_one};
 
 /// One worker's share of a limit that is a total across `workers`: split evenly,
 /// rounded up, and never 0 (so a limit below the worker count allows one per worker).
@@ -88,38 +39,6 @@ pub fn share(limit: usize, workers: usize) -> usize {
 /// the control thread or a test's runtime).
 pub fn index() -> usize {
     INDEX.with(Cell::get)
-}
-
-/// One listening socket per worker on `addr`. The first binds (resolving port 0); on
-/// Linux the others bind the same port with `SO_REUSEPORT`, so the kernel balances new
-/// connections over them; elsewhere they share the first socket.
-pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let first = bind_one(addr)?;
-    let bound = first.local_addr()?;
-    let mut sockets = vec![first];
-    for _ in 1..count.max(1) {
-        sockets.push(if cfg!(target_os = "linux") {
-            bind_one(bound)?
-        } else {
-            sockets[0].try_clone()?
-        });
-    }
-    Ok(sockets)
-}
-
-/// A listening socket with address reuse, `SO_REUSEPORT` (Linux) and a long accept
-/// queue, not yet registered with any runtime.
-pub fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    #[cfg(target_os = "linux")]
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)?.into_std()
 }
 
 /// What one worker serves.
@@ -139,22 +58,44 @@ pub struct Workers {
 /// listeners (a worker that cannot would leave its socket's share of connections
 /// queued with nobody accepting: that fails the start instead). Each serves until
 /// `shutdown` turns true, then drains its connections under `limits.drain_timeout`.
+/// With `pin`, each worker is pinned to a CPU of its own (see `pin.rs`); where that
+/// cannot be done, the workers run unpinned and a warning says why.
 pub fn start(
     shared: Arc<Shared>,
     assignments: Vec<Assignment>,
     limits: Limits,
+    pin: bool,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<Workers> {
+    let cpus = match pin.then(|| pin::plan(assignments.len())) {
+        Some(Ok(cpus)) => Some(cpus),
+        Some(Err(reason)) => {
+            tracing::warn!(%reason, "pin_workers: workers run unpinned");
+            None
+        }
+        None => None,
+    };
     let mut drained = Vec::with_capacity(assignments.len());
     let (started, confirmations) = std::sync::mpsc::channel::<io::Result<()>>();
     for (index, assignment) in assignments.into_iter().enumerate() {
         let (done, finished) = oneshot::channel();
         let (shared, limits, shutdown) = (shared.clone(), limits.clone(), shutdown.clone());
         let started = started.clone();
+        let cpu = cpus.as_ref().map(|cpus| cpus[index]);
+        // Short enough for the kernel's 15-byte thread names, so `top -H` and
+        // `/proc/PID/task/*/comm` tell the workers apart.
         std::thread::Builder::new()
-            .name(format!("splitgate-worker-{index}"))
+            .name(format!("splitgate-w{index}"))
             .spawn(move || {
                 INDEX.with(|cell| cell.set(index));
+                if let Some(cpu) = cpu {
+                    match pin::pin_current_thread(cpu) {
+                        Ok(()) => tracing::debug!(worker = index, cpu, "worker pinned"),
+                        Err(error) => {
+                            tracing::warn!(worker = index, cpu, %error, "pin_workers: cannot pin this worker")
+                        }
+                    }
+                }
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -215,10 +156,10 @@ async fn serve(
     let sweeper = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SNAPSHOT_SWEEP);
+            let mut tick = tokio::time::interval(snapshot::SNAPSHOT_SWEEP);
             loop {
                 tick.tick().await;
-                sweep_snapshot(&shared);
+                snapshot::sweep(&shared);
             }
         })
     };

@@ -877,3 +877,60 @@ async fn wait_for_file(path: &std::path::Path) {
     }
     panic!("{} never appeared", path.display());
 }
+
+/// The CPUs a thread may run on, from `/proc` (`Cpus_allowed_list`, such as `0-3,6`).
+fn allowed_cpus(status: &str) -> Vec<usize> {
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    list.split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![part.parse().unwrap()],
+        })
+        .collect()
+}
+
+/// `pin_workers`: worker i runs on the i-th CPU the process may use, and only there;
+/// without it, workers may run anywhere.
+#[tokio::test]
+async fn pinned_workers_each_run_on_a_cpu_of_their_own() {
+    let dir = TempDir::new("pin");
+    let (path, _stable, _canary) = two_pool_config(&dir).await;
+    let base = std::fs::read_to_string(&path).unwrap();
+    let allowed = allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap());
+    for pin in [true, false] {
+        let text = base.replace(
+            "access_log = false",
+            &format!("access_log = false\nworkers = 2\npin_workers = {pin}"),
+        );
+        std::fs::write(&path, text).unwrap();
+        let process = spawn(&path);
+        let mut workers = std::collections::BTreeMap::new();
+        for task in std::fs::read_dir(format!("/proc/{}/task", process.child.id())).unwrap() {
+            let task = task.unwrap().path();
+            let name = std::fs::read_to_string(task.join("comm")).unwrap();
+            if let Some(index) = name.trim().strip_prefix("splitgate-w") {
+                let status = std::fs::read_to_string(task.join("status")).unwrap();
+                workers.insert(index.parse::<usize>().unwrap(), allowed_cpus(&status));
+            }
+        }
+        assert_eq!(workers.len(), 2, "two named worker threads: {workers:?}");
+        for (index, cpus) in &workers {
+            if pin {
+                assert_eq!(
+                    cpus,
+                    &vec![allowed[index % allowed.len()]],
+                    "worker {index}"
+                );
+            } else {
+                assert_eq!(cpus, &allowed, "worker {index} is not pinned");
+            }
+        }
+        // Requests are served either way.
+        let reply = send(process.proxy, Request::get("/").body(full("")).unwrap()).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+}

@@ -371,3 +371,41 @@ async fn a_failed_state_write_refuses_the_change_and_is_counted() {
         "nothing changed"
     );
 }
+
+/// `splitgate_connections` counts open client connections across every worker: up
+/// while they are open (idle in keep-alive, here), back to 0 once they close.
+#[tokio::test]
+async fn the_connections_gauge_counts_open_connections_on_every_worker() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (proxy, _stable, _canary) = split_proxy("connections", "workers = 2", "").await;
+    let open = |proxy: &TestProxy| {
+        let admin = proxy.admin;
+        async move {
+            let text = get(admin, "/metrics", &[]).await.text();
+            let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+            value(&scrape, "splitgate_connections", &[("listener", "http")])
+        }
+    };
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        clients.push(stream);
+    }
+    assert_eq!(open(&proxy).await, 6.0);
+    drop(clients);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while open(&proxy).await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

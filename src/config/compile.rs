@@ -28,6 +28,8 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Worker threads (at least 1; the file's 0 is resolved to one per core).
     pub workers: usize,
+    /// Pin each worker to a CPU of its own.
+    pub pin_workers: bool,
     pub trusted_proxies: Vec<IpRange>,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
@@ -419,6 +421,7 @@ fn compile_server(file: &FileConfig, names: Names, errors: &mut Errors) -> Optio
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         },
+        pin_workers: s.pin_workers,
         trusted_proxies,
         max_connections: s.max_connections,
         header_read_timeout: s.header_read_timeout,

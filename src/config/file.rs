@@ -32,6 +32,9 @@ pub struct ServerSection {
     /// Runtime worker threads; 0 means one per core.
     #[serde(default)]
     pub workers: usize,
+    /// Pin worker i to the i-th CPU the process may use (Linux).
+    #[serde(default)]
+    pub pin_workers: bool,
     /// Peers (CIDR or single address) whose `X-Forwarded-For` is trusted and appended to.
     /// From anyone else the header is replaced by the peer address.
     #[serde(default)]

@@ -8,7 +8,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use metrics::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -21,6 +20,7 @@ use crate::config::compile::ServerSettings;
 use crate::proxy::{ConnInfo, ProxyService};
 use crate::state::Shared;
 use crate::telemetry::names::{CONNECTIONS, LABEL_LISTENER};
+use crate::telemetry::sharded::ShardedCounter;
 
 /// Accept-queue length asked of the kernel (capped there by `net.core.somaxconn`).
 /// tokio's `TcpListener::bind` asks for 1 024; a burst of more connects than that
@@ -95,7 +95,8 @@ struct Listener {
     shared: Arc<Shared>,
     builder: auto::Builder<TokioExecutor>,
     limits: Limits,
-    connections: Gauge,
+    /// Open connections, counted in this worker's shard.
+    connections: Arc<ShardedCounter>,
     tls: Option<Tls>,
 }
 
@@ -121,7 +122,7 @@ pub async fn serve(
     let state = Arc::new(Listener {
         connections: shared
             .registry
-            .gauge(CONNECTIONS, &[(LABEL_LISTENER, name)]),
+            .sharded_counter(CONNECTIONS, &[(LABEL_LISTENER, name)]),
         builder: connection_builder(&server),
         shared,
         limits: limits.clone(),
@@ -195,7 +196,7 @@ async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    listener.connections.increment(1.0);
+    listener.connections.increment(1);
     let peer = conn.peer;
     let activity = Activity::new();
     // One allocation per connection; each request then clones one Arc.
@@ -272,5 +273,5 @@ async fn serve_connection<I>(
             }
         }
     }
-    listener.connections.decrement(1.0);
+    listener.connections.decrement(1);
 }

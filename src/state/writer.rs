@@ -422,6 +422,11 @@ impl Writer {
             warnings
                 .push("server.workers changed; it takes effect at the next restart".to_string());
         }
+        if settings.server.pin_workers != old.server.pin_workers {
+            warnings.push(
+                "server.pin_workers changed; it takes effect at the next restart".to_string(),
+            );
+        }
         if settings.state_dir != old.state_dir {
             warnings.push("state.dir changed; it takes effect at the next restart".to_string());
         }

@@ -49,12 +49,13 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (STATE_PERSIST_FAILURES_TOTAL, Kind::Counter, "Writes of state.dir that failed; the change they carried was refused (a trip is still applied in memory)."),
 ];
 
-/// The families recorded on every request, which splitgate shards per worker and
+/// The families recorded on every request or connection, which splitgate shards per worker and
 /// renders itself (see `sharded.rs`).
 pub const SHARDED: &[&str] = &[
     REQUESTS_TOTAL,
     UPSTREAM_ERRORS_TOTAL,
     REQUEST_DURATION_SECONDS,
+    CONNECTIONS,
 ];
 
 /// Histogram buckets of request duration, 1 ms to 10 s, four per decade (1, 2.5, 5,

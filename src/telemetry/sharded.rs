@@ -1,5 +1,5 @@
-//! The per-request metrics (the request and upstream-error counters and the duration
-//! histogram), kept in per-worker shards and rendered by splitgate itself. Recording
+//! The per-request metrics (the request and upstream-error counters, the duration
+//! histogram and the open-connections gauge), kept in per-worker shards and rendered by splitgate itself. Recording
 //! is a relaxed add or two on a cache line only the recording worker writes (the
 //! exporter's handles are one atomic per series that every worker writes, and its
 //! histogram appended every sample to one shared list); a scrape sums the shards.
@@ -21,7 +21,9 @@ struct Shard {
 #[repr(align(128))]
 struct Count(AtomicU64);
 
-/// One series (a label set) of a counter.
+/// One series (a label set) of a counter, or of a gauge that each worker moves up and
+/// down by its own amounts (open connections: a connection opens and closes on one
+/// worker, so no shard goes below zero).
 pub struct ShardedCounter {
     labels: String,
     shards: Box<[Count]>,
@@ -44,8 +46,17 @@ impl ShardedCounter {
             .fetch_add(n, Relaxed);
     }
 
+    /// Subtracts `n` from the calling worker's shard (a gauge's decrease).
+    pub fn decrement(&self, n: u64) {
+        self.shards[crate::worker::index() % self.shards.len()]
+            .0
+            .fetch_sub(n, Relaxed);
+    }
+
     pub fn value(&self) -> u64 {
-        self.shards.iter().map(|c| c.0.load(Relaxed)).sum()
+        self.shards
+            .iter()
+            .fold(0u64, |sum, c| sum.wrapping_add(c.0.load(Relaxed)))
     }
 
     /// Appends this series' line for `name`.
