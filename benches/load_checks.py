@@ -14,7 +14,7 @@ import http.client, json, os, re, resource, signal, socket, subprocess, sys, thr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER = os.path.join(ROOT, "benches", "peer")
-BIN = os.path.join(ROOT, "target", "release", "splitgate")
+BIN = os.environ.get("SPLITGATE", os.path.join(ROOT, "target", "release", "splitgate"))
 
 
 def rss_kib(pid):
