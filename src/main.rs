@@ -13,9 +13,14 @@ use splitgate::client::AdminClient;
 use splitgate::config::{self, Settings};
 
 /// mimalloc: less CPU per request than glibc's malloc in `benches/compare.sh` (see the
-/// README's performance notes).
+/// README's performance notes). The cargo features choose another for comparison.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(

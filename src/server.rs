@@ -2,8 +2,10 @@
 //! idle timeout, and graceful drain.
 
 pub mod activity;
+pub mod connection;
 pub mod head_scan;
 pub mod listener;
+pub mod rewind;
 pub mod tls;
 
 pub use listener::serve;

@@ -489,3 +489,95 @@ async fn at_the_connection_cap_new_connections_are_refused_and_the_others_served
         assert_eq!(response.status(), StatusCode::OK);
     }
 }
+
+/// `splitgate_connections_idle`, the connections holding no buffers, from a scrape.
+async fn idle_connections(admin_addr: std::net::SocketAddr) -> u64 {
+    let text = get(admin_addr, "/metrics", &[]).await.text();
+    text.lines()
+        .find_map(|line| line.strip_prefix("splitgate_connections_idle{listener=\"http\"} "))
+        .map_or(0, |value| value.trim().parse().unwrap())
+}
+
+/// Waits until `count` connections hold no buffers (released after a second idle).
+async fn wait_until_idle(admin_addr: std::net::SocketAddr, count: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while idle_connections(admin_addr).await != count {
+        assert!(tokio::time::Instant::now() < deadline, "never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP/1.1 connection idle between requests gives up its buffers, and what the
+/// client sends after that is served as on a fresh connection: a pipelined pair is
+/// answered in order, and an ambiguous framing shape is still refused.
+#[tokio::test]
+async fn a_connection_idle_across_the_buffer_release_still_serves_and_still_refuses() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stable = named_upstream("stable").await;
+    let dir = Arc::new(TempDir::new("release"));
+    let text = config(dir.path(), &[stable.addr], None, "workers = 1", "", "");
+    let proxy = start_proxy(dir, &text).await;
+
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    // A new connection that has sent nothing holds no buffers either.
+    wait_until_idle(proxy.admin, 1).await;
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = vec![0u8; 4096];
+    let n = stream.read(&mut reply).await.unwrap();
+    assert!(reply[..n].starts_with(b"HTTP/1.1 200"));
+    wait_until_idle(proxy.admin, 1).await;
+
+    // A pipelined pair in one write, the second with a body, after the release.
+    stream
+        .write_all(
+            b"POST /second HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+              GET /third HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut all))
+        .await
+        .expect("the pair is answered and the connection closed")
+        .unwrap();
+    let all = String::from_utf8_lossy(&all);
+    assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 2, "{all}");
+    assert_eq!(stable.hits(), 3);
+
+    // A smuggling shape after the release is refused like on a fresh connection.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let n = stream.read(&mut reply).await.unwrap();
+    assert!(reply[..n].starts_with(b"HTTP/1.1 200"));
+    wait_until_idle(proxy.admin, 1).await;
+    stream
+        .write_all(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut all))
+        .await
+        .expect("refused and closed")
+        .unwrap();
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.starts_with("HTTP/1.1 400"), "{all}");
+    assert_eq!(
+        all.matches("HTTP/1.1").count(),
+        1,
+        "nothing else answered: {all}"
+    );
+    assert_eq!(
+        stable.hits(),
+        4,
+        "the smuggled request never reached the upstream"
+    );
+    assert_eq!(idle_connections(proxy.admin).await, 0);
+}

@@ -3,7 +3,10 @@
 //!   last byte read or written, and the service counts requests in flight. A connection
 //!   is idle when nothing is in flight and no byte has moved for a while;
 //! - the framing scan (`head_scan.rs`): the IO wrapper feeds it what the client sends,
-//!   and records the first request head it refuses, which the service then answers 400.
+//!   and records the first request head it refuses, which the service then answers 400;
+//! - whether hyper's state may be released (`connection.rs`): the scan is at rest
+//!   between two requests, and while it is being released, closing hyper's side does
+//!   not shut the socket.
 
 use std::io;
 use std::pin::Pin;
@@ -29,6 +32,11 @@ pub struct Activity {
     /// Set when an upgrade tunnel opens: the bytes that follow are the tunnelled
     /// protocol's, not HTTP, and the framing scan stops.
     tunneled: AtomicBool,
+    /// The framing scan has seen whole requests only (see `HeadScanner::at_rest`), and
+    /// is still following: false once it stopped (HTTP/2, a tunnel, a refused head).
+    at_rest: AtomicBool,
+    /// hyper's state is being released: its closing must leave the socket open.
+    releasing: AtomicBool,
 }
 
 impl Activity {
@@ -40,7 +48,34 @@ impl Activity {
             requests: AtomicU64::new(0),
             rejected: OnceLock::new(),
             tunneled: AtomicBool::new(false),
+            at_rest: AtomicBool::new(true),
+            releasing: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the connection is between two requests with nothing of the next one
+    /// read: hyper's state can then be released and rebuilt when bytes arrive.
+    pub fn at_rest(&self) -> bool {
+        self.at_rest.load(Relaxed) && self.rejected.get().is_none()
+    }
+
+    /// hyper's state is being released: from now until [`Activity::resume`], closing
+    /// it does not shut the socket down.
+    pub fn release(&self) {
+        self.releasing.store(true, Relaxed);
+    }
+
+    /// The release was given up: closing hyper's side shuts the socket again.
+    pub fn cancel_release(&self) {
+        self.releasing.store(false, Relaxed);
+    }
+
+    /// A fresh hyper connection and framing scan take over from the start of the next
+    /// request: requests are numbered from 0 again, as the new scan numbers heads.
+    pub fn resume(&self) {
+        self.releasing.store(false, Relaxed);
+        self.requests.store(0, Relaxed);
+        self.at_rest.store(true, Relaxed);
     }
 
     fn touch(&self) {
@@ -100,6 +135,10 @@ impl<I> Tracked<I> {
             scanner: Some(HeadScanner::new()),
         }
     }
+
+    pub fn into_inner(self) -> I {
+        self.inner
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
@@ -124,6 +163,8 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
                     this.scanner = None;
                 }
             }
+            let at_rest = this.scanner.as_ref().is_some_and(HeadScanner::at_rest);
+            this.activity.at_rest.store(at_rest, Relaxed);
         }
         polled
     }
@@ -163,6 +204,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.activity.releasing.load(Relaxed) {
+            // hyper closes its side to hand the socket back, not to end the connection.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -87,6 +87,12 @@ impl HeadScanner {
         }
     }
 
+    /// Whether everything fed so far makes whole requests (heads and bodies): the
+    /// connection is between two requests, with no part of the next one read.
+    pub fn at_rest(&self) -> bool {
+        matches!(self.state, State::Head) && self.head.is_empty()
+    }
+
     /// Feeds bytes read from the client, in order.
     pub fn feed(&mut self, mut bytes: &[u8]) -> Finding {
         while !bytes.is_empty() {

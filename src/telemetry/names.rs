@@ -9,6 +9,7 @@ pub const SLO_STATE: &str = "splitgate_slo_state";
 pub const SLO_TRIPS_TOTAL: &str = "splitgate_slo_trips_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "splitgate_config_reloads_total";
 pub const CONNECTIONS: &str = "splitgate_connections";
+pub const CONNECTIONS_IDLE: &str = "splitgate_connections_idle";
 pub const ROLLOUT_STEP: &str = "splitgate_rollout_step";
 
 pub const LABEL_ROUTE: &str = "route";
@@ -43,6 +44,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (SLO_TRIPS_TOTAL, Kind::Counter, "SLO trips by route and reason."),
     (CONFIG_RELOADS_TOTAL, Kind::Counter, "Config reloads by outcome (ok, error)."),
     (CONNECTIONS, Kind::Gauge, "Open client connections by listener."),
+    (
+        CONNECTIONS_IDLE,
+        Kind::Gauge,
+        "Open client connections waiting for the client's next bytes with no buffers held (HTTP/1.1 idle between requests for over a second, or new and silent).",
+    ),
     (ROLLOUT_STEP, Kind::Gauge, "Step of a route's running rollout, 1-based; 0 when none runs."),
     (SLO_VERDICT, Kind::Gauge, "The judge's verdict per route and rule: 0 ok, 1 inconclusive, 2 breach."),
     (SLO_BREACHES_TOTAL, Kind::Counter, "Breaches the judge found, per route and rule, whether they tripped the route or (dry run) only were reported."),
@@ -56,6 +62,7 @@ pub const SHARDED: &[&str] = &[
     UPSTREAM_ERRORS_TOTAL,
     REQUEST_DURATION_SECONDS,
     CONNECTIONS,
+    CONNECTIONS_IDLE,
 ];
 
 /// Histogram buckets of request duration, 1 ms to 10 s, four per decade (1, 2.5, 5,
