@@ -9,6 +9,7 @@
 //! Envoy's threading model is the reference: a main thread for admin and stats,
 //! workers that own their listeners and connection pools.
 
+mod memory;
 mod pin;
 mod snapshot;
 mod sockets;
@@ -160,6 +161,7 @@ async fn serve(
             loop {
                 tick.tick().await;
                 snapshot::sweep(&shared);
+                memory::give_back_free_pages();
             }
         })
     };

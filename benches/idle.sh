@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Memory per idle keep-alive connection, NGINX, HAProxy and splitgate side by side,
+# plain and TLS, at 1 000 and 10 000 connections. See benches/idle.py.
+# Needs: apt-get install -y nginx-light haproxy openssl
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+started_upstream=""
+if ! (exec 3<>/dev/tcp/127.0.0.1/19001) 2>/dev/null; then
+  taskset -c 1 nginx -c "$PWD/benches/peer/upstream-nginx.conf" &
+  started_upstream=$!
+  sleep 0.5
+fi
+trap '[ -n "$started_upstream" ] && kill "$started_upstream" 2>/dev/null || true' EXIT
+python3 benches/idle.py "$@"
