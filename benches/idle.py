@@ -4,7 +4,7 @@
 For each proxy, plain and TLS, and N in NS (default 1000,9000): start the proxy
 fresh, read its RSS (whole process tree), open N connections that each send one
 request, read the response and stay open, wait WAIT seconds (splitgate releases an
-idle connection's buffers after 1 s), read the RSS again; print one JSON line with
+idle connection's buffers after 1 s, and its workers return free pages every 5 s), read the RSS again; print one JSON line with
 KiB per connection. Needs nginx, haproxy, openssl and the upstream nginx of
 benches/peer/upstream-nginx.conf on 19001/19002 (benches/idle.sh starts it).
 
@@ -20,7 +20,7 @@ BIN = os.environ.get("SPLITGATE", os.path.join(ROOT, "target", "release", "split
 NS = [int(n) for n in os.environ.get("NS", "1000,9000").split(",") if n]
 MODES = os.environ.get("MODES", "plain,tls").split(",")
 PROXIES = os.environ.get("PROXIES", "nginx,haproxy,splitgate").split(",")
-WAIT = float(os.environ.get("WAIT", "3"))
+WAIT = float(os.environ.get("WAIT", "7"))
 W = "/tmp/splitgate-idle-bench"
 PLAIN = {"nginx": 18080, "haproxy": 18081, "splitgate": 18084}
 TLS = {"nginx": 18443, "haproxy": 18444, "splitgate": 18445}
