@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Memory per idle keep-alive connection: NGINX, HAProxy and splitgate in one run.
 
-For each proxy, plain and TLS, and N in NS (default 1000,9000): start the proxy
+For each proxy, plain, TLS and h2c, and N in NS (default 1000,9000): start the proxy
 fresh, read its RSS (whole process tree), open N connections that each send one
 request, read the response and stay open, wait WAIT seconds (splitgate releases an
 idle connection's buffers after 1 s, and its workers return free pages every 5 s), read the RSS again; print one JSON line with
@@ -18,12 +18,14 @@ BIN = os.environ.get("SPLITGATE", os.path.join(ROOT, "target", "release", "split
 # HAProxy needs two file descriptors per client connection (maxconn 9950 here); where
 # the open-files limit allows, run NS=1000,10000.
 NS = [int(n) for n in os.environ.get("NS", "1000,9000").split(",") if n]
-MODES = os.environ.get("MODES", "plain,tls").split(",")
+MODES = os.environ.get("MODES", "plain,tls,h2c").split(",")
 PROXIES = os.environ.get("PROXIES", "nginx,haproxy,splitgate").split(",")
 WAIT = float(os.environ.get("WAIT", "7"))
 W = "/tmp/splitgate-idle-bench"
 PLAIN = {"nginx": 18080, "haproxy": 18081, "splitgate": 18084}
 TLS = {"nginx": 18443, "haproxy": 18444, "splitgate": 18445}
+# h2c by prior knowledge (splitgate tells it from HTTP/1.1 on its one port).
+H2C = {"nginx": 18480, "haproxy": 18481, "splitgate": 18084}
 
 
 def certificate():
@@ -45,14 +47,16 @@ def config(name, cert, key):
         text = text.replace("worker_connections 4096;", "worker_connections 30000;")
         text = text.replace("    listen 127.0.0.1:18080;",
                             f"    listen 127.0.0.1:18080;\n    listen 127.0.0.1:18443 ssl;\n"
-                            f"    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    keepalive_timeout 10m;")
+                            f"    listen 127.0.0.1:18480 http2;\n"
+                            f"    ssl_certificate {cert};\n    ssl_certificate_key {key};\n    keepalive_timeout 10m;\n"
+                            f"    http2_idle_timeout 10m;")
         path = f"{W}/nginx.conf"
         argv = ["nginx", "-c", path]
     elif name == "haproxy":
         text = open(f"{PEER}/proxy-haproxy.cfg").read()
         text = text.replace("maxconn 8192", "maxconn 9950")
         text = text.replace("timeout client 30s", "timeout client 10m\n  timeout http-keep-alive 10m")
-        text = text.replace("  bind 127.0.0.1:18081", f"  bind 127.0.0.1:18081\n  bind 127.0.0.1:18444 ssl crt {W}/combined.pem")
+        text = text.replace("  bind 127.0.0.1:18081", f"  bind 127.0.0.1:18081\n  bind 127.0.0.1:18444 ssl crt {W}/combined.pem\n  bind 127.0.0.1:18481 proto h2")
         path = f"{W}/haproxy.cfg"
         argv = ["haproxy", "-f", path]
     else:
@@ -89,13 +93,35 @@ def wait_up(port):
     raise SystemExit(f"nothing listening on {port}")
 
 
+def h2_request(s):
+    """One GET over h2c prior knowledge, answered completely; the connection stays open."""
+    import h2.config, h2.connection, h2.events
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                          (":authority", "bench"), ("x-user-id", "idle")], end_stream=True)
+    s.sendall(conn.data_to_send())
+    status = None
+    while True:
+        data = s.recv(65536)
+        assert data, "closed before the response"
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                status = dict(event.headers).get(b":status")
+            if isinstance(event, h2.events.StreamEnded):
+                s.sendall(conn.data_to_send())
+                assert status == b"200", status
+                return
+        s.sendall(conn.data_to_send())
+
+
 def measure(name, mode, n, cert, key):
     argv = config(name, cert, key)
     p = subprocess.Popen(["taskset", "-c", "0"] + argv, stdout=subprocess.DEVNULL,
                          stderr=open(f"{W}/{name}.log", "a"), start_new_session=True)
     socks = []
     try:
-        port = (TLS if mode == "tls" else PLAIN)[name]
+        port = {"plain": PLAIN, "tls": TLS, "h2c": H2C}[mode][name]
         wait_up(port)
         time.sleep(0.5)
         before = tree_rss_kib(p.pid)
@@ -106,11 +132,14 @@ def measure(name, mode, n, cert, key):
             if context:
                 s = context.wrap_socket(s, server_hostname="localhost")
             s.settimeout(10)
-            s.sendall(request)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += s.recv(4096)
-            assert data.startswith(b"HTTP/1.1 200"), data[:80]
+            if mode == "h2c":
+                h2_request(s)
+            else:
+                s.sendall(request)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += s.recv(4096)
+                assert data.startswith(b"HTTP/1.1 200"), data[:80]
             socks.append(s)
         time.sleep(WAIT)
         after = tree_rss_kib(p.pid)

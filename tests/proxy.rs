@@ -530,7 +530,18 @@ async fn a_connection_idle_across_the_buffer_release_still_serves_and_still_refu
     assert!(reply[..n].starts_with(b"HTTP/1.1 200"));
     wait_until_idle(proxy.admin, 1).await;
 
-    // A pipelined pair in one write, the second with a body, after the release.
+    // After the release the connection is still keep-alive (no `Connection: close`).
+    stream
+        .write_all(b"GET /kept HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let n = stream.read(&mut reply).await.unwrap();
+    let head = String::from_utf8_lossy(&reply[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    wait_until_idle(proxy.admin, 1).await;
+
+    // A pipelined pair in one write, the first with a body, after the release.
     stream
         .write_all(
             b"POST /second HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
@@ -545,7 +556,7 @@ async fn a_connection_idle_across_the_buffer_release_still_serves_and_still_refu
         .unwrap();
     let all = String::from_utf8_lossy(&all);
     assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 2, "{all}");
-    assert_eq!(stable.hits(), 3);
+    assert_eq!(stable.hits(), 4);
 
     // A smuggling shape after the release is refused like on a fresh connection.
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
@@ -576,7 +587,7 @@ async fn a_connection_idle_across_the_buffer_release_still_serves_and_still_refu
     );
     assert_eq!(
         stable.hits(),
-        4,
+        5,
         "the smuggled request never reached the upstream"
     );
     assert_eq!(idle_connections(proxy.admin).await, 0);

@@ -412,3 +412,46 @@ async fn upstream_tls_verifies_against_the_configured_ca() {
         "{metrics}"
     );
 }
+
+/// A request written right after the handshake (it can arrive with the client's last
+/// handshake flight, already read by rustls) is answered at once; and a keep-alive TLS
+/// connection idle long enough to release its buffers serves its next request.
+#[tokio::test]
+async fn a_request_sent_with_the_handshake_and_one_after_the_buffer_release_are_served() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = setup().await;
+    let connector = s.ca.client(&[]);
+    for _ in 0..20 {
+        let mut stream = tls_connect(&connector, s.tls, "a.test").await;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply))
+            .await
+            .expect("answered and closed at once")
+            .unwrap();
+        assert!(reply.starts_with(b"HTTP/1.1 200"));
+    }
+
+    let stream = tls_connect(&connector, s.tls, "a.test").await;
+    let (mut sender, first) = h1_get(stream, "/first").await;
+    assert_eq!(first.status, StatusCode::OK);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = get(s.proxy.admin, "/metrics", &[]).await.text();
+        if metrics.contains("splitgate_connections_idle{listener=\"https\"} 1") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = h1_again(&mut sender, "/again").await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert!(
+        again.headers.get("connection").is_none(),
+        "still keep-alive"
+    );
+}

@@ -37,6 +37,8 @@ pub struct Activity {
     at_rest: AtomicBool,
     /// hyper's state is being released: its closing must leave the socket open.
     releasing: AtomicBool,
+    /// Request heads the current framing scan has seen (numbered like `requests`).
+    heads_seen: AtomicU64,
 }
 
 impl Activity {
@@ -50,13 +52,27 @@ impl Activity {
             tunneled: AtomicBool::new(false),
             at_rest: AtomicBool::new(true),
             releasing: AtomicBool::new(false),
+            heads_seen: AtomicU64::new(0),
         })
     }
 
     /// Whether the connection is between two requests with nothing of the next one
-    /// read: hyper's state can then be released and rebuilt when bytes arrive.
+    /// read, and the current hyper connection has served one at least (a fresh one
+    /// has not yet settled into keep-alive: asked to close, it would answer its next
+    /// request with `Connection: close`): hyper's state can then be released and
+    /// rebuilt when bytes arrive.
     pub fn at_rest(&self) -> bool {
-        self.at_rest.load(Relaxed) && self.rejected.get().is_none()
+        self.at_rest.load(Relaxed)
+            && self.rejected.get().is_none()
+            && self.requests.load(Relaxed) > 0
+            && self.in_flight.load(Relaxed) == 0
+    }
+
+    /// Whether the framing scan has seen a request head that no request has begun
+    /// for yet: bytes left unparsed by hyper then start with that head (and are not,
+    /// say, the rest of a body hyper did not read).
+    pub fn head_pending(&self) -> bool {
+        self.heads_seen.load(Relaxed) > self.requests.load(Relaxed)
     }
 
     /// hyper's state is being released: from now until [`Activity::resume`], closing
@@ -71,11 +87,14 @@ impl Activity {
     }
 
     /// A fresh hyper connection and framing scan take over from the start of the next
-    /// request: requests are numbered from 0 again, as the new scan numbers heads.
+    /// request: requests are numbered from 0 again, as the new scan numbers heads. The
+    /// bytes that woke the connection count as activity.
     pub fn resume(&self) {
         self.releasing.store(false, Relaxed);
         self.requests.store(0, Relaxed);
+        self.heads_seen.store(0, Relaxed);
         self.at_rest.store(true, Relaxed);
+        self.touch();
     }
 
     fn touch(&self) {
@@ -165,6 +184,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
             }
             let at_rest = this.scanner.as_ref().is_some_and(HeadScanner::at_rest);
             this.activity.at_rest.store(at_rest, Relaxed);
+            if let Some(scanner) = this.scanner.as_ref() {
+                this.activity.heads_seen.store(scanner.heads(), Relaxed);
+            }
         }
         polled
     }

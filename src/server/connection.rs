@@ -59,6 +59,11 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A client stream whose incoming bytes can be awaited without reading them.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether the stream may hold bytes already read from the socket when it is
+    /// handed over (TLS: the request can arrive with the handshake's last flight), so
+    /// that a fresh connection must read before waiting on the socket.
+    const MAY_HOLD_READ_BYTES: bool;
+
     /// Ready once the client has sent something (or closed, or failed).
     fn poll_sent(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
@@ -72,14 +77,19 @@ fn poll_peek_one(stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()
 }
 
 impl ClientIo for TcpStream {
+    const MAY_HOLD_READ_BYTES: bool = false;
+
     fn poll_sent(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         poll_peek_one(self, cx)
     }
 }
 
 /// Ready when TLS records arrive. hyper reads until the stream has nothing more before
-/// a connection counts as idle, so no decrypted bytes wait inside rustls then.
+/// a connection counts as idle, so no decrypted bytes wait inside rustls then; right
+/// after the handshake they may.
 impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    const MAY_HOLD_READ_BYTES: bool = true;
+
     fn poll_sent(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         poll_peek_one(self.get_ref().0, cx)
     }
@@ -119,6 +129,17 @@ impl Drain {
     }
 }
 
+/// Polls `future` once: its output if it is ready at once.
+async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output> {
+    poll_fn(|cx| {
+        Poll::Ready(match std::pin::Pin::new(&mut *future).poll(cx) {
+            Poll::Ready(output) => Some(output),
+            Poll::Pending => None,
+        })
+    })
+    .await
+}
+
 /// What a connection's hyper side ended with.
 enum Served<I> {
     /// Closed (by either side, the idle timeout or the drain).
@@ -153,7 +174,7 @@ pub async fn serve<I: ClientIo>(
     let mut first = true;
     loop {
         // Idle: nothing of hyper's is held until the client sends.
-        if prefix.is_empty() {
+        if prefix.is_empty() && !(first && I::MAY_HOLD_READ_BYTES) {
             listener.idle.increment(1);
             let sent = wait_for_bytes(&listener, &io, &activity, &mut drain).await;
             listener.idle.decrement(1);
@@ -287,12 +308,17 @@ async fn serve_h1<I: ClientIo>(
         .serve_connection(io, service_for(activity, service))
         .with_upgrades();
     let ended = drive(listener, &mut connection, activity, drain, peer, true).await;
-    if !(ended == Ended::Released && activity.at_rest()) {
+    if ended != Ended::Released {
         return Served::Closed;
     }
     let Some(parts) = connection.into_parts() else {
         return Served::Closed;
     };
+    // What hyper read but did not parse must start with a head the framing scan saw
+    // whole (a pipelined request), never with the rest of something else.
+    if !parts.read_buf.is_empty() && !activity.head_pending() {
+        return Served::Closed;
+    }
     let (io, unread_by_rewind) = parts.io.into_inner().into_inner().into_parts();
     // Copied, even when short: a slice of hyper's read buffer would keep all of it.
     let mut unread = BytesMut::with_capacity(parts.read_buf.len() + unread_by_rewind.len());
@@ -376,7 +402,6 @@ async fn drive<C: Graceful>(
 ) -> Ended {
     let idle_timeout = listener.limits.idle_timeout;
     let mut closing = false;
-    let mut releasing = false;
     // Set when the idle timeout asked hyper to close: if the connection is still stuck
     // (a client that stopped reading a response) one more idle period later, it is
     // dropped outright.
@@ -386,8 +411,9 @@ async fn drive<C: Graceful>(
             .idle_deadline(idle_timeout)
             .unwrap_or_else(|| Instant::now() + idle_timeout);
         let wake_at = hard_close_at.map_or(idle_at, |hard| hard.max(idle_at));
-        // Between two requests, with nothing of the next one read.
-        let release_due = releasable && !closing && drain.started.is_none() && activity.at_rest();
+        // Looked at once the connection could have been idle long enough; whether it
+        // is between two requests is checked then.
+        let release_due = releasable && !closing && drain.started.is_none();
         let release_at = activity
             .idle_deadline(RELEASE_AFTER)
             .unwrap_or_else(|| Instant::now() + RELEASE_AFTER);
@@ -396,9 +422,8 @@ async fn drive<C: Graceful>(
             result = &mut *connection => {
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "client connection ended with an error");
-                    return Ended::Closed;
                 }
-                return if releasing { Ended::Released } else { Ended::Closed };
+                return Ended::Closed;
             }
             _ = tokio::time::sleep_until(wake_at) => {
                 if activity.idle_deadline(idle_timeout).is_some_and(|at| at <= Instant::now()) {
@@ -406,9 +431,6 @@ async fn drive<C: Graceful>(
                         tracing::debug!(%peer, "idle connection did not close gracefully; dropping it");
                         return Ended::Closed;
                     }
-                    // A release that did not finish becomes a real close.
-                    releasing = false;
-                    activity.cancel_release();
                     connection.graceful_shutdown();
                     closing = true;
                     hard_close_at = Some(Instant::now() + idle_timeout);
@@ -417,10 +439,22 @@ async fn drive<C: Graceful>(
             _ = tokio::time::sleep_until(release_at), if release_due => {
                 let idle = activity.idle_deadline(RELEASE_AFTER).is_some_and(|at| at <= Instant::now());
                 if idle && activity.at_rest() {
+                    // hyper closes an idle connection at once, writing nothing. One
+                    // that does not (a response still being written to a client that
+                    // stopped reading) is not idle: it closes for real instead.
                     activity.release();
-                    releasing = true;
                     connection.graceful_shutdown();
-                    closing = true;
+                    match poll_once(&mut *connection).await {
+                        Some(Ok(())) => return Ended::Released,
+                        Some(Err(error)) => {
+                            tracing::debug!(%peer, %error, "client connection ended with an error");
+                            return Ended::Closed;
+                        }
+                        None => {
+                            activity.cancel_release();
+                            closing = true;
+                        }
+                    }
                 }
             }
             _ = stopped(&mut drain.shutdown), if drain.started.is_none() => {

@@ -87,6 +87,11 @@ impl HeadScanner {
         }
     }
 
+    /// Complete request heads seen so far.
+    pub fn heads(&self) -> u64 {
+        self.heads
+    }
+
     /// Whether everything fed so far makes whole requests (heads and bodies): the
     /// connection is between two requests, with no part of the next one read.
     pub fn at_rest(&self) -> bool {
