@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Memory per idle keep-alive connection, NGINX, HAProxy and splitgate side by side,
-# plain and TLS, at 1 000 and 10 000 connections. See benches/idle.py.
+# plain, TLS and h2c, at 1 000 and 9 000 connections (NS=, MODES=, PROXIES= choose).
+# See benches/idle.py.
 # Needs: apt-get install -y nginx-light haproxy openssl
 set -euo pipefail
 cd "$(dirname "$0")/.."

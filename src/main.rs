@@ -423,5 +423,13 @@ Heal it, then reset the trip:
     );
     tokio::signal::ctrl_c().await?;
     running.shutdown().await;
+    // The demo's state is its own, named after this process, and never reused.
+    match std::fs::remove_dir_all(&state_dir) {
+        Ok(()) => println!("splitgate demo stopped; removed {}", state_dir.display()),
+        Err(error) => println!(
+            "splitgate demo stopped; {} stays: {error}",
+            state_dir.display()
+        ),
+    }
     Ok(())
 }
