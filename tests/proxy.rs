@@ -592,3 +592,49 @@ async fn a_connection_idle_across_the_buffer_release_still_serves_and_still_refu
     );
     assert_eq!(idle_connections(proxy.admin).await, 0);
 }
+
+/// A connection whose buffers were released still closes at the idle timeout, counted
+/// from its last byte, and a drain closes it at once (it has been quiet long enough).
+#[tokio::test]
+async fn a_released_connection_keeps_its_idle_timeout_and_drains_at_once() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stable = named_upstream("stable").await;
+    let dir = Arc::new(TempDir::new("release-timeout"));
+    let server = "workers = 1\nidle_timeout = \"3s\"";
+    let mut proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[stable.addr], None, server, "", ""),
+    )
+    .await;
+    let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut reply = vec![0u8; 4096];
+
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let answered = std::time::Instant::now();
+    let n = stream.read(&mut reply).await.unwrap();
+    assert!(reply[..n].starts_with(b"HTTP/1.1 200"));
+    wait_until_idle(proxy.admin, 1).await;
+    let (rest, _) = read_until_closed(&mut stream).await;
+    assert_eq!(rest, "", "closed without a word");
+    let lived = answered.elapsed();
+    assert!(
+        lived >= Duration::from_millis(2_700) && lived <= Duration::from_millis(4_500),
+        "closed {lived:?} after its last request (idle timeout 3 s)"
+    );
+
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let n = stream.read(&mut reply).await.unwrap();
+    assert!(reply[..n].starts_with(b"HTTP/1.1 200"));
+    wait_until_idle(proxy.admin, 1).await;
+    let started = std::time::Instant::now();
+    assert!(proxy.shutdown().await, "drained");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let (rest, _) = read_until_closed(&mut stream).await;
+    assert_eq!(rest, "");
+}
