@@ -20,10 +20,6 @@ impl<I> Rewind<I> {
         Self { prefix, inner }
     }
 
-    pub fn get_ref(&self) -> &I {
-        &self.inner
-    }
-
     /// The stream and the bytes not yet read back.
     pub fn into_parts(self) -> (I, Bytes) {
         (self.inner, self.prefix)
