@@ -12,9 +12,7 @@ benches/peer/upstream-nginx.conf on 19001/19002 (benches/idle.sh starts it).
 """
 import json, os, resource, signal, socket, ssl, subprocess, sys, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER = os.path.join(ROOT, "benches", "peer")
-BIN = os.environ.get("SPLITGATE", os.path.join(ROOT, "target", "release", "splitgate"))
+from load_checks import BIN, PEER, rss_kib, wait_up
 # HAProxy needs two file descriptors per client connection (maxconn 9950 here); where
 # the open-files limit allows, run NS=1000,10000.
 NS = [int(n) for n in os.environ.get("NS", "1000,9000").split(",") if n]
@@ -72,25 +70,14 @@ def config(name, cert, key):
 
 
 def tree_rss_kib(pid):
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     total = 0
-    for child in [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]:
+    for process in [pid] + [int(child) for child in children]:
         try:
-            for line in open(f"/proc/{child}/status"):
-                if line.startswith("VmRSS"):
-                    total += int(line.split()[1])
+            total += rss_kib(process)
         except FileNotFoundError:
             pass
     return total
-
-
-def wait_up(port):
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port}")
 
 
 def h2_request(s):

@@ -6,11 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
-started_upstream=""
-if ! (exec 3<>/dev/tcp/127.0.0.1/19001) 2>/dev/null; then
-  taskset -c 1 nginx -c "$PWD/benches/peer/upstream-nginx.conf" &
-  started_upstream=$!
-  sleep 0.5
-fi
+source benches/peer/upstream.sh
 trap '[ -n "$started_upstream" ] && kill "$started_upstream" 2>/dev/null || true' EXIT
 python3 benches/load_checks.py "$@"

@@ -7,12 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes=${1:-10}
 cargo build --release --quiet
-started_upstream=""
-if ! (exec 3<>/dev/tcp/127.0.0.1/19001) 2>/dev/null; then
-  taskset -c 1 nginx -c "$PWD/benches/peer/upstream-nginx.conf" &
-  started_upstream=$!
-  sleep 0.5
-fi
+source benches/peer/upstream.sh
 rm -rf /tmp/splitgate-bench-state
 RUST_LOG=warn target/release/splitgate run -c benches/peer/splitgate.toml 2>/tmp/splitgate-soak.log &
 proxy=$!
