@@ -28,12 +28,22 @@ pub const BACKLOG: u32 = 4096;
 
 /// Binds a listening socket on `addr` with address reuse and a long accept queue.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    bind_with(addr, false)
+}
+
+/// [`bind`], and with `reuse_port` (Linux: `SO_REUSEPORT`) other sockets may bind the
+/// same port, the kernel spreading new connections over them.
+pub fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    #[cfg(target_os = "linux")]
+    socket.set_reuseport(reuse_port)?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = reuse_port;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }

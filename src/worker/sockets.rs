@@ -4,9 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use tokio::net::TcpSocket;
-
-use crate::server::listener::BACKLOG;
+use crate::server::listener::bind_with;
 
 /// One listening socket per worker on `addr`. The first binds (resolving port 0); on
 /// Linux the others bind the same port with `SO_REUSEPORT`, so the kernel balances new
@@ -28,14 +26,5 @@ pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::Tc
 /// A listening socket with address reuse, `SO_REUSEPORT` (Linux) and a long accept
 /// queue, not yet registered with any runtime.
 pub fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    #[cfg(target_os = "linux")]
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)?.into_std()
+    bind_with(addr, true)?.into_std()
 }
