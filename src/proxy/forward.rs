@@ -171,6 +171,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn detached_values_are_equal_and_no_longer_share_the_read_buffer() {
+        let read_buffer = bytes::Bytes::from(b"nginx\"abc\"secret".to_vec());
+        let value = |range| HeaderValue::from_maybe_shared(read_buffer.slice(range)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SERVER, value(0..5));
+        headers.append(header::ETAG, value(5..10));
+        let mut secret = value(10..16);
+        secret.set_sensitive(true);
+        headers.insert(header::SET_COOKIE, secret);
+        drop(value);
+
+        detach_values(&mut headers);
+
+        assert_eq!(headers[header::SERVER], "nginx");
+        assert_eq!(headers[header::ETAG], "\"abc\"");
+        assert_eq!(headers[header::SET_COOKIE], "secret");
+        assert!(headers[header::SET_COOKIE].is_sensitive());
+        // The values no longer hold the read buffer: ours is its only owner again.
+        assert!(read_buffer.is_unique());
+    }
+
+    #[test]
     fn strips_connection_listed_headers() {
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -229,5 +251,30 @@ mod tests {
         );
         assert_eq!(headers[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.7");
         assert_eq!(headers[&X_FORWARDED_PROTO], "https");
+    }
+}
+
+/// Moves every header value into one allocation of the response's own.
+///
+/// Why: hyper parses an upstream response's header values as slices of the upstream
+/// connection's read buffer (8 KiB or more), and an HTTP/2 client connection's HPACK
+/// encoder keeps the values it indexes for the life of the connection. Without the
+/// copy, every idle HTTP/2 client connection pinned an upstream read buffer. One
+/// allocation of the values' total length per response is the price.
+pub fn detach_values(headers: &mut HeaderMap) {
+    let total = headers.values().map(HeaderValue::len).sum();
+    let mut copy = bytes::BytesMut::with_capacity(total);
+    for value in headers.values() {
+        copy.extend_from_slice(value.as_bytes());
+    }
+    let copy = copy.freeze();
+    let mut at = 0;
+    for value in headers.values_mut() {
+        let end = at + value.len();
+        if let Ok(mut detached) = HeaderValue::from_maybe_shared(copy.slice(at..end)) {
+            detached.set_sensitive(value.is_sensitive());
+            *value = detached;
+        }
+        at = end;
     }
 }

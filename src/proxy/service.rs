@@ -203,6 +203,9 @@ impl ProxyService {
                     upgrade.restore(&mut head.headers);
                 }
                 forward::add_via(&mut head.headers, Version::HTTP_11);
+                if client_version == Version::HTTP_2 {
+                    forward::detach_values(&mut head.headers);
+                }
                 Response::from_parts(head, ProxyBody::Upstream(body))
             }
             Err(source) => {
