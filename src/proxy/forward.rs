@@ -166,6 +166,31 @@ pub fn to_origin_form(uri: &mut Uri, headers: &mut HeaderMap) {
     }
 }
 
+/// Moves every header value into one allocation of the response's own.
+///
+/// Why: hyper parses an upstream response's header values as slices of the upstream
+/// connection's read buffer (8 KiB or more), and an HTTP/2 client connection's HPACK
+/// encoder keeps the values it indexes for the life of the connection. Without the
+/// copy, every idle HTTP/2 client connection pinned an upstream read buffer. One
+/// allocation of the values' total length per response is the price.
+pub fn detach_values(headers: &mut HeaderMap) {
+    let total = headers.values().map(HeaderValue::len).sum();
+    let mut copy = bytes::BytesMut::with_capacity(total);
+    for value in headers.values() {
+        copy.extend_from_slice(value.as_bytes());
+    }
+    let copy = copy.freeze();
+    let mut at = 0;
+    for value in headers.values_mut() {
+        let end = at + value.len();
+        if let Ok(mut detached) = HeaderValue::from_maybe_shared(copy.slice(at..end)) {
+            detached.set_sensitive(value.is_sensitive());
+            *value = detached;
+        }
+        at = end;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,7 +205,6 @@ mod tests {
         let mut secret = value(10..16);
         secret.set_sensitive(true);
         headers.insert(header::SET_COOKIE, secret);
-        drop(value);
 
         detach_values(&mut headers);
 
@@ -251,30 +275,5 @@ mod tests {
         );
         assert_eq!(headers[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.7");
         assert_eq!(headers[&X_FORWARDED_PROTO], "https");
-    }
-}
-
-/// Moves every header value into one allocation of the response's own.
-///
-/// Why: hyper parses an upstream response's header values as slices of the upstream
-/// connection's read buffer (8 KiB or more), and an HTTP/2 client connection's HPACK
-/// encoder keeps the values it indexes for the life of the connection. Without the
-/// copy, every idle HTTP/2 client connection pinned an upstream read buffer. One
-/// allocation of the values' total length per response is the price.
-pub fn detach_values(headers: &mut HeaderMap) {
-    let total = headers.values().map(HeaderValue::len).sum();
-    let mut copy = bytes::BytesMut::with_capacity(total);
-    for value in headers.values() {
-        copy.extend_from_slice(value.as_bytes());
-    }
-    let copy = copy.freeze();
-    let mut at = 0;
-    for value in headers.values_mut() {
-        let end = at + value.len();
-        if let Ok(mut detached) = HeaderValue::from_maybe_shared(copy.slice(at..end)) {
-            detached.set_sensitive(value.is_sensitive());
-            *value = detached;
-        }
-        at = end;
     }
 }
