@@ -94,6 +94,7 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
             })
         }
         ["admin", "routes"] => return only(method, &Method::GET, || handlers::list_routes(state)),
+        ["admin", "fleet"] => return only(method, &Method::GET, || handlers::fleet(state)),
         ["admin", "routes", name] => {
             return only(method, &Method::GET, || handlers::show_route(state, name))
         }

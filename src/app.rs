@@ -128,7 +128,11 @@ pub async fn start_with(
     }
     // State first: a second splitgate on the same state.dir is told so (with the
     // holder's PID), rather than about a port the first one holds.
+    let fleet_settings = settings.fleet.clone();
     let state = state::start(settings, config_path).await?;
+    if let Some(fleet_settings) = fleet_settings {
+        crate::fleet::Fleet::start(fleet_settings, &state);
+    }
     let tls_listen = tls_settings.as_ref().map(|t| t.listen);
     let listeners = match inherited {
         Some(sockets) => adopt(sockets, tls_listen, worker_count),

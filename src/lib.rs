@@ -29,6 +29,7 @@ pub mod app;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod fleet;
 pub mod proxy;
 pub mod server;
 pub mod slo;

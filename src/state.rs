@@ -3,11 +3,13 @@
 //! it (before anyone is told it happened), builds a new [`Snapshot`] and swaps it in.
 //! Nothing else writes, so changes are ordered and never lost to a race.
 
+pub mod change;
 pub mod merge;
 pub mod snapshot;
 pub mod store;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
@@ -15,8 +17,9 @@ use arc_swap::ArcSwap;
 use metrics::Counter;
 use tokio::sync::{mpsc, oneshot};
 
+pub use change::Change;
 pub use snapshot::{LiveRoute, RolloutProgress, Snapshot, Trip};
-pub use store::{AuditEntry, Loaded, SavedRoute, StateDirError, Store};
+pub use store::{AuditEntry, FleetRoute, Loaded, SavedRoute, StateDirError, Store};
 pub use writer::start;
 
 use crate::config::ConfigError;
@@ -37,6 +40,8 @@ pub struct Shared {
     pub registry: Registry,
     /// Set on SIGTERM; `/readyz` turns false.
     pub draining: AtomicBool,
+    /// The fleet link, when `[fleet]` names a store; set once, after the writer starts.
+    pub fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
     /// The HTTPS listener's certificates, replaced on reload.
     pub certificates: Option<Arc<Certificates>>,
     pub(crate) reloads_ok: Counter,
@@ -55,6 +60,9 @@ pub enum Source {
     Slo,
     Rollout,
     Start,
+    /// Applied from the fleet store: another replica's change, or this one's once
+    /// committed.
+    Fleet,
 }
 
 impl Source {
@@ -66,6 +74,7 @@ impl Source {
             Source::Slo => "slo",
             Source::Rollout => "rollout",
             Source::Start => "start",
+            Source::Fleet => "fleet",
         }
     }
 }
@@ -97,6 +106,12 @@ pub enum ChangeError {
     HandedOver,
     #[error("the state writer has stopped")]
     Stopped,
+    /// With a fleet: the store cannot be reached, and the change is one that needs it.
+    #[error("the fleet store (etcd) is unreachable ({0}); only rollbacks (weight 0), rollout aborts and SLO trips apply until it is back")]
+    StoreUnavailable(String),
+    /// With a fleet: the route kept changing under this change.
+    #[error("route {0:?} changed in the fleet store while this change was made; try again")]
+    Conflict(String),
 }
 
 /// A rollout action from the admin API.
@@ -111,36 +126,30 @@ pub enum RolloutAction {
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ChangeError>>;
 
 pub(crate) enum Command {
-    SetWeight {
+    /// A change made here. `unpublished`: with a fleet, a change that lowers exposure
+    /// made while (or before) the store accepted it; the publisher pushes it later.
+    Change {
         route: String,
-        weight_bp: u32,
+        change: Change,
+        source: Source,
+        unpublished: bool,
+        reply: Reply<()>,
+    },
+    /// A route's desired state as the fleet store holds it at `revision`.
+    ApplyFleet {
+        route: String,
+        desired: FleetRoute,
+        revision: i64,
         source: Source,
         reply: Reply<()>,
     },
-    Reset {
-        route: String,
-        source: Source,
-        reply: Reply<()>,
+    /// Every route's saved state (the fleet's publisher and seeding read it).
+    Saved {
+        reply: Reply<BTreeMap<String, SavedRoute>>,
     },
     Reload {
         source: Source,
         reply: Reply<Vec<String>>,
-    },
-    Trip {
-        route: String,
-        trip: Trip,
-        reply: Reply<()>,
-    },
-    Rollout {
-        route: String,
-        action: RolloutAction,
-        source: Source,
-        reply: Reply<()>,
-    },
-    RolloutAdvance {
-        route: String,
-        step: usize,
-        reply: Reply<()>,
     },
     /// Ends the writer and releases the state directory's lock (at shutdown, so a
     /// restart in the same process can take it).
@@ -170,41 +179,64 @@ impl StateHandle {
         answer.await.map_err(|_| ChangeError::Stopped)?
     }
 
+    /// Applies `change` to `route`: here, or with a fleet as one etcd transaction that
+    /// every replica then applies (see `fleet`).
+    pub async fn change(
+        &self,
+        route: &str,
+        change: Change,
+        source: Source,
+    ) -> Result<(), ChangeError> {
+        match self.shared.fleet.get() {
+            Some(fleet) => fleet.propose(self, route, change, source).await,
+            None => self.change_here(route, change, source, false).await,
+        }
+    }
+
+    /// Applies `change` to this replica's state only.
+    pub(crate) async fn change_here(
+        &self,
+        route: &str,
+        change: Change,
+        source: Source,
+        unpublished: bool,
+    ) -> Result<(), ChangeError> {
+        let route = route.to_string();
+        self.ask(|reply| Command::Change {
+            route,
+            change,
+            source,
+            unpublished,
+            reply,
+        })
+        .await
+    }
+
     pub async fn set_weight(
         &self,
         route: &str,
         weight_bp: u32,
         source: Source,
     ) -> Result<(), ChangeError> {
-        let route = route.to_string();
-        self.ask(|reply| Command::SetWeight {
-            route,
-            weight_bp,
-            source,
-            reply,
-        })
-        .await
+        self.change(route, Change::SetWeight(weight_bp), source)
+            .await
     }
 
     pub async fn reset(&self, route: &str, source: Source) -> Result<(), ChangeError> {
-        let route = route.to_string();
-        self.ask(|reply| Command::Reset {
-            route,
-            source,
-            reply,
-        })
-        .await
+        self.change(route, Change::Reset, source).await
     }
 
-    /// Re-reads the config file. Returns warnings (e.g. a listen address that needs a
-    /// restart); a bad file is an error and changes nothing.
-    pub async fn reload(&self, source: Source) -> Result<Vec<String>, ChangeError> {
-        self.ask(|reply| Command::Reload { source, reply }).await
-    }
-
+    /// An SLO trip: applied and persisted here first, whatever the fleet store's state,
+    /// then published (see `fleet::publish`).
     pub async fn trip(&self, route: &str, trip: Trip) -> Result<(), ChangeError> {
-        let route = route.to_string();
-        self.ask(|reply| Command::Trip { route, trip, reply }).await
+        let fleet = self.shared.fleet.get();
+        let result = self
+            .change_here(route, Change::Trip(trip), Source::Slo, fleet.is_some())
+            .await;
+        if let Some(fleet) = fleet {
+            fleet.publish_soon();
+        }
+        result
     }
 
     pub async fn rollout(
@@ -213,14 +245,43 @@ impl StateHandle {
         action: RolloutAction,
         source: Source,
     ) -> Result<(), ChangeError> {
+        self.change(route, Change::Rollout(action), source).await
+    }
+
+    /// Moves a running rollout from step `step` to the next; a stale request (the
+    /// rollout moved on or stopped meanwhile) is ignored.
+    pub async fn rollout_advance(&self, route: &str, step: usize) -> Result<(), ChangeError> {
+        self.change(route, Change::Advance(step), Source::Rollout)
+            .await
+    }
+
+    /// Applies a route's state as the fleet store holds it.
+    pub(crate) async fn apply_fleet(
+        &self,
+        route: &str,
+        desired: FleetRoute,
+        revision: i64,
+        source: Source,
+    ) -> Result<(), ChangeError> {
         let route = route.to_string();
-        self.ask(|reply| Command::Rollout {
+        self.ask(|reply| Command::ApplyFleet {
             route,
-            action,
+            desired,
+            revision,
             source,
             reply,
         })
         .await
+    }
+
+    pub(crate) async fn saved(&self) -> Result<BTreeMap<String, SavedRoute>, ChangeError> {
+        self.ask(|reply| Command::Saved { reply }).await
+    }
+
+    /// Re-reads the config file. Returns warnings (e.g. a listen address that needs a
+    /// restart); a bad file is an error and changes nothing.
+    pub async fn reload(&self, source: Source) -> Result<Vec<String>, ChangeError> {
+        self.ask(|reply| Command::Reload { source, reply }).await
     }
 
     /// Stops the writer; it has released the state directory when this returns.
@@ -236,13 +297,5 @@ impl StateHandle {
     /// Takes the state directory back (see `Command::Resume`).
     pub async fn resume(&self) -> Result<(), ChangeError> {
         self.ask(|reply| Command::Resume { reply }).await
-    }
-
-    /// Moves a running rollout from step `step` to the next; a stale request (the
-    /// rollout moved on or stopped meanwhile) is ignored.
-    pub async fn rollout_advance(&self, route: &str, step: usize) -> Result<(), ChangeError> {
-        let route = route.to_string();
-        self.ask(|reply| Command::RolloutAdvance { route, step, reply })
-            .await
     }
 }

@@ -10,6 +10,15 @@ use super::{json_error, json_response, AdminBody};
 use crate::config::weight_to_bp;
 use crate::state::{ChangeError, RolloutAction, Source, StateHandle};
 
+/// The fleet this replica belongs to: its store, the revision applied, and whether the
+/// store answers. `backend: "none"` on a single node.
+pub fn fleet(state: &StateHandle) -> Response<AdminBody> {
+    match state.shared.fleet.get() {
+        Some(fleet) => json_response(StatusCode::OK, &fleet.view()),
+        None => json_response(StatusCode::OK, &json!({ "backend": "none" })),
+    }
+}
+
 pub fn list_routes(state: &StateHandle) -> Response<AdminBody> {
     let snapshot = state.shared.snapshot.load();
     let mut routes: Vec<_> = snapshot
@@ -138,7 +147,10 @@ fn change_error(error: ChangeError) -> Response<AdminBody> {
         | ChangeError::Invalid(_)
         | ChangeError::Config(_)
         | ChangeError::NoConfigFile => StatusCode::BAD_REQUEST,
-        ChangeError::HandedOver => StatusCode::SERVICE_UNAVAILABLE,
+        ChangeError::HandedOver | ChangeError::StoreUnavailable(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ChangeError::Conflict(_) => StatusCode::CONFLICT,
         ChangeError::Persist(_) | ChangeError::StateDir(_) | ChangeError::Stopped => {
             StatusCode::INTERNAL_SERVER_ERROR
         }

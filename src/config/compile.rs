@@ -21,6 +21,19 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub upstreams: BTreeMap<String, UpstreamSpec>,
     pub routes: Vec<RouteSpec>,
+    /// `None`: a single node (`[fleet]` absent or `backend = "none"`).
+    pub fleet: Option<FleetSettings>,
+}
+
+/// `[fleet]` with `backend = "etcd"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    /// `http://host:port` of each etcd member.
+    pub endpoints: Vec<String>,
+    /// The key namespace: `/splitgate/v1/<cluster>/`.
+    pub cluster: String,
+    pub replica: String,
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +291,7 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
             compile_route(&field, route, file, &mut errors)
         })
         .collect();
+    let fleet = compile_fleet(&file.fleet, &mut errors);
     if errors.0.is_empty() {
         Ok(Settings {
             server: server.expect("server settings exist when there are no errors"),
@@ -285,10 +299,118 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
             state_dir: file.state.dir.clone(),
             upstreams,
             routes,
+            fleet,
         })
     } else {
         Err(errors.0)
     }
+}
+
+/// A name that is safe in an etcd key and readable in a log line.
+fn is_key_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn compile_fleet(
+    section: &super::file::FleetSection,
+    errors: &mut Errors,
+) -> Option<FleetSettings> {
+    match section.backend.as_deref() {
+        None | Some("none") => {
+            if !section.endpoints.is_empty() || section.cluster.is_some() {
+                errors.push(
+                    "fleet.backend",
+                    "endpoints or cluster are set but backend is not \"etcd\"; set backend = \"etcd\" (or remove them)",
+                );
+            }
+            return None;
+        }
+        Some("etcd") => {}
+        Some(other) => {
+            errors.push(
+                "fleet.backend",
+                format!("{other:?} is not a backend; expected \"none\" or \"etcd\""),
+            );
+            return None;
+        }
+    }
+    if section.endpoints.is_empty() {
+        errors.push(
+            "fleet.endpoints",
+            "at least one etcd endpoint is required, e.g. [\"http://10.0.0.1:2379\"]",
+        );
+    }
+    for (index, endpoint) in section.endpoints.iter().enumerate() {
+        if let Err(problem) = check_endpoint(endpoint) {
+            errors.push(&format!("fleet.endpoints[{index}]"), problem);
+        }
+    }
+    let cluster = section.cluster.clone().unwrap_or_default();
+    if !is_key_name(&cluster) {
+        errors.push(
+            "fleet.cluster",
+            format!("{cluster:?} must be 1 to 64 letters, digits, '-', '_' or '.'"),
+        );
+    }
+    let replica = section.replica.clone().unwrap_or_else(default_replica_name);
+    if !is_key_name(&replica) {
+        errors.push(
+            "fleet.replica",
+            format!("{replica:?} must be 1 to 64 letters, digits, '-', '_' or '.'"),
+        );
+    }
+    let request_timeout = section.request_timeout.unwrap_or(Duration::from_secs(2));
+    if request_timeout.is_zero() {
+        errors.push("fleet.request_timeout", "must be more than 0");
+    }
+    Some(FleetSettings {
+        endpoints: section.endpoints.clone(),
+        cluster,
+        replica,
+        request_timeout,
+    })
+}
+
+/// `http://host:port`: the client speaks plain HTTP/2 to etcd (see the README's fleet
+/// section for TLS).
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| format!("{endpoint:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{endpoint:?}: https endpoints are not supported by this build; reach etcd over http on a private network or through a local TLS tunnel"
+            ))
+        }
+        _ => return Err(format!("{endpoint:?} must start with http://")),
+    }
+    if uri.port_u16().is_none() || uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{endpoint:?} must name a host and a port"));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(format!("{endpoint:?} must not have a path"));
+    }
+    Ok(())
+}
+
+/// The host name, as `hostname` prints it.
+#[cfg(target_os = "linux")]
+fn default_replica_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn default_replica_name() -> String {
+    std::env::var("COMPUTERNAME").unwrap_or_else(|_| "splitgate".into())
 }
 
 /// Two listeners on one address would fail at bind with a less helpful message, and a

@@ -23,6 +23,27 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<String, UpstreamSection>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    #[serde(default)]
+    pub fleet: FleetSection,
+}
+
+/// `[fleet]`: replicas that share weights, trips and rollouts through etcd.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// `"none"` (the default: this replica's `state.json` only) or `"etcd"`.
+    #[serde(default)]
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// This replica's name in the fleet; the host name when absent.
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// How long one etcd request may take before the next endpoint is tried.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub request_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

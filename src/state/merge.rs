@@ -7,7 +7,8 @@
 //!    live weight was earned by another version: the route starts at the file's weight.
 //! 3. If the file's weight for a route is unchanged since the state was saved, the live
 //!    weight (set through the admin API, the CLI or a rollout) wins.
-//! 4. If the file's weight changed, the operator edited it on purpose: the file wins.
+//! 4. If the file's weight changed, the operator edited it on purpose: the file wins
+//!    (not with a fleet, where the file's weight only seeds the store).
 //! 5. A route with no canary has weight 0. A route that left the file leaves the state.
 //! 6. A corrupt state file means nothing is known about what was reverted, so every
 //!    canary starts at 0, tripped with reason `corrupt_state`, until an operator resets it.
@@ -43,6 +44,9 @@ pub fn merge(
     saved: &BTreeMap<String, SavedRoute>,
     corrupt: Option<&Trip>,
 ) -> Merged {
+    // With a fleet the file's weight only seeds a route the store does not know yet:
+    // the fleet's weight is the live one (rule 4 does not apply).
+    let fleet = settings.fleet.is_some();
     let mut notes = BTreeMap::new();
     let routes = settings
         .routes
@@ -51,12 +55,17 @@ pub fn merge(
             let file_weight_bp = spec.file_weight_bp;
             let has_canary = spec.canary.is_some();
             let canary = canary_target(settings, spec);
+            let old = saved.get(&spec.name);
             let fresh = SavedRoute {
                 weight_bp: if has_canary { file_weight_bp } else { 0 },
                 file_weight_bp,
                 trip: None,
                 rollout: None,
                 canary: canary.clone(),
+                // The fleet's bookkeeping is kept whatever the file says.
+                epoch: old.map_or(0, |o| o.epoch),
+                revision: old.map_or(0, |o| o.revision),
+                unpublished: old.is_some_and(|o| o.unpublished),
             };
             let route = match (saved.get(&spec.name), corrupt) {
                 (_, Some(trip)) if has_canary => SavedRoute {
@@ -80,7 +89,7 @@ pub fn merge(
                     );
                     fresh
                 }
-                (Some(old), _) if old.file_weight_bp == file_weight_bp && has_canary => {
+                (Some(old), _) if has_canary && (fleet || old.file_weight_bp == file_weight_bp) => {
                     SavedRoute {
                         weight_bp: old.weight_bp,
                         rollout: old.rollout.clone().filter(|_| spec.rollout.is_some()),

@@ -36,6 +36,61 @@ pub struct SavedRoute {
     /// Absent in state files from before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<String>,
+    /// Bumped by every reset: with a fleet, a trip made before the latest reset is
+    /// recognised as stale and never re-applied.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+    /// With a fleet: the etcd revision of the desired state this was applied from.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: i64,
+    /// With a fleet: a trip or rollback made here that the store has not accepted yet
+    /// (it was unreachable); the publisher retries until it lands.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unpublished: bool,
+}
+
+fn is_zero<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// A route's desired state as the fleet store holds it (the value of
+/// `/splitgate/v1/<cluster>/routes/<route>`): what every replica applies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetRoute {
+    pub weight_bp: u32,
+    #[serde(default)]
+    pub trip: Option<Trip>,
+    #[serde(default)]
+    pub rollout: Option<RolloutProgress>,
+    #[serde(default)]
+    pub epoch: u64,
+    /// The replica that wrote it, and who asked (`admin`, `cli`, `slo`, `rollout`).
+    pub by: String,
+    pub source: String,
+}
+
+impl FleetRoute {
+    pub fn from_saved(saved: &SavedRoute, by: &str, source: &str) -> Self {
+        FleetRoute {
+            weight_bp: saved.weight_bp,
+            trip: saved.trip.clone(),
+            rollout: saved.rollout.clone(),
+            epoch: saved.epoch,
+            by: by.to_string(),
+            source: source.to_string(),
+        }
+    }
+
+    /// `saved` (this replica's own fields kept) with the fleet's desired state.
+    pub fn onto(&self, saved: &SavedRoute) -> SavedRoute {
+        SavedRoute {
+            weight_bp: self.weight_bp,
+            trip: self.trip.clone(),
+            rollout: self.rollout.clone(),
+            epoch: self.epoch,
+            ..saved.clone()
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,6 +124,11 @@ pub struct AuditEntry<'a> {
     pub source: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<&'a str>,
+    /// With a fleet: the replica the change was made on, and the store's revision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
 }
 
 /// Why the state directory could not be taken.
@@ -226,6 +286,9 @@ mod tests {
                 trip: None,
                 rollout: None,
                 canary: Some("v2 [127.0.0.1:2]".into()),
+                epoch: 3,
+                revision: 42,
+                unpublished: true,
             },
         );
         store.save(&routes).unwrap();

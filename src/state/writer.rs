@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use super::{
-    merge, AuditEntry, ChangeError, Command, LiveRoute, Loaded, RolloutAction, RolloutProgress,
+    change, merge, AuditEntry, Change, ChangeError, Command, FleetRoute, LiveRoute, Loaded,
     SavedRoute, Shared, Snapshot, Source, StateHandle, Store, Trip,
 };
 use crate::config::{self, bp_to_percent, RouteSpec, Settings};
@@ -114,6 +114,7 @@ pub async fn start(
         reloads_ok,
         reloads_failed,
         persist_failures,
+        fleet: std::sync::OnceLock::new(),
     });
     let workers = settings.server.workers;
     let state_dir = settings.state_dir.clone();
@@ -169,37 +170,29 @@ impl Writer {
                     };
                     let _ = reply.send(result);
                 }
-                Command::SetWeight {
+                Command::Change {
                     route,
-                    weight_bp,
+                    change,
                     source,
+                    unpublished,
                     reply,
                 } => {
-                    let _ = reply.send(self.set_weight(&route, weight_bp, source).await);
+                    let _ = reply.send(self.change(&route, change, source, unpublished).await);
                 }
-                Command::Reset {
+                Command::ApplyFleet {
                     route,
+                    desired,
+                    revision,
                     source,
                     reply,
                 } => {
-                    let _ = reply.send(self.reset(&route, source).await);
+                    let _ = reply.send(self.apply_fleet(&route, desired, revision, source).await);
+                }
+                Command::Saved { reply } => {
+                    let _ = reply.send(Ok(self.saved.clone()));
                 }
                 Command::Reload { source, reply } => {
                     let _ = reply.send(self.reload(source).await);
-                }
-                Command::Trip { route, trip, reply } => {
-                    let _ = reply.send(self.trip(&route, trip).await);
-                }
-                Command::Rollout {
-                    route,
-                    action,
-                    source,
-                    reply,
-                } => {
-                    let _ = reply.send(self.rollout(&route, action, source).await);
-                }
-                Command::RolloutAdvance { route, step, reply } => {
-                    let _ = reply.send(self.rollout_advance(&route, step).await);
                 }
             }
         }
@@ -214,53 +207,39 @@ impl Writer {
         Ok((spec, &self.saved[route]))
     }
 
-    async fn set_weight(
+    async fn change(
         &mut self,
         route: &str,
-        weight_bp: u32,
+        change: Change,
         source: Source,
+        unpublished: bool,
     ) -> Result<(), ChangeError> {
         let (spec, current) = self.route_state(route)?;
-        if spec.canary.is_none() && weight_bp > 0 {
-            return Err(ChangeError::NoCanary(route.to_string()));
-        }
-        if let Some(trip) = &current.trip {
-            if weight_bp > 0 {
-                return Err(ChangeError::Tripped {
-                    route: route.to_string(),
-                    reason: trip.reason.clone(),
-                });
-            }
-        }
-        let mut next = self.saved.clone();
-        let entry = next.get_mut(route).expect("route_state checked it exists");
-        entry.weight_bp = weight_bp;
-        // A hand-set weight takes over from a running rollout.
-        entry.rollout = None;
-        self.commit(next, source).await
-    }
-
-    async fn reset(&mut self, route: &str, source: Source) -> Result<(), ChangeError> {
-        self.route_state(route)?;
-        let mut next = self.saved.clone();
-        next.get_mut(route).expect("checked").trip = None;
-        // The canary's evidence goes with the trip: judged again on the samples that
-        // tripped it, the route would trip again at once. Cleared before the untripped
-        // snapshot is published, so the guard never sees one without the other.
-        self.forget_canary_evidence([route]);
-        self.commit(next, source).await
-    }
-
-    async fn trip(&mut self, route: &str, trip: Trip) -> Result<(), ChangeError> {
-        let (_, current) = self.route_state(route)?;
-        if current.trip.is_some() {
+        let Some(mut entry) = change::apply(spec, current, &change, crate::timefmt::unix_ms())?
+        else {
             return Ok(());
-        }
+        };
+        entry.unpublished |= unpublished;
         let mut next = self.saved.clone();
-        let entry = next.get_mut(route).expect("checked");
-        entry.weight_bp = 0;
-        entry.rollout = None;
-        entry.trip = Some(trip.clone());
+        next.insert(route.to_string(), entry);
+        match change {
+            // The canary's evidence goes with the trip: judged again on the samples
+            // that tripped it, the route would trip again at once. Cleared before the
+            // untripped snapshot is published, so the guard never sees one without the
+            // other.
+            Change::Reset => self.forget_canary_evidence([route]),
+            Change::Trip(trip) => return self.commit_trip(route, &trip, next).await,
+            _ => {}
+        }
+        self.commit(next, source).await
+    }
+
+    async fn commit_trip(
+        &mut self,
+        route: &str,
+        trip: &Trip,
+        next: BTreeMap<String, SavedRoute>,
+    ) -> Result<(), ChangeError> {
         tracing::warn!(route, reason = %trip.reason, detail = %trip.detail, "SLO breached: canary weight set to 0");
         self.shared
             .registry
@@ -281,92 +260,53 @@ impl Writer {
         }
     }
 
-    async fn rollout(
+    /// Applies the fleet store's state of `route` at `revision`. A local trip or
+    /// rollback the store has not accepted yet is kept (the publisher is pushing it),
+    /// unless a reset has happened since: then it is stale, audited and dropped.
+    async fn apply_fleet(
         &mut self,
         route: &str,
-        action: RolloutAction,
+        desired: FleetRoute,
+        revision: i64,
         source: Source,
     ) -> Result<(), ChangeError> {
-        let (spec, current) = self.route_state(route)?;
-        let Some(plan) = &spec.rollout else {
-            return Err(ChangeError::Invalid(format!(
-                "route {route:?} has no [routes.rollout] in the config"
-            )));
+        let Ok((_, current)) = self.route_state(route) else {
+            tracing::debug!(route, "fleet state for a route this replica does not have");
+            return Ok(());
         };
-        let now = crate::timefmt::unix_ms();
-        let mut entry = current.clone();
-        match action {
-            RolloutAction::Start => {
+        if revision <= current.revision || desired.epoch < current.epoch {
+            return Ok(());
+        }
+        let mut note = None;
+        if current.unpublished {
+            let exposes_more = (current.trip.is_some() && desired.trip.is_none())
+                || desired.weight_bp > current.weight_bp;
+            if desired.epoch == current.epoch && exposes_more {
+                return Ok(());
+            }
+            if desired.epoch > current.epoch {
                 if let Some(trip) = &current.trip {
-                    return Err(ChangeError::Tripped {
-                        route: route.into(),
-                        reason: trip.reason.clone(),
-                    });
-                }
-                entry.rollout = Some(RolloutProgress {
-                    step: 0,
-                    paused: false,
-                    step_started_ms: now,
-                    held_ms: 0,
-                });
-                entry.weight_bp = plan.steps[0];
-            }
-            RolloutAction::Pause | RolloutAction::Resume => {
-                let Some(progress) = entry.rollout.as_mut() else {
-                    return Err(ChangeError::Invalid(format!(
-                        "route {route:?} has no rollout running"
-                    )));
-                };
-                let pause = action == RolloutAction::Pause;
-                if progress.paused != pause {
-                    if pause {
-                        progress.held_ms += now.saturating_sub(progress.step_started_ms);
-                    } else {
-                        progress.step_started_ms = now;
-                    }
-                    progress.paused = pause;
+                    tracing::warn!(route, reason = %trip.reason, epoch = current.epoch, fleet_epoch = desired.epoch, "a trip made here before a fleet-wide reset is stale: dropped, not re-applied");
+                    note = Some(format!(
+                        "stale trip from epoch {} dropped (the fleet was reset to epoch {}): {}",
+                        current.epoch, desired.epoch, trip.detail
+                    ));
                 }
             }
-            RolloutAction::Abort => {
-                if entry.rollout.take().is_none() {
-                    return Err(ChangeError::Invalid(format!(
-                        "route {route:?} has no rollout running"
-                    )));
-                }
-                entry.weight_bp = 0;
-            }
+        }
+        let mut entry = desired.onto(current);
+        entry.revision = revision;
+        entry.unpublished = false;
+        if desired.epoch > current.epoch || (current.trip.is_some() && desired.trip.is_none()) {
+            self.forget_canary_evidence([route]);
         }
         let mut next = self.saved.clone();
         next.insert(route.to_string(), entry);
-        self.commit(next, source).await
-    }
-
-    async fn rollout_advance(&mut self, route: &str, step: usize) -> Result<(), ChangeError> {
-        let (spec, current) = self.route_state(route)?;
-        let (Some(plan), Some(progress)) = (&spec.rollout, &current.rollout) else {
-            return Ok(());
-        };
-        if progress.step != step || progress.paused || current.trip.is_some() {
-            return Ok(());
-        }
-        let mut entry = current.clone();
-        let next_step = step + 1;
-        match plan.steps.get(next_step) {
-            Some(&weight_bp) => {
-                entry.weight_bp = weight_bp;
-                entry.rollout = Some(RolloutProgress {
-                    step: next_step,
-                    paused: false,
-                    step_started_ms: crate::timefmt::unix_ms(),
-                    held_ms: 0,
-                });
-            }
-            // The last step has been held: the rollout is complete at its final weight.
-            None => entry.rollout = None,
-        }
-        let mut next = self.saved.clone();
-        next.insert(route.to_string(), entry);
-        self.commit(next, Source::Rollout).await
+        let notes = note
+            .map(|note| BTreeMap::from([(route.to_string(), note)]))
+            .unwrap_or_default();
+        self.commit_from(next, source, &notes, Some((&desired.by, revision)))
+            .await
     }
 
     async fn reload(&mut self, source: Source) -> Result<Vec<String>, ChangeError> {
@@ -426,6 +366,9 @@ impl Writer {
             warnings.push(
                 "server.pin_workers changed; it takes effect at the next restart".to_string(),
             );
+        }
+        if settings.fleet != old.fleet {
+            warnings.push("[fleet] changed; it takes effect at the next restart".to_string());
         }
         if settings.state_dir != old.state_dir {
             warnings.push("state.dir changed; it takes effect at the next restart".to_string());
@@ -516,14 +459,28 @@ impl Writer {
         self.commit_noted(next, source, &BTreeMap::new()).await
     }
 
-    /// `commit`, with a reason for some routes' change (from a merge) that goes into
-    /// their audit line.
     async fn commit_noted(
         &mut self,
         next: BTreeMap<String, SavedRoute>,
         source: Source,
         notes: &BTreeMap<String, String>,
     ) -> Result<(), ChangeError> {
+        self.commit_from(next, source, notes, None).await
+    }
+
+    /// `commit`, with a reason for some routes' change (from a merge) that goes into
+    /// their audit line, and with a fleet the replica and store revision it came from.
+    async fn commit_from(
+        &mut self,
+        next: BTreeMap<String, SavedRoute>,
+        source: Source,
+        notes: &BTreeMap<String, String>,
+        origin: Option<(&str, i64)>,
+    ) -> Result<(), ChangeError> {
+        let replica = origin
+            .map(|(replica, _)| replica.to_string())
+            .or_else(|| self.settings.fleet.as_ref().map(|f| f.replica.clone()));
+        let revision = origin.map(|(_, revision)| revision);
         let time = crate::timefmt::now_rfc3339();
         let mut lines = Vec::new();
         for (route, new) in &next {
@@ -531,6 +488,7 @@ impl Writer {
             let old_weight = old.map_or(new.file_weight_bp, |o| o.weight_bp);
             let note = notes.get(route);
             let action = match (old.and_then(|o| o.trip.as_ref()), &new.trip) {
+                _ if note.is_some() && revision.is_some() => "stale_trip",
                 _ if note.is_some() => "canary_changed",
                 _ if old.is_none() => "init",
                 (None, Some(_)) => "trip",
@@ -549,6 +507,7 @@ impl Writer {
         };
         let to_save = next.clone();
         let audited = lines.clone();
+        let audit_replica = replica.clone();
         let persisted = tokio::task::spawn_blocking(move || {
             store.save(&to_save)?;
             let entries: Vec<AuditEntry<'_>> = audited
@@ -561,6 +520,8 @@ impl Writer {
                     new_weight: bp_to_percent(*new),
                     source: source.as_str(),
                     detail: detail.as_deref(),
+                    replica: audit_replica.as_deref(),
+                    revision,
                 })
                 .collect();
             store.audit(&entries)
@@ -588,6 +549,8 @@ impl Writer {
                 new_weight = bp_to_percent(*new),
                 by = source.as_str(),
                 detail = detail.as_deref(),
+                replica = replica.as_deref(),
+                revision,
                 "route state changed"
             );
         }

@@ -25,6 +25,8 @@ pub const LABEL_RULE: &str = "rule";
 pub const STATE_PERSIST_FAILURES_TOTAL: &str = "splitgate_state_persist_failures_total";
 pub const SLO_VERDICT: &str = "splitgate_slo_verdict";
 pub const SLO_BREACHES_TOTAL: &str = "splitgate_slo_breaches_total";
+pub const FLEET_STORE_UP: &str = "splitgate_fleet_store_up";
+pub const FLEET_APPLIED_REVISION: &str = "splitgate_fleet_applied_revision";
 
 /// The type of a metric family, for its `# TYPE` line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +55,8 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (SLO_VERDICT, Kind::Gauge, "The judge's verdict per route and rule: 0 ok, 1 inconclusive, 2 breach."),
     (SLO_BREACHES_TOTAL, Kind::Counter, "Breaches the judge found, per route and rule, whether they tripped the route or (dry run) only were reported."),
     (STATE_PERSIST_FAILURES_TOTAL, Kind::Counter, "Writes of state.dir that failed; the change they carried was refused (a trip is still applied in memory)."),
+    (FLEET_STORE_UP, Kind::Gauge, "With [fleet]: 1 while the fleet store (etcd) answers this replica, 0 while it does not (the last applied state is served)."),
+    (FLEET_APPLIED_REVISION, Kind::Gauge, "With [fleet]: the etcd revision of the fleet state this replica has applied."),
 ];
 
 /// The families recorded on every request or connection, which splitgate shards per worker and

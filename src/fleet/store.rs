@@ -1,0 +1,161 @@
+//! The etcd client: one connection per endpoint, tried in turn. etcd-client balances
+//! over its endpoints but never retries on another one when a member is down or cut off
+//! from its leader, so each request here runs on the current endpoint under a timeout
+//! and moves to the next on failure.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp, WatchOptions,
+    WatchStream,
+};
+
+use crate::config::FleetSettings;
+
+/// Why the store could not answer; shown to operators as is.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(String);
+
+impl From<String> for StoreError {
+    fn from(problem: String) -> Self {
+        StoreError(problem)
+    }
+}
+
+pub struct Store {
+    endpoints: Vec<String>,
+    clients: Mutex<Vec<Option<Client>>>,
+    current: AtomicUsize,
+    timeout: Duration,
+}
+
+impl Store {
+    pub fn new(settings: &FleetSettings) -> Self {
+        Store {
+            endpoints: settings.endpoints.clone(),
+            clients: Mutex::new(vec![None; settings.endpoints.len()]),
+            current: AtomicUsize::new(0),
+            timeout: settings.request_timeout,
+        }
+    }
+
+    /// The endpoint requests go to now.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoints[self.current.load(Ordering::Relaxed) % self.endpoints.len()]
+    }
+
+    async fn client(&self, index: usize) -> Result<Client, etcd_client::Error> {
+        if let Some(client) = self.clients.lock().expect("not poisoned")[index].clone() {
+            return Ok(client);
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            .with_timeout(self.timeout)
+            // HTTP/2 pings find a connection that died silently (a cut network).
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+            // A member cut off from its leader answers at once instead of serving
+            // stale reads or hanging.
+            .with_require_leader(true);
+        let client = Client::connect([&self.endpoints[index]], Some(options)).await?;
+        self.clients.lock().expect("not poisoned")[index] = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Runs `op` on the current endpoint, then on each other one in turn until one
+    /// answers. A connection that failed is dropped and made again next time.
+    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut errors = Vec::new();
+        for _ in 0..self.endpoints.len() {
+            let index = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+            let attempt = async {
+                let client = self.client(index).await?;
+                op(client).await
+            };
+            let problem = match tokio::time::timeout(self.timeout, attempt).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("no answer within {:?}", self.timeout),
+            };
+            errors.push(format!("{}: {problem}", self.endpoints[index]));
+            self.clients.lock().expect("not poisoned")[index] = None;
+            self.current
+                .compare_exchange(
+                    index,
+                    (index + 1) % self.endpoints.len(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .ok();
+        }
+        Err(StoreError(errors.join("; ")))
+    }
+
+    /// The value and mod revision of `key`, if it exists.
+    pub async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        let response = self
+            .run(|mut client| async move { client.get(key, None).await })
+            .await?;
+        Ok(response
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    /// Every key under `prefix`, and the store's revision they were read at.
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let response = self
+            .run(|mut client| async move {
+                client
+                    .get(prefix, Some(GetOptions::new().with_prefix()))
+                    .await
+            })
+            .await?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        Ok((response.kvs().to_vec(), revision))
+    }
+
+    /// Writes `value` to `key` if the key's mod revision is still `expected` (0: the
+    /// key does not exist). The revision it committed at, or `None` when the key moved.
+    pub async fn put_if(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let response = self
+            .run(|mut client| async move {
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+                    .and_then([TxnOp::put(key, value, None)]);
+                client.txn(txn).await
+            })
+            .await?;
+        Ok(response
+            .succeeded()
+            .then(|| response.header().map_or(0, |h| h.revision())))
+    }
+
+    /// A watch of every key under `prefix` from `revision` on.
+    pub async fn watch(&self, prefix: &str, revision: i64) -> Result<WatchStream, StoreError> {
+        self.run(|mut client| async move {
+            client
+                .watch(
+                    prefix,
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision),
+                    ),
+                )
+                .await
+        })
+        .await
+    }
+}

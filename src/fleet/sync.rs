@@ -1,0 +1,159 @@
+//! The watch: lists the fleet's routes, applies each, seeds the store with the routes
+//! it does not know yet, then watches the prefix from the listed revision on. When the
+//! watch ends (the store went away, this replica was cut off, or the revision it needs
+//! was compacted) it lists again, which also catches up on everything missed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::EventType;
+
+use super::Fleet;
+use crate::state::{FleetRoute, Source, StateHandle};
+
+/// Pause between two attempts while the store is unreachable (doubles to the maximum).
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+pub async fn run(fleet: Arc<Fleet>, state: StateHandle) {
+    let mut pause = RETRY_FIRST;
+    loop {
+        match list_and_watch(&fleet, &state).await {
+            Ok(()) => pause = RETRY_FIRST,
+            Err(error) => {
+                fleet.store_answered(Err(&super::StoreError::from(error)));
+                pause = (pause * 2).min(RETRY_MAX);
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// One listing and the watch that follows it; returns when the watch ends.
+async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String> {
+    let prefix = fleet.prefix();
+    let (kvs, listed_at) = fleet.store.list(&prefix).await.map_err(|e| e.to_string())?;
+    fleet.store_answered(Ok(()));
+    let saved = state.saved().await.map_err(|e| e.to_string())?;
+    for (route, local) in &saved {
+        let key = fleet.route_key(route);
+        match kvs.iter().find(|kv| kv.key() == key.as_bytes()) {
+            Some(kv) => {
+                apply(
+                    fleet,
+                    state,
+                    &prefix,
+                    kv.key(),
+                    kv.value(),
+                    kv.mod_revision(),
+                )
+                .await
+            }
+            None => seed(fleet, state, route, local).await?,
+        }
+    }
+    fleet.applied(listed_at);
+    // A trip or rollback made while the store was away goes out now.
+    fleet.publish_soon();
+
+    let mut watch = fleet
+        .store
+        .watch(&prefix, listed_at + 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let response = match watch.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => return Err("the watch stream ended".into()),
+            Err(error) => return Err(format!("watch: {error}")),
+        };
+        if response.compact_revision() != 0 {
+            tracing::warn!(
+                compacted = response.compact_revision(),
+                "fleet: the revision this replica needs was compacted; listing again"
+            );
+            return Ok(());
+        }
+        if response.canceled() {
+            return Err(format!("watch cancelled: {}", response.cancel_reason()));
+        }
+        for event in response.events() {
+            let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) else {
+                continue;
+            };
+            apply(
+                fleet,
+                state,
+                &prefix,
+                kv.key(),
+                kv.value(),
+                kv.mod_revision(),
+            )
+            .await;
+        }
+        if let Some(header) = response.header() {
+            fleet.applied(header.revision());
+        }
+    }
+}
+
+async fn apply(
+    fleet: &Fleet,
+    state: &StateHandle,
+    prefix: &str,
+    key: &[u8],
+    value: &[u8],
+    revision: i64,
+) {
+    let Some(route) = key
+        .strip_prefix(prefix.as_bytes())
+        .and_then(|r| std::str::from_utf8(r).ok())
+    else {
+        return;
+    };
+    let desired: FleetRoute = match serde_json::from_slice(value) {
+        Ok(desired) => desired,
+        Err(error) => {
+            tracing::error!(route, revision, %error, "fleet: unreadable route state in the store; ignored");
+            return;
+        }
+    };
+    if let Err(error) = state
+        .apply_fleet(route, desired, revision, Source::Fleet)
+        .await
+    {
+        tracing::error!(route, revision, %error, "fleet: could not apply the store's route state");
+    }
+    fleet.applied(revision);
+}
+
+/// A route the store does not know yet starts from this replica's state (the file's
+/// weight on a first start). Only created if still absent: another replica may seed it
+/// first, and the watch then brings its value.
+async fn seed(
+    fleet: &Fleet,
+    state: &StateHandle,
+    route: &str,
+    local: &crate::state::SavedRoute,
+) -> Result<(), String> {
+    let value = FleetRoute::from_saved(local, &fleet.settings.replica, Source::Start.as_str());
+    if let Some(revision) = fleet
+        .write(route, &value, 0)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        tracing::info!(
+            route,
+            revision,
+            weight_bp = value.weight_bp,
+            "fleet: seeded the store with this replica's route state"
+        );
+        if let Err(error) = state
+            .apply_fleet(route, value, revision, Source::Fleet)
+            .await
+        {
+            tracing::error!(route, %error, "fleet: could not apply the seeded state");
+        }
+    }
+    Ok(())
+}

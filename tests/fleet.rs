@@ -1,0 +1,603 @@
+//! Fleet: replicas that agree through a real etcd cluster (3 members on loopback, short
+//! election timeouts). Each replica reaches each member through a TCP forwarder the test
+//! can cut, so a partition needs no root. `.ci/run` installs `etcd-server`; without an
+//! `etcd` binary these tests say so and pass, unless SPLITGATE_REQUIRE_ETCD is set.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+use tokio::net::{TcpListener, TcpStream};
+
+/// `None` when there is no etcd to test against (and it is not required).
+fn etcd_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("etcd"))
+            .find(|path| path.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("SPLITGATE_REQUIRE_ETCD").is_none(),
+            "SPLITGATE_REQUIRE_ETCD is set but no etcd binary is on PATH (apt-get install etcd-server)"
+        );
+        eprintln!("SKIPPED: no etcd on PATH (apt-get install etcd-server; .ci/run does)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A 3-member etcd cluster on loopback; killed when dropped.
+struct Etcd {
+    binary: PathBuf,
+    dir: TempDir,
+    members: Vec<Member>,
+    initial_cluster: String,
+}
+
+struct Member {
+    name: String,
+    client: SocketAddr,
+    peer: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    async fn start(binary: PathBuf) -> Etcd {
+        let dir = TempDir::new("etcd");
+        let members: Vec<Member> = (1..=3)
+            .map(|i| Member {
+                name: format!("e{i}"),
+                client: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut etcd = Etcd {
+            binary,
+            dir,
+            members,
+            initial_cluster,
+        };
+        for i in 0..3 {
+            etcd.start_member(i);
+        }
+        for i in 0..3 {
+            etcd.wait_healthy(i).await;
+        }
+        etcd
+    }
+
+    fn start_member(&mut self, i: usize) {
+        let member = &self.members[i];
+        let data = self.dir.path().join(&member.name);
+        let child = Command::new(&self.binary)
+            .args(["--name", &member.name])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", &format!("http://{}", member.client)])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://{}", member.client),
+            ])
+            .args(["--listen-peer-urls", &format!("http://{}", member.peer)])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://{}", member.peer),
+            ])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "splitgate-test"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "250"])
+            .args([
+                "--unsafe-no-fsync",
+                "--logger",
+                "zap",
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd starts");
+        self.members[i].child = Some(child);
+    }
+
+    fn kill_member(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn wait_healthy(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let reply = match TcpStream::connect(self.members[i].client).await {
+                Ok(_) => {
+                    try_send(
+                        self.members[i].client,
+                        http::Request::get("/health").body(full("")).unwrap(),
+                    )
+                    .await
+                    .ok()
+                }
+                Err(_) => None,
+            };
+            if let Some(reply) = reply {
+                if reply.status == StatusCode::OK && reply.text().contains("true") {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd member {i} never became healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn clients(&self) -> Vec<SocketAddr> {
+        self.members.iter().map(|m| m.client).collect()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+    }
+}
+
+/// A TCP forwarder to one address that the test can cut (every open connection closed,
+/// new ones refused) and heal.
+#[derive(Clone)]
+struct Link {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Link {
+    async fn to(target: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let link = Link {
+            addr: listener.local_addr().unwrap(),
+            cut: Arc::new(AtomicBool::new(false)),
+            open: Arc::new(Mutex::new(Vec::new())),
+        };
+        let forwarder = link.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if forwarder.cut.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                forwarder.open.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        link
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for task in self.open.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// One splitgate replica: its links to each etcd member, and its state directory.
+struct Replica {
+    proxy: TestProxy,
+    links: Vec<Link>,
+    text: String,
+}
+
+impl Replica {
+    async fn start(
+        name: &str,
+        etcd: &Etcd,
+        stable: SocketAddr,
+        canary: SocketAddr,
+        route_extra: &str,
+    ) -> Replica {
+        let mut links = Vec::new();
+        for client in etcd.clients() {
+            links.push(Link::to(client).await);
+        }
+        let dir = Arc::new(TempDir::new(name));
+        let endpoints = links
+            .iter()
+            .map(|l| format!("\"http://{}\"", l.addr))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut text = config(
+            dir.path(),
+            &[stable],
+            Some(&[canary]),
+            "",
+            "",
+            &format!("canary_weight = 0\nsplit_key = [\"header:x-user-id\"]\n{route_extra}"),
+        );
+        text.push_str(&format!(
+            "\n[fleet]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\ncluster = \"test\"\nreplica = \"{name}\"\nrequest_timeout = \"500ms\"\n"
+        ));
+        let proxy = start_proxy(dir, &text).await;
+        Replica { proxy, links, text }
+    }
+
+    fn cut(&self) {
+        self.links.iter().for_each(Link::cut);
+    }
+
+    fn heal(&self) {
+        self.links.iter().for_each(Link::heal);
+    }
+
+    async fn route(&self) -> serde_json::Value {
+        admin(self.proxy.admin, "GET", "/admin/routes/main", "", None)
+            .await
+            .1
+    }
+
+    async fn fleet(&self) -> serde_json::Value {
+        admin(self.proxy.admin, "GET", "/admin/fleet", "", None)
+            .await
+            .1
+    }
+
+    async fn wait(&self, within: Duration, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
+        wait_for_route(self.proxy.admin, within, what, check).await;
+    }
+
+    async fn wait_store(&self, up: bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let fleet = self.fleet().await;
+            if fleet["store_up"] == up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "store_up never became {up}: {fleet}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn set_weight(&self, weight: u32) -> (StatusCode, serde_json::Value) {
+        admin(
+            self.proxy.admin,
+            "PUT",
+            "/admin/routes/main/weight",
+            &format!("{{\"canary_weight\": {weight}}}"),
+            None,
+        )
+        .await
+    }
+}
+
+async fn fleet_of_three(
+    name: &str,
+    route_extra: &str,
+) -> Option<(Etcd, Vec<Replica>, TestUpstream, TestUpstream)> {
+    let etcd = Etcd::start(etcd_binary()?).await;
+    let stable = named_upstream("stable").await;
+    let canary = named_upstream("canary").await;
+    let mut replicas = Vec::new();
+    for i in 1..=3 {
+        let replica = Replica::start(
+            &format!("{name}-{i}"),
+            &etcd,
+            stable.addr,
+            canary.addr,
+            route_extra,
+        )
+        .await;
+        replica.wait_store(true).await;
+        replicas.push(replica);
+    }
+    Some((etcd, replicas, stable, canary))
+}
+
+fn weight_is(weight: f64) -> impl Fn(&serde_json::Value) -> bool {
+    move |route| route["canary_weight"] == weight
+}
+
+#[tokio::test]
+async fn a_weight_set_through_one_replica_is_served_by_all_within_a_second() {
+    let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-weight", "").await else {
+        return;
+    };
+    let (status, body) = replicas[0].set_weight(40).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["canary_weight"], 40.0,
+        "acknowledged after commit: {body}"
+    );
+    for replica in &replicas[1..] {
+        replica
+            .wait(
+                Duration::from_secs(1),
+                "the weight on every replica",
+                weight_is(40.0),
+            )
+            .await;
+    }
+    // Each replica serves it: a user in the canary at 40 % is sent there by all three.
+    for replica in &replicas {
+        let mut canary = 0;
+        for i in 0..50 {
+            let reply = get(replica.proxy.addr, "/", &[("x-user-id", &format!("u{i}"))]).await;
+            if reply.text().starts_with("canary\n") {
+                canary += 1;
+            }
+        }
+        assert!(
+            (5..=35).contains(&canary),
+            "about 40 % of 50 users on the canary, got {canary}"
+        );
+    }
+    // Every replica applied the same revision, and says so.
+    let revisions: Vec<_> = applied_revisions(&replicas).await;
+    assert!(
+        revisions.iter().all(|r| *r == revisions[0] && *r > 0),
+        "{revisions:?}"
+    );
+    // The audit line names the replica the change was made on and the revision.
+    let audit = std::fs::read_to_string(replicas[2].proxy.dir.path().join("audit.jsonl")).unwrap();
+    let line = audit
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"action\":\"weight\""))
+        .unwrap();
+    assert!(line.contains("\"replica\":\"fleet-weight-1\""), "{line}");
+    assert!(line.contains("\"revision\":"), "{line}");
+}
+
+async fn applied_revisions(replicas: &[Replica]) -> Vec<i64> {
+    let mut revisions = Vec::new();
+    for replica in replicas {
+        revisions.push(replica.fleet().await["applied_revision"].as_i64().unwrap());
+    }
+    revisions
+}
+
+#[tokio::test]
+async fn a_trip_on_one_replica_trips_all_three_within_three_seconds() {
+    let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-trip", "").await else {
+        return;
+    };
+    assert_eq!(replicas[0].set_weight(50).await.0, StatusCode::OK);
+    for replica in &replicas {
+        replica
+            .wait(Duration::from_secs(1), "weight 50", weight_is(50.0))
+            .await;
+    }
+    let trip = splitgate::state::Trip {
+        reason: "error_rate".into(),
+        detail: "test: canary errors seen by replica 2 only".into(),
+        at: "2026-11-27T00:00:00Z".into(),
+    };
+    replicas[1].proxy.state().trip("main", trip).await.unwrap();
+    for replica in &replicas {
+        replica
+            .wait(Duration::from_secs(3), "the trip on every replica", |r| {
+                r["canary_weight"] == 0.0 && r["slo"]["state"] == "tripped"
+            })
+            .await;
+    }
+    // Tripped fleet-wide: a raise through another replica is refused.
+    let (status, body) = replicas[2].set_weight(10).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    // A reset through any replica clears it everywhere.
+    let (status, _) = admin(
+        replicas[2].proxy.admin,
+        "POST",
+        "/admin/routes/main/reset",
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for replica in &replicas {
+        replica
+            .wait(Duration::from_secs(1), "the reset on every replica", |r| {
+                r["slo"]["state"] != "tripped"
+            })
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn with_the_store_down_raises_are_refused_and_a_rollback_applies_and_lands_later() {
+    let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-down", "").await else {
+        return;
+    };
+    assert_eq!(replicas[0].set_weight(30).await.0, StatusCode::OK);
+    for replica in &replicas {
+        replica
+            .wait(Duration::from_secs(1), "weight 30", weight_is(30.0))
+            .await;
+    }
+    replicas[0].cut();
+    let (status, body) = replicas[0].set_weight(60).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("etcd"), "{body}");
+    replicas[0].wait_store(false).await;
+    // Serving goes on at the last applied weight.
+    assert_eq!(replicas[0].route().await["canary_weight"], 30.0);
+    // A rollback applies here at once, and reaches the others once the store is back.
+    let (status, body) = admin(
+        replicas[0].proxy.admin,
+        "POST",
+        "/admin/routes/main/rollback",
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["canary_weight"], 0.0);
+    assert_eq!(replicas[1].route().await["canary_weight"], 30.0);
+    replicas[0].heal();
+    for replica in &replicas {
+        replica
+            .wait(
+                Duration::from_secs(5),
+                "the rollback on every replica",
+                weight_is(0.0),
+            )
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_replica_restarted_with_the_store_down_serves_its_saved_state_not_the_file() {
+    let Some((mut etcd, mut replicas, _stable, _canary)) =
+        fleet_of_three("fleet-restart", "").await
+    else {
+        return;
+    };
+    assert_eq!(replicas[0].set_weight(25).await.0, StatusCode::OK);
+    replicas[2]
+        .wait(Duration::from_secs(1), "weight 25", weight_is(25.0))
+        .await;
+    for i in 0..3 {
+        etcd.kill_member(i);
+    }
+    let replica = &mut replicas[2];
+    assert!(replica.proxy.shutdown().await);
+    // The file says 0; the fleet said 25, and the replica saved it.
+    replica.proxy = start_proxy(replica.proxy.dir.clone(), &replica.text).await;
+    assert_eq!(replica.route().await["canary_weight"], 25.0);
+    assert_eq!(replica.fleet().await["store_up"], false);
+}
+
+#[tokio::test]
+async fn a_trip_made_before_a_fleet_wide_reset_is_not_re_applied() {
+    let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-epoch", "").await else {
+        return;
+    };
+    assert_eq!(replicas[0].set_weight(20).await.0, StatusCode::OK);
+    for replica in &replicas {
+        replica
+            .wait(Duration::from_secs(1), "weight 20", weight_is(20.0))
+            .await;
+    }
+    // Replica 3 is cut off, trips on its own, and cannot publish it.
+    replicas[2].cut();
+    replicas[2].wait_store(false).await;
+    let trip = splitgate::state::Trip {
+        reason: "error_rate".into(),
+        detail: "test: seen while cut off".into(),
+        at: "2026-11-27T00:00:00Z".into(),
+    };
+    replicas[2].proxy.state().trip("main", trip).await.unwrap();
+    assert_eq!(replicas[2].route().await["canary_weight"], 0.0);
+    // Meanwhile the fleet is reset and raised again.
+    let (status, _) = admin(
+        replicas[0].proxy.admin,
+        "POST",
+        "/admin/routes/main/reset",
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(replicas[0].set_weight(35).await.0, StatusCode::OK);
+    replicas[2].heal();
+    // Replica 3 drops its stale trip and follows the fleet; nobody is tripped.
+    replicas[2]
+        .wait(
+            Duration::from_secs(5),
+            "replica 3 following the fleet",
+            |r| r["canary_weight"] == 35.0 && r["slo"]["state"] != "tripped",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for replica in &replicas {
+        let route = replica.route().await;
+        assert_eq!(route["canary_weight"], 35.0, "{route}");
+    }
+    let audit = std::fs::read_to_string(replicas[2].proxy.dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"action\":\"stale_trip\""), "{audit}");
+}
+
+#[tokio::test]
+async fn a_bad_fleet_section_is_refused_with_the_field_named() {
+    let dir = TempDir::new("fleet-config");
+    let base = config(
+        dir.path(),
+        &["127.0.0.1:1".parse().unwrap()],
+        None,
+        "",
+        "",
+        "",
+    );
+    for (fleet, expected) in [
+        (
+            "backend = \"etcd\"\ncluster = \"a\"",
+            "fleet.endpoints: at least one etcd endpoint",
+        ),
+        (
+            "backend = \"etcd\"\nendpoints = [\"10.0.0.1:2379\"]\ncluster = \"a\"",
+            "fleet.endpoints[0]",
+        ),
+        (
+            "backend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\ncluster = \"a\"",
+            "https endpoints are not supported",
+        ),
+        (
+            "backend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]\ncluster = \"\"",
+            "fleet.cluster",
+        ),
+        (
+            "backend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]",
+            "fleet.cluster",
+        ),
+        (
+            "backend = \"zookeeper\"",
+            "fleet.backend: \"zookeeper\" is not a backend",
+        ),
+        ("endpoints = [\"http://10.0.0.1:2379\"]", "fleet.backend"),
+    ] {
+        let text = format!("{base}\n[fleet]\n{fleet}\n");
+        let error = splitgate::config::parse(std::path::Path::new("t.toml"), &text)
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {fleet}"))
+            .to_string();
+        assert!(error.contains(expected), "{fleet:?}: {error}");
+    }
+}
