@@ -133,14 +133,12 @@ impl Etcd {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let reply = match TcpStream::connect(self.members[i].client).await {
-                Ok(_) => {
-                    try_send(
-                        self.members[i].client,
-                        http::Request::get("/health").body(full("")).unwrap(),
-                    )
-                    .await
-                    .ok()
-                }
+                Ok(_) => try_send(
+                    self.members[i].client,
+                    http::Request::get("/health").body(full("")).unwrap(),
+                )
+                .await
+                .ok(),
                 Err(_) => None,
             };
             if let Some(reply) = reply {
@@ -599,5 +597,151 @@ async fn a_bad_fleet_section_is_refused_with_the_field_named() {
             .unwrap_or_else(|| panic!("accepted: {fleet}"))
             .to_string();
         assert!(error.contains(expected), "{fleet:?}: {error}");
+    }
+}
+
+impl Etcd {
+    async fn client(&self, i: usize) -> etcd_client::Client {
+        etcd_client::Client::connect([format!("http://{}", self.members[i].client)], None)
+            .await
+            .unwrap()
+    }
+
+    /// The index of the member that leads now.
+    async fn leader(&self) -> usize {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            let status = self.client(i).await.status().await.unwrap();
+            if status.header().unwrap().member_id() == status.leader() {
+                return i;
+            }
+        }
+        panic!("no etcd member leads");
+    }
+}
+
+#[tokio::test]
+async fn writes_resume_within_three_seconds_of_killing_the_etcd_leader_and_no_weight_flaps() {
+    let Some((mut etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-leader", "").await
+    else {
+        return;
+    };
+    assert_eq!(replicas[0].set_weight(10).await.0, StatusCode::OK);
+    let leader = etcd.leader().await;
+    etcd.kill_member(leader);
+    let killed = Instant::now();
+    loop {
+        let (status, body) = replicas[0].set_weight(20).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "writes did not resume within 3 s of the leader's death: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for replica in &replicas {
+        replica
+            .wait(Duration::from_secs(1), "weight 20", weight_is(20.0))
+            .await;
+    }
+    // No flapping: every replica stays at 20 while the cluster settles.
+    for _ in 0..10 {
+        for replica in &replicas {
+            assert_eq!(replica.route().await["canary_weight"], 20.0);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_while_the_store_compacts_relists_and_converges() {
+    let Some((etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-compact", "").await else {
+        return;
+    };
+    replicas[2].cut();
+    replicas[2].wait_store(false).await;
+    for weight in [5, 15, 45] {
+        assert_eq!(replicas[0].set_weight(weight).await.0, StatusCode::OK);
+    }
+    // Everything replica 3 would resume its watch from is compacted away.
+    let mut client = etcd.client(0).await;
+    let revision = client
+        .get("/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    client.compact(revision, None).await.unwrap();
+    assert_eq!(replicas[2].route().await["canary_weight"], 0.0);
+    replicas[2].heal();
+    replicas[2]
+        .wait(
+            Duration::from_secs(5),
+            "replica 3 converging",
+            weight_is(45.0),
+        )
+        .await;
+    replicas[2].wait_store(true).await;
+    assert!(
+        replicas[2].fleet().await["applied_revision"]
+            .as_i64()
+            .unwrap()
+            >= revision
+    );
+}
+
+#[tokio::test]
+async fn without_quorum_serving_goes_on_and_a_trip_survives_a_restart_and_lands_when_quorum_returns(
+) {
+    let Some((mut etcd, mut replicas, _stable, _canary)) = fleet_of_three("fleet-quorum", "").await
+    else {
+        return;
+    };
+    assert_eq!(replicas[0].set_weight(50).await.0, StatusCode::OK);
+    for replica in &replicas {
+        replica
+            .wait(Duration::from_secs(1), "weight 50", weight_is(50.0))
+            .await;
+    }
+    etcd.kill_member(1);
+    etcd.kill_member(2);
+    // Serving goes on: no failed request on any replica.
+    for replica in &replicas {
+        for i in 0..30 {
+            let reply = get(replica.proxy.addr, "/", &[("x-user-id", &format!("q{i}"))]).await;
+            assert_eq!(reply.status, StatusCode::OK);
+        }
+    }
+    let (status, body) = replicas[1].set_weight(70).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // A trip here applies at once, and survives a restart before it could be published.
+    let trip = splitgate::state::Trip {
+        reason: "error_rate".into(),
+        detail: "test: tripped without quorum".into(),
+        at: "2026-11-27T00:00:00Z".into(),
+    };
+    replicas[0].proxy.state().trip("main", trip).await.unwrap();
+    let replica = &mut replicas[0];
+    assert!(replica.proxy.shutdown().await);
+    replica.proxy = start_proxy(replica.proxy.dir.clone(), &replica.text).await;
+    let route = replica.route().await;
+    assert_eq!(route["slo"]["state"], "tripped", "{route}");
+    assert_eq!(route["canary_weight"], 0.0);
+    assert_eq!(replicas[1].route().await["canary_weight"], 50.0);
+    // Quorum returns: the trip reaches the store and every replica.
+    etcd.start_member(1);
+    etcd.start_member(2);
+    for replica in &replicas {
+        replica
+            .wait(Duration::from_secs(10), "the trip on every replica", |r| {
+                r["canary_weight"] == 0.0 && r["slo"]["state"] == "tripped"
+            })
+            .await;
     }
 }
