@@ -141,6 +141,9 @@ pub async fn start_with(
     let sockets = match listeners {
         Ok(sockets) => sockets,
         Err(error) => {
+            if let Some(fleet) = state.shared.fleet.get() {
+                fleet.stop().await;
+            }
             state.stop().await;
             return Err(error);
         }
@@ -352,6 +355,9 @@ impl Running {
         let _ = self.stop_admin.send(true);
         let _ = self.admin.await;
         let _ = self.guard.await;
+        if let Some(fleet) = self.state.shared.fleet.get() {
+            fleet.stop().await;
+        }
         self.state.stop().await;
         drained
     }

@@ -14,6 +14,8 @@
 //! route's epoch; a local trip from an older epoch is stale and dropped, never
 //! re-published.
 
+mod heartbeat;
+mod judge;
 mod publish;
 mod store;
 mod sync;
@@ -41,6 +43,11 @@ pub struct Fleet {
     /// Wakes the publisher (a trip or rollback was made here).
     publish: Notify,
     status: Status,
+    /// The watch, the publisher and the heartbeat; aborted by `stop`.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// This replica's lease, revoked by `stop` so that its member record and (if it
+    /// judged) the judge's key go at once rather than after the lease's TTL.
+    lease: Mutex<Option<i64>>,
 }
 
 /// What `GET /admin/fleet` and the metrics show.
@@ -48,6 +55,9 @@ struct Status {
     store_up: AtomicBool,
     applied_revision: AtomicI64,
     last_error: Mutex<Option<String>>,
+    /// As last read by the heartbeat.
+    members: Mutex<Vec<heartbeat::MemberRecord>>,
+    judge: Mutex<Option<String>>,
     store_up_gauge: Gauge,
     applied_revision_gauge: Gauge,
 }
@@ -63,6 +73,18 @@ pub struct FleetView {
     pub store_up: bool,
     pub applied_revision: i64,
     pub last_error: Option<String>,
+    /// The replica judging the fleet's canaries (as last read).
+    pub judge: Option<String>,
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Serialize)]
+pub struct MemberView {
+    pub replica: String,
+    pub version: String,
+    pub started: String,
+    pub applied_revision: i64,
+    pub store_up: bool,
 }
 
 impl Fleet {
@@ -73,10 +95,14 @@ impl Fleet {
             store: Store::new(&settings),
             settings,
             publish: Notify::new(),
+            tasks: Mutex::new(Vec::new()),
+            lease: Mutex::new(None),
             status: Status {
                 store_up: AtomicBool::new(false),
                 applied_revision: AtomicI64::new(0),
                 last_error: Mutex::new(None),
+                members: Mutex::new(Vec::new()),
+                judge: Mutex::new(None),
                 store_up_gauge: registry.gauge(FLEET_STORE_UP, &[]),
                 applied_revision_gauge: registry.gauge(FLEET_APPLIED_REVISION, &[]),
             },
@@ -84,8 +110,11 @@ impl Fleet {
         if state.shared.fleet.set(fleet.clone()).is_err() {
             tracing::error!("a fleet link was already set for this state; the second is ignored");
         }
-        tokio::spawn(sync::run(fleet.clone(), state.clone()));
-        tokio::spawn(publish::run(fleet.clone(), state.clone()));
+        *fleet.tasks.lock().expect("not poisoned") = vec![
+            tokio::spawn(sync::run(fleet.clone(), state.clone())),
+            tokio::spawn(publish::run(fleet.clone(), state.clone())),
+            tokio::spawn(heartbeat::run(fleet.clone(), state.clone())),
+        ];
         tracing::info!(
             cluster = %fleet.settings.cluster,
             replica = %fleet.settings.replica,
@@ -95,8 +124,44 @@ impl Fleet {
         fleet
     }
 
+    /// Stops the fleet's tasks and revokes this replica's lease (at shutdown).
+    pub async fn stop(&self) {
+        for task in self.tasks.lock().expect("not poisoned").drain(..) {
+            task.abort();
+        }
+        let lease = self.lease.lock().expect("not poisoned").take();
+        if let Some(lease) = lease {
+            let revoked =
+                tokio::time::timeout(std::time::Duration::from_secs(1), self.store.revoke(lease));
+            if let Err(error) = revoked
+                .await
+                .unwrap_or_else(|_| Err(StoreError::from("no answer within 1s".to_string())))
+            {
+                tracing::warn!(%error, "fleet: could not revoke this replica's lease; it expires on its own");
+            }
+        }
+    }
+
     fn prefix(&self) -> String {
         format!("/splitgate/v1/{}/routes/", self.settings.cluster)
+    }
+
+    fn member_prefix(&self) -> String {
+        format!("/splitgate/v1/{}/members/", self.settings.cluster)
+    }
+
+    fn member_key(&self, replica: &str) -> String {
+        format!("{}{replica}", self.member_prefix())
+    }
+
+    fn judge_key(&self) -> String {
+        format!("/splitgate/v1/{}/judge", self.settings.cluster)
+    }
+
+    /// What the heartbeat last read: the members and the judge.
+    fn seen(&self, members: Vec<heartbeat::MemberRecord>, judge: Option<String>) {
+        *self.status.members.lock().expect("not poisoned") = members;
+        *self.status.judge.lock().expect("not poisoned") = judge;
     }
 
     fn route_key(&self, route: &str) -> String {
@@ -117,6 +182,21 @@ impl Fleet {
             store_up: self.status.store_up.load(Ordering::Relaxed),
             applied_revision: self.status.applied_revision.load(Ordering::Relaxed),
             last_error: self.status.last_error.lock().expect("not poisoned").clone(),
+            judge: self.status.judge.lock().expect("not poisoned").clone(),
+            members: self
+                .status
+                .members
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .map(|m| MemberView {
+                    replica: m.replica.clone(),
+                    version: m.version.clone(),
+                    started: m.started.clone(),
+                    applied_revision: m.applied_revision,
+                    store_up: m.store_up,
+                })
+                .collect(),
         }
     }
 

@@ -111,6 +111,12 @@ impl RouteWindows {
         }
     }
 
+    /// The running totals of the canary and the stable side (what a replica publishes
+    /// to the fleet judge).
+    pub fn totals(&self) -> (evidence::Reading, evidence::Reading) {
+        (self.canary_totals.read(), self.stable_totals.read())
+    }
+
     /// Milliseconds on this route's window clock.
     pub fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64

@@ -311,9 +311,16 @@ async fn fleet_of_three(
     name: &str,
     route_extra: &str,
 ) -> Option<(Etcd, Vec<Replica>, TestUpstream, TestUpstream)> {
+    fleet_with(name, route_extra, named_upstream("canary").await).await
+}
+
+async fn fleet_with(
+    name: &str,
+    route_extra: &str,
+    canary: TestUpstream,
+) -> Option<(Etcd, Vec<Replica>, TestUpstream, TestUpstream)> {
     let etcd = Etcd::start(etcd_binary()?).await;
     let stable = named_upstream("stable").await;
-    let canary = named_upstream("canary").await;
     let mut replicas = Vec::new();
     for i in 1..=3 {
         let replica = Replica::start(
@@ -741,6 +748,154 @@ async fn without_quorum_serving_goes_on_and_a_trip_survives_a_restart_and_lands_
         replica
             .wait(Duration::from_secs(10), "the trip on every replica", |r| {
                 r["canary_weight"] == 0.0 && r["slo"]["state"] == "tripped"
+            })
+            .await;
+    }
+}
+
+/// Each replica's own slice stays below `min_requests`; only the sum can be judged.
+const THIN_SLO: &str = "[routes.slo]\nwindow = \"30s\"\nmin_requests = 30\nmax_error_rate = 0.1\n";
+
+impl Replica {
+    /// The replica that judges the fleet, as this one last saw it.
+    async fn judge(&self) -> Option<String> {
+        self.fleet().await["judge"].as_str().map(str::to_string)
+    }
+
+    /// Sends `n` requests from distinct users; returns how many failed.
+    async fn traffic(&self, n: usize, tag: &str) -> usize {
+        let mut failed = 0;
+        for i in 0..n {
+            let reply = get(
+                self.proxy.addr,
+                "/",
+                &[("x-user-id", &format!("{tag}-{i}"))],
+            )
+            .await;
+            if reply.status != StatusCode::OK {
+                failed += 1;
+            }
+        }
+        failed
+    }
+}
+
+async fn wait_for_judge(replicas: &[Replica], not: Option<&str>, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(judge) = replicas[0].judge().await {
+            if Some(judge.as_str()) != not {
+                return judge;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no (new) judge within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_fleet_tripped(replicas: &[Replica]) {
+    for replica in replicas {
+        replica
+            .wait(Duration::from_secs(10), "the fleet judge's trip", |r| {
+                r["canary_weight"] == 0.0
+                    && r["slo"]["state"] == "tripped"
+                    && r["slo"]["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("fleet judge"))
+            })
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn the_fleet_judge_trips_a_canary_every_replica_saw_too_little_of_alone() {
+    let Some((_etcd, replicas, _stable, _canary)) =
+        fleet_with("fleet-judge", THIN_SLO, failing_upstream().await).await
+    else {
+        return;
+    };
+    wait_for_judge(&replicas, None, Duration::from_secs(5)).await;
+    assert_eq!(replicas[0].set_weight(100).await.0, StatusCode::OK);
+    for replica in &replicas {
+        replica
+            .wait(Duration::from_secs(1), "weight 100", weight_is(100.0))
+            .await;
+    }
+    // 12 failing canary requests per replica: below min_requests (30) on each, 36 in all.
+    for (i, replica) in replicas.iter().enumerate() {
+        assert_eq!(replica.traffic(12, &format!("r{i}")).await, 12);
+    }
+    for replica in &replicas {
+        let route = replica.route().await;
+        assert_ne!(
+            route["slo"]["state"], "tripped",
+            "a local guard judged a thin slice: {route}"
+        );
+    }
+    wait_fleet_tripped(&replicas).await;
+}
+
+#[tokio::test]
+async fn when_the_judge_replica_dies_another_judges_within_the_lease() {
+    let Some((_etcd, replicas, _stable, _canary)) =
+        fleet_with("fleet-handover", THIN_SLO, failing_upstream().await).await
+    else {
+        return;
+    };
+    let judge = wait_for_judge(&replicas, None, Duration::from_secs(5)).await;
+    let index = replicas
+        .iter()
+        .position(|r| {
+            judge.ends_with(&format!(
+                "-{}",
+                replicas.iter().position(|x| std::ptr::eq(x, r)).unwrap() + 1
+            ))
+        })
+        .unwrap();
+    // Cut off from etcd, the judge is as good as dead to the fleet: its lease expires.
+    replicas[index].cut();
+    let died = Instant::now();
+    let others: Vec<&Replica> = replicas
+        .iter()
+        .filter(|r| !std::ptr::eq(*r, &replicas[index]))
+        .collect();
+    let deadline = died + Duration::from_secs(8);
+    let successor = loop {
+        if let Some(now) = others[0].judge().await {
+            if now != judge {
+                break now;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new judge 8 s after the judge died"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "judge {judge} replaced by {successor} after {:?}",
+        died.elapsed()
+    );
+    // The new judge judges: a thin bad canary across the two live replicas trips.
+    assert_eq!(others[0].set_weight(100).await.0, StatusCode::OK);
+    for replica in &others {
+        replica
+            .wait(Duration::from_secs(1), "weight 100", weight_is(100.0))
+            .await;
+    }
+    for (i, replica) in others.iter().enumerate() {
+        assert_eq!(replica.traffic(20, &format!("h{i}")).await, 20);
+    }
+    for replica in &others {
+        replica
+            .wait(Duration::from_secs(10), "the new judge's trip", |r| {
+                r["slo"]["state"] == "tripped"
+                    && r["slo"]["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("fleet judge"))
             })
             .await;
     }

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
 };
 
 use crate::config::FleetSettings;
@@ -108,6 +108,14 @@ impl Store {
             .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
     }
 
+    /// The create revision of `key`, if it exists (whose election key it is).
+    pub async fn create_revision(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        let response = self
+            .run(|mut client| async move { client.get(key, None).await })
+            .await?;
+        Ok(response.kvs().first().map(KeyValue::create_revision))
+    }
+
     /// Every key under `prefix`, and the store's revision they were read at.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
         let response = self
@@ -140,6 +148,99 @@ impl Store {
         Ok(response
             .succeeded()
             .then(|| response.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Writes `value` to `key` if the key's mod revision is still `expected` and the
+    /// `fence` key (the judge's election key) still has create revision `fenced_at`: a
+    /// judge that lost its election can never write. The committed revision, or `None`.
+    pub async fn put_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: i64,
+        fence: &str,
+        fenced_at: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let response = self
+            .run(|mut client| async move {
+                let txn = Txn::new()
+                    .when([
+                        Compare::mod_revision(key, CompareOp::Equal, expected),
+                        Compare::create_revision(fence, CompareOp::Equal, fenced_at),
+                    ])
+                    .and_then([TxnOp::put(key, value, None)]);
+                client.txn(txn).await
+            })
+            .await?;
+        Ok(response
+            .succeeded()
+            .then(|| response.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Creates `key` bound to `lease` if it does not exist: the revision it was created
+    /// at (an election won), or `None` (someone holds it).
+    pub async fn create_with_lease(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let response = self
+            .run(|mut client| async move {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        key,
+                        value,
+                        Some(PutOptions::new().with_lease(lease)),
+                    )]);
+                client.txn(txn).await
+            })
+            .await?;
+        Ok(response
+            .succeeded()
+            .then(|| response.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Writes `value` to `key`, bound to `lease`.
+    pub async fn put_with_lease(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: i64,
+    ) -> Result<(), StoreError> {
+        self.run(|mut client| async move {
+            client
+                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// A new lease of `ttl` seconds: its id and the TTL the store granted.
+    pub async fn grant(&self, ttl: i64) -> Result<(i64, i64), StoreError> {
+        let response = self
+            .run(|mut client| async move { client.lease_grant(ttl, None).await })
+            .await?;
+        Ok((response.id(), response.ttl()))
+    }
+
+    /// Renews `lease` once; `false` when it has expired (its keys are gone).
+    pub async fn keep_alive(&self, lease: i64) -> Result<bool, StoreError> {
+        self.run(|mut client| async move {
+            let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok(answers.message().await?.is_some_and(|a| a.ttl() > 0))
+        })
+        .await
+    }
+
+    /// Ends `lease` now, deleting its keys (a clean stop hands the judge over at once).
+    pub async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
+        self.run(|mut client| async move { client.lease_revoke(lease).await })
+            .await
+            .map(|_| ())
     }
 
     /// A watch of every key under `prefix` from `revision` on.

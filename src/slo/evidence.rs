@@ -31,8 +31,9 @@ struct TotalsShard {
     histogram: Option<Box<[AtomicU64]>>,
 }
 
-/// A reading of the totals (or the difference of two).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A reading of the totals (or the difference of two). With a fleet, each replica
+/// publishes its readings and the elected judge sums them (see `fleet::judge`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reading {
     pub requests: u64,
     pub errors: u64,
@@ -103,6 +104,14 @@ fn add(a: &mut Vec<u64>, b: &[u64]) {
 }
 
 impl Reading {
+    /// Adds `other` into this reading.
+    pub fn add(&mut self, other: &Reading) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        add(&mut self.slow, &other.slow);
+        add(&mut self.histogram, &other.histogram);
+    }
+
     /// What was added since `base`.
     pub fn since(&self, base: &Reading) -> Reading {
         let minus = |a: &[u64], b: &[u64]| {

@@ -1,0 +1,118 @@
+//! Every second: keeps this replica's lease alive, publishes its member record (applied
+//! revision and, per judged route, the running totals of both sides) under that lease,
+//! and gives the fleet judge its turn. A replica that stops or is cut off loses its
+//! lease after `LEASE_TTL`, and with it its member record and, if it judged, the
+//! judge's key, so another replica takes over.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::judge::Judge;
+use super::{Fleet, StoreError};
+use crate::slo::evidence::Reading;
+use crate::state::StateHandle;
+
+pub const EVERY: Duration = Duration::from_secs(1);
+/// Seconds; etcd may grant more (its minimum depends on its election timeout).
+const LEASE_TTL: i64 = 3;
+
+/// What each replica publishes at `/splitgate/v1/<cluster>/members/<replica>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub replica: String,
+    /// Random per process start: the judge tells a restarted replica's totals (which
+    /// start again from zero) from the ones before.
+    pub incarnation: u64,
+    pub version: String,
+    pub started: String,
+    pub applied_revision: i64,
+    pub store_up: bool,
+    /// Per route with a canary and an SLO: the canary's and stable's running totals.
+    pub routes: BTreeMap<String, SideReadings>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SideReadings {
+    pub canary: Reading,
+    pub stable: Reading,
+}
+
+pub async fn run(fleet: Arc<Fleet>, state: StateHandle) {
+    let incarnation = fastrand::u64(..);
+    let started = crate::timefmt::now_rfc3339();
+    let mut lease = None;
+    let mut judge = Judge::default();
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let beat = beat(&fleet, &state, &mut lease, incarnation, &started).await;
+        fleet.store_answered(beat.as_ref().map(|_| ()));
+        match (beat, lease) {
+            (Ok(()), Some(lease)) => judge.tick(&fleet, &state, lease).await,
+            _ => judge.step_down(&fleet),
+        }
+    }
+}
+
+async fn beat(
+    fleet: &Fleet,
+    state: &StateHandle,
+    lease: &mut Option<i64>,
+    incarnation: u64,
+    started: &str,
+) -> Result<(), StoreError> {
+    let id = match *lease {
+        Some(id) if fleet.store.keep_alive(id).await? => id,
+        previous => {
+            if previous.is_some() {
+                tracing::warn!("fleet: this replica's lease expired; taking a new one");
+            }
+            let (id, _ttl) = fleet.store.grant(LEASE_TTL).await?;
+            *lease = Some(id);
+            *fleet.lease.lock().expect("not poisoned") = Some(id);
+            id
+        }
+    };
+    let snapshot = state.shared.snapshot.load();
+    let routes = snapshot
+        .routes
+        .iter()
+        .filter(|r| r.canary.is_some() && r.spec.slo.is_some())
+        .map(|r| {
+            let (canary, stable) = r.windows.totals();
+            (r.spec.name.clone(), SideReadings { canary, stable })
+        })
+        .collect();
+    let view = fleet.view();
+    let record = MemberRecord {
+        replica: fleet.settings.replica.clone(),
+        incarnation,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started: started.to_string(),
+        applied_revision: view.applied_revision,
+        store_up: view.store_up,
+        routes,
+    };
+    let bytes = serde_json::to_vec(&record).expect("a member record serializes");
+    fleet
+        .store
+        .put_with_lease(&fleet.member_key(&fleet.settings.replica), &bytes, id)
+        .await?;
+    // What `/admin/fleet` shows: every member, and who judges.
+    let (kvs, _) = fleet.store.list(&fleet.member_prefix()).await?;
+    let members = kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<MemberRecord>(kv.value()).ok())
+        .collect();
+    let judge = fleet
+        .store
+        .get(&fleet.judge_key())
+        .await?
+        .map(|(value, _)| String::from_utf8_lossy(&value).into_owned());
+    fleet.seen(members, judge);
+    Ok(())
+}
