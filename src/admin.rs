@@ -77,6 +77,11 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
             return only(method, &Method::GET, || {
                 if state.shared.draining.load(Ordering::Relaxed) {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if state.shared.fleet.get().is_some_and(|f| !f.synced()) {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "fleet: waiting for the first read of the fleet store\n",
+                    )
                 } else {
                     text(StatusCode::OK, "ready\n")
                 }

@@ -30,12 +30,32 @@ use tokio::sync::Notify;
 pub use store::{Store, StoreError};
 
 use crate::config::FleetSettings;
-use crate::state::{change, Change, ChangeError, FleetRoute, Source, StateHandle};
+use crate::state::{change, Change, ChangeError, FleetRoute, SavedRoute, Source, StateHandle};
 use crate::telemetry::names::{FLEET_APPLIED_REVISION, FLEET_STORE_UP};
 
 /// How often a change is re-read and retried when another replica changed the same
 /// route between the read and the transaction.
 const CONFLICT_RETRIES: usize = 5;
+
+/// The state a change through this replica starts from: the store's, except that a
+/// trip made here and not yet accepted by the store still counts (no raise through this
+/// replica while it is pending).
+fn as_seen_here(stored: &FleetRoute, local: &SavedRoute) -> SavedRoute {
+    let mut current = stored.onto(local);
+    if local.unpublished && local.epoch >= stored.epoch && current.trip.is_none() {
+        current.trip = local.trip.clone();
+    }
+    current
+}
+
+/// A route's key in the store.
+enum Stored {
+    Absent,
+    Value(FleetRoute, i64),
+    /// A value that does not parse (hand-written, or from a newer splitgate), and its
+    /// revision.
+    Corrupt(String, i64),
+}
 
 pub struct Fleet {
     pub settings: FleetSettings,
@@ -45,6 +65,8 @@ pub struct Fleet {
     status: Status,
     /// The watch, the publisher and the heartbeat; aborted by `stop`.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Routes whose rollout step is being moved on (see `advance`).
+    advancing: Mutex<std::collections::HashSet<String>>,
     /// This replica's lease, revoked by `stop` so that its member record and (if it
     /// judged) the judge's key go at once rather than after the lease's TTL.
     lease: Mutex<Option<i64>>,
@@ -53,6 +75,10 @@ pub struct Fleet {
 /// What `GET /admin/fleet` and the metrics show.
 struct Status {
     store_up: AtomicBool,
+    /// Whether the store has been listed once, or found unreachable: `/readyz` waits
+    /// for it, so a replica restarted after downtime does not serve a weight the fleet
+    /// has since moved before it has asked.
+    synced: AtomicBool,
     applied_revision: AtomicI64,
     last_error: Mutex<Option<String>>,
     /// As last read by the heartbeat.
@@ -96,9 +122,11 @@ impl Fleet {
             settings,
             publish: Notify::new(),
             tasks: Mutex::new(Vec::new()),
+            advancing: Mutex::new(Default::default()),
             lease: Mutex::new(None),
             status: Status {
                 store_up: AtomicBool::new(false),
+                synced: AtomicBool::new(false),
                 applied_revision: AtomicI64::new(0),
                 last_error: Mutex::new(None),
                 members: Mutex::new(Vec::new()),
@@ -168,6 +196,40 @@ impl Fleet {
         format!("{}{route}", self.prefix())
     }
 
+    /// Moves a rollout on from `step`, in a task of its own: the guard's pass over the
+    /// routes must never wait on the store (a breach elsewhere would wait behind it).
+    /// One at a time per route.
+    pub fn advance(self: &Arc<Self>, state: &StateHandle, route: &str, step: usize) {
+        if !self
+            .advancing
+            .lock()
+            .expect("not poisoned")
+            .insert(route.to_string())
+        {
+            return;
+        }
+        let (fleet, state, route) = (self.clone(), state.clone(), route.to_string());
+        tokio::spawn(async move {
+            if let Err(error) = state.rollout_advance(&route, step).await {
+                tracing::warn!(route = %route, %error, "could not advance rollout; tried again at the next evaluation");
+            }
+            fleet.advancing.lock().expect("not poisoned").remove(&route);
+        });
+    }
+
+    /// False until the first listing of the store (or the first failure to reach it).
+    pub fn synced(&self) -> bool {
+        self.status.synced.load(Ordering::Relaxed)
+    }
+
+    fn mark_synced(&self, listed: bool) {
+        if !self.status.synced.swap(true, Ordering::Relaxed) && !listed {
+            tracing::warn!(
+                "fleet store unreachable at start: serving the state saved in state.dir"
+            );
+        }
+    }
+
     pub fn publish_soon(&self) {
         self.publish.notify_one();
     }
@@ -229,21 +291,22 @@ impl Fleet {
             .set(previous.max(revision) as f64);
     }
 
-    /// Reads a route's desired state from the store. `None`: no key yet.
-    async fn read(&self, route: &str) -> Result<Option<(FleetRoute, i64)>, ChangeError> {
+    /// Reads a route's desired state from the store.
+    async fn read(&self, route: &str) -> Result<Stored, ChangeError> {
         let read = self.store.get(&self.route_key(route)).await;
         self.store_answered(read.as_ref().map(|_| ()));
-        match read.map_err(|e| ChangeError::StoreUnavailable(e.to_string()))? {
-            None => Ok(None),
-            Some((bytes, revision)) => serde_json::from_slice(&bytes)
-                .map(|value| Some((value, revision)))
-                .map_err(|e| {
-                    ChangeError::Invalid(format!(
-                        "the fleet store's value at {} is not a route state: {e}",
-                        self.route_key(route)
-                    ))
-                }),
-        }
+        Ok(
+            match read.map_err(|e| ChangeError::StoreUnavailable(e.to_string()))? {
+                None => Stored::Absent,
+                Some((bytes, revision)) => match FleetRoute::parse(&bytes) {
+                    Ok(value) => Stored::Value(value, revision),
+                    Err(problem) => {
+                        tracing::error!(route, revision, key = %self.route_key(route), %problem, "fleet: unreadable route state in the store");
+                        Stored::Corrupt(problem, revision)
+                    }
+                },
+            },
+        )
     }
 
     /// Writes `value` if the route's key is still at `expected`; the committed revision.
@@ -286,15 +349,26 @@ impl Fleet {
                 .await?
                 .remove(route)
                 .ok_or_else(|| ChangeError::UnknownRoute(route.to_string()))?;
-            let read = match self.read(route).await {
+            let stored = match self.read(route).await {
                 Err(ChangeError::StoreUnavailable(why)) => {
                     return self.unreachable(state, route, change, source, why).await
                 }
                 other => other?,
             };
-            let (current, expected) = match &read {
-                Some((desired, revision)) => (desired.onto(&local), *revision),
-                None => (local, 0),
+            let (current, expected) = match stored {
+                Stored::Value(desired, revision) => (as_seen_here(&desired, &local), revision),
+                Stored::Absent => (local.clone(), 0),
+                // Only a change that lowers exposure may overwrite what nobody can read.
+                Stored::Corrupt(problem, revision) if change.lowers_exposure() => {
+                    tracing::warn!(route, %problem, "fleet: overwriting an unreadable route state with a rollback or trip");
+                    (local.clone(), revision)
+                }
+                Stored::Corrupt(problem, _) => {
+                    return Err(ChangeError::Invalid(format!(
+                        "the fleet store's value at {} is unreadable ({problem}); only a rollback, a rollout abort or a trip may overwrite it",
+                        self.route_key(route)
+                    )))
+                }
             };
             let Some(next) = change::apply(&spec, &current, &change, crate::timefmt::unix_ms())?
             else {
@@ -303,8 +377,9 @@ impl Fleet {
             let value = FleetRoute::from_saved(&next, &self.settings.replica, source.as_str());
             match self.write(route, &value, expected).await {
                 Ok(Some(revision)) => {
+                    state.apply_fleet(route, value, revision, false).await?;
                     self.applied(revision);
-                    return state.apply_fleet(route, value, revision, source).await;
+                    return Ok(());
                 }
                 Ok(None) => continue,
                 Err(ChangeError::StoreUnavailable(why)) => {
@@ -331,5 +406,63 @@ impl Fleet {
         let result = state.change_here(route, change, source, true).await;
         self.publish_soon();
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Trip;
+
+    fn local(trip: Option<Trip>, unpublished: bool, epoch: u64) -> SavedRoute {
+        SavedRoute {
+            weight_bp: 0,
+            file_weight_bp: 0,
+            trip,
+            rollout: None,
+            canary: None,
+            epoch,
+            revision: 7,
+            unpublished,
+        }
+    }
+
+    fn stored(epoch: u64) -> FleetRoute {
+        FleetRoute {
+            weight_bp: 2000,
+            trip: None,
+            rollout: None,
+            epoch,
+            by: "edge-2".into(),
+            source: "admin".into(),
+        }
+    }
+
+    fn trip() -> Trip {
+        Trip {
+            reason: "error_rate".into(),
+            detail: "seen here".into(),
+            at: "2026-11-27T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn a_pending_local_trip_counts_until_the_store_has_it() {
+        let seen = as_seen_here(&stored(3), &local(Some(trip()), true, 3));
+        assert_eq!(seen.trip, Some(trip()));
+        assert_eq!(seen.weight_bp, 2000);
+    }
+
+    #[test]
+    fn a_published_or_stale_local_trip_does_not() {
+        assert_eq!(
+            as_seen_here(&stored(3), &local(Some(trip()), false, 3)).trip,
+            None
+        );
+        // Reset fleet-wide since (epoch 4): the local trip is stale.
+        assert_eq!(
+            as_seen_here(&stored(4), &local(Some(trip()), true, 3)).trip,
+            None
+        );
     }
 }

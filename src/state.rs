@@ -66,6 +66,20 @@ pub enum Source {
 }
 
 impl Source {
+    /// The source a fleet store's value names (see `FleetRoute::source`).
+    pub fn from_name(name: &str) -> Option<Source> {
+        [
+            Source::Admin,
+            Source::Cli,
+            Source::Reload,
+            Source::Slo,
+            Source::Rollout,
+            Source::Start,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Admin => "admin",
@@ -109,6 +123,13 @@ pub enum ChangeError {
     /// With a fleet: the store cannot be reached, and the change is one that needs it.
     #[error("the fleet store (etcd) is unreachable ({0}); only rollbacks (weight 0), rollout aborts and SLO trips apply until it is back")]
     StoreUnavailable(String),
+    /// With a fleet: committed to the store, applied here in memory, but not saved to
+    /// `state.json` (the store has it; a restart re-reads it from there).
+    #[error("committed to the fleet store at revision {revision} and applied here, but this replica could not save it: {source}")]
+    NotSaved {
+        revision: i64,
+        source: Box<ChangeError>,
+    },
     /// With a fleet: the route kept changing under this change.
     #[error("route {0:?} changed in the fleet store while this change was made; try again")]
     Conflict(String),
@@ -135,12 +156,15 @@ pub(crate) enum Command {
         unpublished: bool,
         reply: Reply<()>,
     },
-    /// A route's desired state as the fleet store holds it at `revision`.
+    /// A route's desired state as the fleet store holds it at `revision`. `listed`:
+    /// read by listing the store (its current state, applied even when its revision
+    /// is not newer, say after etcd was restored); otherwise from the watch or a
+    /// transaction, applied only when newer than what this replica has.
     ApplyFleet {
         route: String,
         desired: FleetRoute,
         revision: i64,
-        source: Source,
+        listed: bool,
         reply: Reply<()>,
     },
     /// Every route's saved state (the fleet's publisher and seeding read it).
@@ -261,14 +285,14 @@ impl StateHandle {
         route: &str,
         desired: FleetRoute,
         revision: i64,
-        source: Source,
+        listed: bool,
     ) -> Result<(), ChangeError> {
         let route = route.to_string();
         self.ask(|reply| Command::ApplyFleet {
             route,
             desired,
             revision,
-            source,
+            listed,
             reply,
         })
         .await

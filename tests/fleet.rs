@@ -900,3 +900,152 @@ async fn when_the_judge_replica_dies_another_judges_within_the_lease() {
             .await;
     }
 }
+
+fn test_trip(detail: &str) -> splitgate::state::Trip {
+    splitgate::state::Trip {
+        reason: "error_rate".into(),
+        detail: detail.into(),
+        at: "2026-11-27T00:00:00Z".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_rollback_made_while_cut_off_never_clears_a_trip_made_meanwhile() {
+    let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-rollback", "").await
+    else {
+        return;
+    };
+    assert_eq!(replicas[0].set_weight(40).await.0, StatusCode::OK);
+    replicas[2]
+        .wait(Duration::from_secs(1), "weight 40", weight_is(40.0))
+        .await;
+    replicas[2].cut();
+    replicas[2].wait_store(false).await;
+    let (status, _) = admin(
+        replicas[2].proxy.admin,
+        "POST",
+        "/admin/routes/main/rollback",
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    replicas[0]
+        .proxy
+        .state()
+        .trip("main", test_trip("test: tripped by replica 1"))
+        .await
+        .unwrap();
+    replicas[1]
+        .wait(Duration::from_secs(3), "replica 2 tripped", |r| {
+            r["slo"]["state"] == "tripped"
+        })
+        .await;
+    replicas[2].heal();
+    // The rollback lands without clearing the trip: every replica stays tripped, and a
+    // raise is refused everywhere.
+    replicas[2]
+        .wait(Duration::from_secs(5), "replica 3 tripped", |r| {
+            r["slo"]["state"] == "tripped"
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for replica in &replicas {
+        let route = replica.route().await;
+        assert_eq!(route["slo"]["state"], "tripped", "{route}");
+        assert_eq!(route["canary_weight"], 0.0);
+        assert_eq!(replica.set_weight(10).await.0, StatusCode::CONFLICT);
+    }
+}
+
+#[tokio::test]
+async fn a_trip_made_while_cut_off_refuses_raises_there_and_lands_once_healed() {
+    let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-pending", "").await
+    else {
+        return;
+    };
+    assert_eq!(replicas[0].set_weight(20).await.0, StatusCode::OK);
+    replicas[0]
+        .wait(Duration::from_secs(1), "weight 20", weight_is(20.0))
+        .await;
+    // Tripped here while cut off: a raise through this replica is refused. (Once the
+    // store answers, a raise while the trip is still being published is a 409:
+    // `fleet::tests::a_pending_local_trip_counts_until_the_store_has_it`.)
+    replicas[0].cut();
+    replicas[0].wait_store(false).await;
+    replicas[0]
+        .proxy
+        .state()
+        .trip("main", test_trip("test: pending"))
+        .await
+        .unwrap();
+    let (status, body) = replicas[0].set_weight(60).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    replicas[0].heal();
+    replicas[1]
+        .wait(Duration::from_secs(5), "the trip published", |r| {
+            r["slo"]["state"] == "tripped"
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn hand_written_values_in_the_store_never_expose_a_tripped_canary_nor_block_a_rollback() {
+    let Some((etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-values", "").await else {
+        return;
+    };
+    let mut client = etcd.client(0).await;
+    let key = "/splitgate/v1/test/routes/main";
+    // A tripped value that claims a weight: the route serves weight 0.
+    client
+        .put(
+            key,
+            r#"{"weight_bp": 5000, "trip": {"reason": "manual", "detail": "etcdctl", "at": "2026-11-27T00:00:00Z"}}"#,
+            None,
+        )
+        .await
+        .unwrap();
+    for replica in &replicas {
+        replica
+            .wait(Duration::from_secs(2), "the hand-written trip", |r| {
+                r["slo"]["state"] == "tripped" && r["canary_weight"] == 0.0
+            })
+            .await;
+    }
+    for i in 0..40 {
+        let reply = get(
+            replicas[1].proxy.addr,
+            "/",
+            &[("x-user-id", &format!("v{i}"))],
+        )
+        .await;
+        assert!(reply.text().starts_with("stable\n"));
+    }
+    // A value nobody can read: changes are refused with the key named, a rollback is not.
+    client.put(key, "not json", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = admin(
+        replicas[0].proxy.admin,
+        "POST",
+        "/admin/routes/main/reset",
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(key), "{body}");
+    let (status, body) = admin(
+        replicas[0].proxy.admin,
+        "POST",
+        "/admin/routes/main/rollback",
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let value = client.get(key, None).await.unwrap();
+    let value = std::str::from_utf8(value.kvs()[0].value())
+        .unwrap()
+        .to_string();
+    assert!(value.contains("\"weight_bp\":0"), "{value}");
+}

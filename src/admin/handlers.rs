@@ -151,9 +151,10 @@ fn change_error(error: ChangeError) -> Response<AdminBody> {
             StatusCode::SERVICE_UNAVAILABLE
         }
         ChangeError::Conflict(_) => StatusCode::CONFLICT,
-        ChangeError::Persist(_) | ChangeError::StateDir(_) | ChangeError::Stopped => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
+        ChangeError::Persist(_)
+        | ChangeError::StateDir(_)
+        | ChangeError::Stopped
+        | ChangeError::NotSaved { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     json_error(status, &error.to_string())
 }

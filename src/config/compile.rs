@@ -321,10 +321,14 @@ fn compile_fleet(
 ) -> Option<FleetSettings> {
     match section.backend.as_deref() {
         None | Some("none") => {
-            if !section.endpoints.is_empty() || section.cluster.is_some() {
+            if !section.endpoints.is_empty()
+                || section.cluster.is_some()
+                || section.replica.is_some()
+                || section.request_timeout.is_some()
+            {
                 errors.push(
                     "fleet.backend",
-                    "endpoints or cluster are set but backend is not \"etcd\"; set backend = \"etcd\" (or remove them)",
+                    "endpoints, cluster, replica or request_timeout are set but backend is not \"etcd\"; set backend = \"etcd\" (or remove them)",
                 );
             }
             return None;
@@ -358,9 +362,14 @@ fn compile_fleet(
     }
     let replica = section.replica.clone().unwrap_or_else(default_replica_name);
     if !is_key_name(&replica) {
+        let from = if section.replica.is_none() {
+            " (the host name, the default: set fleet.replica)"
+        } else {
+            ""
+        };
         errors.push(
             "fleet.replica",
-            format!("{replica:?} must be 1 to 64 letters, digits, '-', '_' or '.'"),
+            format!("{replica:?}{from} must be 1 to 64 letters, digits, '-', '_' or '.'"),
         );
     }
     let request_timeout = section.request_timeout.unwrap_or(Duration::from_secs(2));

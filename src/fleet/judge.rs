@@ -102,7 +102,7 @@ impl Judge {
                 continue;
             }
             let name = route.spec.name.as_str();
-            let Ok(Some((desired, revision))) = fleet.read(name).await else {
+            let Ok(super::Stored::Value(desired, revision)) = fleet.read(name).await else {
                 continue;
             };
             if desired.trip.is_some() {
@@ -154,7 +154,7 @@ impl Judge {
                     tracing::warn!(route = name, reason = %trip.reason, detail = %trip.detail, revision = committed, "fleet judge: SLO breached across the fleet; canary weight set to 0 on every replica");
                     self.routes.remove(name);
                     if let Err(error) = state
-                        .apply_fleet(name, tripped, committed, Source::Slo)
+                        .apply_fleet(name, tripped, committed, false)
                         .await
                     {
                         tracing::error!(route = name, %error, "fleet judge: could not apply its own trip here");

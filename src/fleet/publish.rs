@@ -1,12 +1,16 @@
 //! The publisher: pushes this replica's unpublished trips and rollbacks to the store,
 //! woken when one is made and every second while one is pending, until each lands or
 //! turns out stale (the route was reset fleet-wide since: its epoch moved on).
+//!
+//! What is published is the change, applied to the store's current state (a trip, or
+//! weight 0), never this replica's whole state: a rollback made here while cut off
+//! must not clear a trip another replica made meanwhile.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Fleet;
-use crate::state::{ChangeError, FleetRoute, SavedRoute, Source, StateHandle};
+use super::{Fleet, Stored};
+use crate::state::{change, Change, ChangeError, FleetRoute, SavedRoute, StateHandle};
 
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -35,22 +39,37 @@ async fn publish(
     route: &str,
     local: &SavedRoute,
 ) -> Result<(), ChangeError> {
-    let read = fleet.read(route).await?;
-    if let Some((desired, revision)) = &read {
-        if desired.epoch > local.epoch {
-            // Reset fleet-wide since: applying the store's state drops the stale one.
-            return state
-                .apply_fleet(route, desired.clone(), *revision, Source::Fleet)
-                .await;
-        }
-    }
-    let source = if local.trip.is_some() {
-        "slo"
-    } else {
-        "rollback"
+    let Some(spec) = state
+        .shared
+        .snapshot
+        .load()
+        .route(route)
+        .map(|r| r.spec.clone())
+    else {
+        return Ok(());
     };
-    let value = FleetRoute::from_saved(local, &fleet.settings.replica, source);
-    let expected = read.as_ref().map_or(0, |(_, revision)| *revision);
+    let (current, expected) = match fleet.read(route).await? {
+        Stored::Value(desired, revision) if desired.epoch > local.epoch => {
+            // Reset fleet-wide since: applying the store's state drops the stale one.
+            return state.apply_fleet(route, desired, revision, true).await;
+        }
+        Stored::Value(desired, revision) => (desired.onto(local), revision),
+        Stored::Absent => (local.clone(), 0),
+        Stored::Corrupt(_, revision) => (local.clone(), revision),
+    };
+    let (change, source) = match &local.trip {
+        Some(trip) => (Change::Trip(trip.clone()), "slo"),
+        None => (Change::SetWeight(local.weight_bp), "rollback"),
+    };
+    let next = change::apply(&spec, &current, &change, crate::timefmt::unix_ms())?;
+    let Some(next) = next.filter(|next| next.weight_bp <= current.weight_bp) else {
+        // The store already has it (or lower): take the store's state.
+        if let Stored::Value(desired, revision) = fleet.read(route).await? {
+            return state.apply_fleet(route, desired, revision, true).await;
+        }
+        return Ok(());
+    };
+    let value = FleetRoute::from_saved(&next, &fleet.settings.replica, source);
     if let Some(revision) = fleet.write(route, &value, expected).await? {
         tracing::info!(
             route,
@@ -58,10 +77,8 @@ async fn publish(
             source,
             "fleet: published a change made here"
         );
+        state.apply_fleet(route, value, revision, false).await?;
         fleet.applied(revision);
-        state
-            .apply_fleet(route, value, revision, Source::Fleet)
-            .await?;
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ pub async fn run(fleet: Arc<Fleet>, state: StateHandle) {
         match list_and_watch(&fleet, &state).await {
             Ok(()) => pause = RETRY_FIRST,
             Err(error) => {
+                fleet.mark_synced(false);
                 fleet.store_answered(Err(&super::StoreError::from(error)));
                 pause = (pause * 2).min(RETRY_MAX);
             }
@@ -39,20 +40,13 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
         let key = fleet.route_key(route);
         match kvs.iter().find(|kv| kv.key() == key.as_bytes()) {
             Some(kv) => {
-                apply(
-                    fleet,
-                    state,
-                    &prefix,
-                    kv.key(),
-                    kv.value(),
-                    kv.mod_revision(),
-                )
-                .await
+                apply(fleet, state, &prefix, kv, true).await;
             }
             None => seed(fleet, state, route, local).await?,
         }
     }
     fleet.applied(listed_at);
+    fleet.mark_synced(true);
     // A trip or rollback made while the store was away goes out now.
     fleet.publish_soon();
 
@@ -81,50 +75,51 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
             let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) else {
                 continue;
             };
-            apply(
-                fleet,
-                state,
-                &prefix,
-                kv.key(),
-                kv.value(),
-                kv.mod_revision(),
-            )
-            .await;
-        }
-        if let Some(header) = response.header() {
-            fleet.applied(header.revision());
+            if !apply(fleet, state, &prefix, kv, false).await {
+                // Listing again retries it.
+                return Err(format!(
+                    "could not apply revision {}; listing again",
+                    kv.mod_revision()
+                ));
+            }
         }
     }
 }
 
+/// Applies one route's value; false when this replica could not (see the log).
 async fn apply(
     fleet: &Fleet,
     state: &StateHandle,
     prefix: &str,
-    key: &[u8],
-    value: &[u8],
-    revision: i64,
-) {
-    let Some(route) = key
+    kv: &etcd_client::KeyValue,
+    listed: bool,
+) -> bool {
+    let revision = kv.mod_revision();
+    let Some(route) = kv
+        .key()
         .strip_prefix(prefix.as_bytes())
         .and_then(|r| std::str::from_utf8(r).ok())
     else {
-        return;
+        return true;
     };
-    let desired: FleetRoute = match serde_json::from_slice(value) {
+    let desired = match FleetRoute::parse(kv.value()) {
         Ok(desired) => desired,
-        Err(error) => {
-            tracing::error!(route, revision, %error, "fleet: unreadable route state in the store; ignored");
-            return;
+        Err(problem) => {
+            tracing::error!(route, revision, %problem, "fleet: unreadable route state in the store; this replica keeps its own until a valid one is written");
+            return true;
         }
     };
-    if let Err(error) = state
-        .apply_fleet(route, desired, revision, Source::Fleet)
-        .await
-    {
-        tracing::error!(route, revision, %error, "fleet: could not apply the store's route state");
+    match state.apply_fleet(route, desired, revision, listed).await {
+        Ok(()) => {
+            fleet.applied(revision);
+            true
+        }
+        Err(error) => {
+            tracing::error!(route, revision, %error, "fleet: could not apply the store's route state");
+            // Applied in memory all the same: only the disk refused.
+            matches!(error, crate::state::ChangeError::NotSaved { .. })
+        }
     }
-    fleet.applied(revision);
 }
 
 /// A route the store does not know yet starts from this replica's state (the file's
@@ -148,10 +143,7 @@ async fn seed(
             weight_bp = value.weight_bp,
             "fleet: seeded the store with this replica's route state"
         );
-        if let Err(error) = state
-            .apply_fleet(route, value, revision, Source::Fleet)
-            .await
-        {
+        if let Err(error) = state.apply_fleet(route, value, revision, false).await {
             tracing::error!(route, %error, "fleet: could not apply the seeded state");
         }
     }

@@ -84,8 +84,13 @@ pub async fn evaluate(state: &StateHandle, snapshot: &Snapshot) {
         // A step advances only on the judge's "ok": an inconclusive one waits.
         let judge_ok = judged.is_none_or(|j| j.verdict() == Verdict::Ok);
         if held >= plan.interval.as_millis() as u64 && judge_ok {
-            if let Err(error) = state.rollout_advance(name, progress.step).await {
-                tracing::error!(route = %name, %error, "could not advance rollout");
+            match state.shared.fleet.get() {
+                Some(fleet) => fleet.advance(state, name, progress.step),
+                None => {
+                    if let Err(error) = state.rollout_advance(name, progress.step).await {
+                        tracing::error!(route = %name, %error, "could not advance rollout");
+                    }
+                }
             }
         }
     }

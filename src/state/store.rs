@@ -65,11 +65,31 @@ pub struct FleetRoute {
     #[serde(default)]
     pub epoch: u64,
     /// The replica that wrote it, and who asked (`admin`, `cli`, `slo`, `rollout`).
+    #[serde(default)]
     pub by: String,
+    #[serde(default)]
     pub source: String,
 }
 
 impl FleetRoute {
+    /// Reads a value from the store. A weight out of range is refused; a tripped route
+    /// is at weight 0 whatever the value says (a hand-written value cannot expose a
+    /// tripped canary).
+    pub fn parse(bytes: &[u8]) -> Result<FleetRoute, String> {
+        let mut value: FleetRoute =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a route state: {e}"))?;
+        if value.weight_bp > 10_000 {
+            return Err(format!(
+                "weight_bp {} is above 10000 (100 %)",
+                value.weight_bp
+            ));
+        }
+        if value.trip.is_some() {
+            value.weight_bp = 0;
+        }
+        Ok(value)
+    }
+
     pub fn from_saved(saved: &SavedRoute, by: &str, source: &str) -> Self {
         FleetRoute {
             weight_bp: saved.weight_bp,

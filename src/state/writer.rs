@@ -183,10 +183,10 @@ impl Writer {
                     route,
                     desired,
                     revision,
-                    source,
+                    listed,
                     reply,
                 } => {
-                    let _ = reply.send(self.apply_fleet(&route, desired, revision, source).await);
+                    let _ = reply.send(self.apply_fleet(&route, desired, revision, listed).await);
                 }
                 Command::Saved { reply } => {
                     let _ = reply.send(Ok(self.saved.clone()));
@@ -262,19 +262,24 @@ impl Writer {
 
     /// Applies the fleet store's state of `route` at `revision`. A local trip or
     /// rollback the store has not accepted yet is kept (the publisher is pushing it),
-    /// unless a reset has happened since: then it is stale, audited and dropped.
+    /// unless a reset has happened since: then it is stale, audited and dropped. Like a
+    /// trip, what the store says is applied in memory even when `state.json` cannot be
+    /// written.
     async fn apply_fleet(
         &mut self,
         route: &str,
         desired: FleetRoute,
         revision: i64,
-        source: Source,
+        listed: bool,
     ) -> Result<(), ChangeError> {
         let Ok((_, current)) = self.route_state(route) else {
             tracing::debug!(route, "fleet state for a route this replica does not have");
             return Ok(());
         };
-        if revision <= current.revision || desired.epoch < current.epoch {
+        let older = revision < current.revision || desired.epoch < current.epoch;
+        if older && listed {
+            tracing::warn!(route, revision, applied = current.revision, epoch = desired.epoch, applied_epoch = current.epoch, "the fleet store holds an older revision or epoch than this replica applied (etcd restored or rebuilt?); applying what it holds now");
+        } else if older || revision == current.revision {
             return Ok(());
         }
         let mut note = None;
@@ -285,13 +290,15 @@ impl Writer {
                 return Ok(());
             }
             if desired.epoch > current.epoch {
-                if let Some(trip) = &current.trip {
-                    tracing::warn!(route, reason = %trip.reason, epoch = current.epoch, fleet_epoch = desired.epoch, "a trip made here before a fleet-wide reset is stale: dropped, not re-applied");
-                    note = Some(format!(
-                        "stale trip from epoch {} dropped (the fleet was reset to epoch {}): {}",
-                        current.epoch, desired.epoch, trip.detail
-                    ));
-                }
+                let what = match &current.trip {
+                    Some(trip) => format!("trip ({})", trip.detail),
+                    None => format!("rollback to {}%", bp_to_percent(current.weight_bp)),
+                };
+                tracing::warn!(route, epoch = current.epoch, fleet_epoch = desired.epoch, "a {what} made here while the store was unreachable predates a fleet-wide reset: dropped, not re-applied");
+                note = Some(format!(
+                    "stale {what} from epoch {} dropped (the fleet was reset to epoch {})",
+                    current.epoch, desired.epoch
+                ));
             }
         }
         let mut entry = desired.onto(current);
@@ -305,8 +312,21 @@ impl Writer {
         let notes = note
             .map(|note| BTreeMap::from([(route.to_string(), note)]))
             .unwrap_or_default();
-        self.commit_from(next, source, &notes, Some((&desired.by, revision)))
-            .await
+        let source = Source::from_name(&desired.source).unwrap_or(Source::Fleet);
+        let committed = self
+            .commit_from(next.clone(), source, &notes, Some((&desired.by, revision)))
+            .await;
+        if let Err(error) = committed {
+            // The store is the truth: serve it even if the disk refused.
+            tracing::error!(route, revision, %error, "fleet state could not be saved; applied in memory only");
+            self.saved = next;
+            self.publish();
+            return Err(ChangeError::NotSaved {
+                revision,
+                source: Box::new(error),
+            });
+        }
+        Ok(())
     }
 
     async fn reload(&mut self, source: Source) -> Result<Vec<String>, ChangeError> {
@@ -488,7 +508,10 @@ impl Writer {
             let old_weight = old.map_or(new.file_weight_bp, |o| o.weight_bp);
             let note = notes.get(route);
             let action = match (old.and_then(|o| o.trip.as_ref()), &new.trip) {
-                _ if note.is_some() && revision.is_some() => "stale_trip",
+                _ if revision.is_some() && note.is_some_and(|n| n.starts_with("stale trip")) => {
+                    "stale_trip"
+                }
+                _ if revision.is_some() && note.is_some() => "stale_rollback",
                 _ if note.is_some() => "canary_changed",
                 _ if old.is_none() => "init",
                 (None, Some(_)) => "trip",
