@@ -138,6 +138,54 @@ pub fn status_table(routes: &[serde_json::Value]) -> String {
     out
 }
 
+/// `splitgate fleet status`: the store as this replica sees it, who judges, and every
+/// member with the revision it applied.
+pub fn fleet_table(fleet: &serde_json::Value) -> String {
+    if fleet["backend"] != "etcd" {
+        return "single node: no [fleet] in this replica's config\n".to_string();
+    }
+    let mut out = format!(
+        "cluster {}, replica {}: store {} via {}, applied revision {}\n",
+        fleet["cluster"].as_str().unwrap_or("?"),
+        fleet["replica"].as_str().unwrap_or("?"),
+        if fleet["store_up"] == true {
+            "up"
+        } else {
+            "DOWN"
+        },
+        fleet["endpoint"].as_str().unwrap_or("?"),
+        fleet["applied_revision"].as_i64().unwrap_or(0),
+    );
+    if let Some(error) = fleet["last_error"].as_str() {
+        out.push_str(&format!("  last store error: {error}\n"));
+    }
+    out.push_str(&format!(
+        "judge: {}\n",
+        fleet["judge"]
+            .as_str()
+            .unwrap_or("none (elected within a few seconds)")
+    ));
+    out.push_str(&format!(
+        "{:<24} {:<10} {:<22} {:>9}  {}\n",
+        "MEMBER", "VERSION", "STARTED", "APPLIED", "STORE"
+    ));
+    for member in fleet["members"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<24} {:<10} {:<22} {:>9}  {}\n",
+            member["replica"].as_str().unwrap_or("?"),
+            member["version"].as_str().unwrap_or("?"),
+            member["started"].as_str().unwrap_or("?"),
+            member["applied_revision"].as_i64().unwrap_or(0),
+            if member["store_up"] == true {
+                "up"
+            } else {
+                "down"
+            },
+        ));
+    }
+    out
+}
+
 /// What a change did, from the route's state before and after.
 pub fn change_summary(before: Option<&serde_json::Value>, after: &serde_json::Value) -> String {
     let name = after["name"].as_str().unwrap_or("?");

@@ -108,6 +108,24 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// The fleet this replica belongs to (`[fleet]`).
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// The store as this replica sees it, the judging replica, and every member with
+    /// the revision it applied. Exits 1 when this replica cannot reach the store.
+    Status {
+        /// Print the admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -163,6 +181,9 @@ fn main() -> ExitCode {
             change(&admin, &route, Method::PUT, "weight", Some(body))
         }
         Command::Status { route, json, admin } => status(&admin, route.as_deref(), json),
+        Command::Fleet {
+            command: FleetCommand::Status { json, admin },
+        } => fleet_status(&admin, json),
         Command::Health { admin } => health(&admin),
         Command::Rollback { route, admin } => {
             change(&admin, &route, Method::POST, "rollback", None)
@@ -355,6 +376,26 @@ fn status(args: &AdminArgs, route: Option<&str>, json: bool) -> ExitCode {
             "SLO tripped on {}: canary weight is 0 until `splitgate reset`",
             tripped.join(", ")
         )
+    });
+    print_result(result)
+}
+
+fn fleet_status(args: &AdminArgs, json: bool) -> ExitCode {
+    let result = with_client(args, async |client| {
+        let (status, text) = client.call(Method::GET, "/admin/fleet", None).await?;
+        let fleet = expect_ok(status, &text)?;
+        let shown = if json {
+            text
+        } else {
+            splitgate::client::fleet_table(&fleet)
+        };
+        if fleet["backend"] == "etcd" && fleet["store_up"] != true {
+            print!("{shown}");
+            anyhow::bail!(
+                "this replica cannot reach the fleet store: it serves the last state it applied"
+            )
+        }
+        Ok(shown)
     });
     print_result(result)
 }

@@ -508,6 +508,16 @@ async fn a_replica_restarted_with_the_store_down_serves_its_saved_state_not_the_
     replica.proxy = start_proxy(replica.proxy.dir.clone(), &replica.text).await;
     assert_eq!(replica.route().await["canary_weight"], 25.0);
     assert_eq!(replica.fleet().await["store_up"], false);
+    // Ready once the store was found unreachable: it serves what it saved.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready = get(replica.proxy.admin, "/readyz", &[]).await;
+        if ready.status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {}", ready.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -1048,4 +1058,60 @@ async fn hand_written_values_in_the_store_never_expose_a_tripped_canary_nor_bloc
         .unwrap()
         .to_string();
     assert!(value.contains("\"weight_bp\":0"), "{value}");
+}
+
+/// Runs the deploy CLI against a replica's admin API.
+fn cli(args: &[&str], admin: SocketAddr) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_splitgate"))
+        .args(args)
+        .args(["--admin", &format!("http://{admin}")])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn fleet_status_shows_every_member_and_the_judge_and_fails_when_the_store_is_gone() {
+    let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-cli", "").await else {
+        return;
+    };
+    let judge = wait_for_judge(&replicas, None, Duration::from_secs(5)).await;
+    let admin = replicas[1].proxy.admin;
+    // Every member shows once each replica has published its record.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let (ok, text) = tokio::task::spawn_blocking(move || cli(&["fleet", "status"], admin))
+            .await
+            .unwrap();
+        assert!(ok, "{text}");
+        if (1..=3).all(|i| text.contains(&format!("fleet-cli-{i} "))) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "not every member shows: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        text.contains("cluster test, replica fleet-cli-2: store up"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("judge: {judge}")), "{text}");
+    // The same weight change is visible through the deploy CLI on any replica.
+    let (ok, text) = tokio::task::spawn_blocking(move || cli(&["weight", "main", "15"], admin))
+        .await
+        .unwrap();
+    assert!(ok, "{text}");
+    replicas[0]
+        .wait(Duration::from_secs(1), "weight 15", weight_is(15.0))
+        .await;
+    // Cut off: the command says so and exits 1.
+    replicas[1].cut();
+    replicas[1].wait_store(false).await;
+    let (ok, text) = tokio::task::spawn_blocking(move || cli(&["fleet", "status"], admin))
+        .await
+        .unwrap();
+    assert!(!ok, "{text}");
+    assert!(text.contains("store DOWN"), "{text}");
+    assert!(text.contains("cannot reach the fleet store"), "{text}");
 }
