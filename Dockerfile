@@ -5,6 +5,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock clippy.toml ./
 COPY src ./src
 COPY benches ./benches
+COPY vendor ./vendor
 RUN cargo build --release --locked --bin splitgate \
     && mkdir -p /out/state \
     && cp target/release/splitgate /out/splitgate

@@ -77,6 +77,7 @@ async fn beat(
             id
         }
     };
+    fleet.store_answered(Ok(()));
     let snapshot = state.shared.snapshot.load();
     let routes = snapshot
         .routes
