@@ -401,22 +401,25 @@ async fn applied_revisions(replicas: &[Replica]) -> Vec<i64> {
 }
 
 #[tokio::test]
-async fn a_trip_on_one_replica_trips_all_three_within_three_seconds() {
-    let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-trip", "").await else {
+async fn canary_errors_through_one_replica_trip_all_three_within_three_seconds() {
+    let slo = "[routes.slo]\nwindow = \"30s\"\nmin_requests = 10\nmax_error_rate = 0.1\n";
+    let Some((_etcd, replicas, _stable, _canary)) =
+        fleet_with("fleet-trip", slo, failing_upstream().await).await
+    else {
         return;
     };
     assert_eq!(replicas[0].set_weight(50).await.0, StatusCode::OK);
     for replica in &replicas {
-        replica
-            .wait(Duration::from_secs(1), "weight 50", weight_is(50.0))
-            .await;
+        replica.wait(Duration::from_secs(1), "weight 50", weight_is(50.0)).await;
     }
-    let trip = splitgate::state::Trip {
-        reason: "error_rate".into(),
-        detail: "test: canary errors seen by replica 2 only".into(),
-        at: "2026-11-27T00:00:00Z".into(),
-    };
-    replicas[1].proxy.state().trip("main", trip).await.unwrap();
+    // Failing canary traffic through replica 2 only, until its guard pulls the canary.
+    let mut sent = 0;
+    while replicas[1].route().await["slo"]["state"] != "tripped" {
+        get(replicas[1].proxy.addr, "/", &[("x-user-id", &format!("t{sent}"))]).await;
+        sent += 1;
+        assert!(sent < 2_000, "replica 2 never tripped");
+    }
+    let tripped = Instant::now();
     for replica in &replicas {
         replica
             .wait(Duration::from_secs(3), "the trip on every replica", |r| {
@@ -424,6 +427,7 @@ async fn a_trip_on_one_replica_trips_all_three_within_three_seconds() {
             })
             .await;
     }
+    assert!(tripped.elapsed() < Duration::from_secs(3));
     // Tripped fleet-wide: a raise through another replica is refused.
     let (status, body) = replicas[2].set_weight(10).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
