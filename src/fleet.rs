@@ -39,13 +39,27 @@ const CONFLICT_RETRIES: usize = 5;
 
 /// The state a change through this replica starts from: the store's, except that a
 /// trip made here and not yet accepted by the store still counts (no raise through this
-/// replica while it is pending).
+/// replica while it is pending). A pending rollback does not: a change made through
+/// this replica after it supersedes it.
 fn as_seen_here(stored: &FleetRoute, local: &SavedRoute) -> SavedRoute {
     let mut current = stored.onto(local);
     if local.unpublished && local.epoch >= stored.epoch && current.trip.is_none() {
         current.trip = local.trip.clone();
     }
     current
+}
+
+/// How a value from the store reached the state writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// From the watch: applied only when newer than what this replica has.
+    Watched,
+    /// From listing the store: its current state, applied even when its revision is
+    /// not newer (etcd restored or rebuilt), except that nothing reverted here is
+    /// re-exposed.
+    Listed,
+    /// Committed by this replica (an admin change, a publication, the judge's trip).
+    Committed,
 }
 
 /// A route's key in the store.
@@ -377,7 +391,9 @@ impl Fleet {
             let value = FleetRoute::from_saved(&next, &self.settings.replica, source.as_str());
             match self.write(route, &value, expected).await {
                 Ok(Some(revision)) => {
-                    state.apply_fleet(route, value, revision, false).await?;
+                    state
+                        .apply_fleet(route, value, revision, Applied::Committed)
+                        .await?;
                     self.applied(revision);
                     return Ok(());
                 }

@@ -156,15 +156,13 @@ pub(crate) enum Command {
         unpublished: bool,
         reply: Reply<()>,
     },
-    /// A route's desired state as the fleet store holds it at `revision`. `listed`:
-    /// read by listing the store (its current state, applied even when its revision
-    /// is not newer, say after etcd was restored); otherwise from the watch or a
-    /// transaction, applied only when newer than what this replica has.
+    /// A route's desired state as the fleet store holds it at `revision` (see
+    /// `fleet::Applied` for how it was read).
     ApplyFleet {
         route: String,
         desired: FleetRoute,
         revision: i64,
-        listed: bool,
+        how: crate::fleet::Applied,
         reply: Reply<()>,
     },
     /// Every route's saved state (the fleet's publisher and seeding read it).
@@ -285,14 +283,14 @@ impl StateHandle {
         route: &str,
         desired: FleetRoute,
         revision: i64,
-        listed: bool,
+        how: crate::fleet::Applied,
     ) -> Result<(), ChangeError> {
         let route = route.to_string();
         self.ask(|reply| Command::ApplyFleet {
             route,
             desired,
             revision,
-            listed,
+            how,
             reply,
         })
         .await

@@ -34,6 +34,7 @@ for i in 1 2 3; do
     --listen-client-urls "http://127.0.0.1:${i}2379" --advertise-client-urls "http://127.0.0.1:${i}2379" \
     --listen-peer-urls "http://127.0.0.1:${i}2380" --initial-advertise-peer-urls "http://127.0.0.1:${i}2380" \
     --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token splitgate-example \
+    --auto-compaction-mode periodic --auto-compaction-retention 1h \
     --logger zap --log-level error >"$dir/etcd-$i.log" 2>&1 &
   pids+=($!)
 done

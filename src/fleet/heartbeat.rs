@@ -16,6 +16,8 @@ use crate::slo::evidence::Reading;
 use crate::state::StateHandle;
 
 pub const EVERY: Duration = Duration::from_secs(1);
+/// Beats between two reads of the member list and the judge's name (for the view).
+const VIEW_EVERY: u64 = 3;
 /// Seconds; etcd may grant more (its minimum depends on its election timeout).
 const LEASE_TTL: i64 = 3;
 
@@ -45,15 +47,21 @@ pub async fn run(fleet: Arc<Fleet>, state: StateHandle) {
     let started = crate::timefmt::now_rfc3339();
     let mut lease = None;
     let mut judge = Judge::default();
+    let mut beats = 0u64;
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let beat = beat(&fleet, &state, &mut lease, incarnation, &started).await;
+        // The member list `/admin/fleet` shows is read every `VIEW_EVERY` beats: every
+        // replica reading it every second would cost the store N² reads a second.
+        let view = beats % VIEW_EVERY == 0;
+        beats += 1;
+        let beat = beat(&fleet, &state, &mut lease, incarnation, &started, view).await;
         fleet.store_answered(beat.as_ref().map(|_| ()));
-        match (beat, lease) {
-            (Ok(()), Some(lease)) => judge.tick(&fleet, &state, lease).await,
-            _ => judge.step_down(&fleet),
+        // A failed round leaves the judge as it is: its election key lives as long as
+        // the lease, and the next round finds out whether that still holds.
+        if let (Ok(()), Some(lease)) = (beat, lease) {
+            judge.tick(&fleet, &state, lease).await;
         }
     }
 }
@@ -64,6 +72,7 @@ async fn beat(
     lease: &mut Option<i64>,
     incarnation: u64,
     started: &str,
+    read_members: bool,
 ) -> Result<(), StoreError> {
     let id = match *lease {
         Some(id) if fleet.store.keep_alive(id).await? => id,
@@ -103,6 +112,9 @@ async fn beat(
         .store
         .put_with_lease(&fleet.member_key(&fleet.settings.replica), &bytes, id)
         .await?;
+    if !read_members {
+        return Ok(());
+    }
     // What `/admin/fleet` shows: every member, and who judges.
     let (kvs, _) = fleet.store.list(&fleet.member_prefix()).await?;
     let members = kvs

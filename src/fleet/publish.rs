@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Fleet, Stored};
+use super::{Applied, Fleet, Stored};
 use crate::state::{change, Change, ChangeError, FleetRoute, SavedRoute, StateHandle};
 
 const RETRY: Duration = Duration::from_secs(1);
@@ -51,7 +51,9 @@ async fn publish(
     let (current, expected) = match fleet.read(route).await? {
         Stored::Value(desired, revision) if desired.epoch > local.epoch => {
             // Reset fleet-wide since: applying the store's state drops the stale one.
-            return state.apply_fleet(route, desired, revision, true).await;
+            return state
+                .apply_fleet(route, desired, revision, Applied::Listed)
+                .await;
         }
         Stored::Value(desired, revision) => (desired.onto(local), revision),
         Stored::Absent => (local.clone(), 0),
@@ -65,7 +67,9 @@ async fn publish(
     let Some(next) = next.filter(|next| next.weight_bp <= current.weight_bp) else {
         // The store already has it (or lower): take the store's state.
         if let Stored::Value(desired, revision) = fleet.read(route).await? {
-            return state.apply_fleet(route, desired, revision, true).await;
+            return state
+                .apply_fleet(route, desired, revision, Applied::Listed)
+                .await;
         }
         return Ok(());
     };
@@ -77,7 +81,9 @@ async fn publish(
             source,
             "fleet: published a change made here"
         );
-        state.apply_fleet(route, value, revision, false).await?;
+        state
+            .apply_fleet(route, value, revision, Applied::Committed)
+            .await?;
         fleet.applied(revision);
     }
     Ok(())

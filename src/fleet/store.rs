@@ -108,12 +108,15 @@ impl Store {
             .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
     }
 
-    /// The create revision of `key`, if it exists (whose election key it is).
-    pub async fn create_revision(&self, key: &str) -> Result<Option<i64>, StoreError> {
+    /// The create revision and lease of `key`, if it exists (whose election key it is).
+    pub async fn key_owner(&self, key: &str) -> Result<Option<(i64, i64)>, StoreError> {
         let response = self
             .run(|mut client| async move { client.get(key, None).await })
             .await?;
-        Ok(response.kvs().first().map(KeyValue::create_revision))
+        Ok(response
+            .kvs()
+            .first()
+            .map(|kv| (kv.create_revision(), kv.lease())))
     }
 
     /// Every key under `prefix`, and the store's revision they were read at.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use etcd_client::EventType;
 
-use super::Fleet;
+use super::{Applied, Fleet};
 use crate::state::{FleetRoute, Source, StateHandle};
 
 /// Pause between two attempts while the store is unreachable (doubles to the maximum).
@@ -40,12 +40,16 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
         let key = fleet.route_key(route);
         match kvs.iter().find(|kv| kv.key() == key.as_bytes()) {
             Some(kv) => {
-                apply(fleet, state, &prefix, kv, true).await;
+                apply(fleet, state, &prefix, kv, Applied::Listed).await;
             }
             None => seed(fleet, state, route, local).await?,
         }
     }
-    fleet.applied(listed_at);
+    // The revision of the newest route state, not the listing's (which counts every
+    // write, heartbeats included): replicas that agree show the same figure.
+    if let Some(newest) = kvs.iter().map(|kv| kv.mod_revision()).max() {
+        fleet.applied(newest);
+    }
     fleet.mark_synced(true);
     // A trip or rollback made while the store was away goes out now.
     fleet.publish_soon();
@@ -75,7 +79,7 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
             let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) else {
                 continue;
             };
-            if !apply(fleet, state, &prefix, kv, false).await {
+            if !apply(fleet, state, &prefix, kv, Applied::Watched).await {
                 // Listing again retries it.
                 return Err(format!(
                     "could not apply revision {}; listing again",
@@ -92,7 +96,7 @@ async fn apply(
     state: &StateHandle,
     prefix: &str,
     kv: &etcd_client::KeyValue,
-    listed: bool,
+    how: Applied,
 ) -> bool {
     let revision = kv.mod_revision();
     let Some(route) = kv
@@ -109,7 +113,7 @@ async fn apply(
             return true;
         }
     };
-    match state.apply_fleet(route, desired, revision, listed).await {
+    match state.apply_fleet(route, desired, revision, how).await {
         Ok(()) => {
             fleet.applied(revision);
             true
@@ -143,7 +147,10 @@ async fn seed(
             weight_bp = value.weight_bp,
             "fleet: seeded the store with this replica's route state"
         );
-        if let Err(error) = state.apply_fleet(route, value, revision, false).await {
+        if let Err(error) = state
+            .apply_fleet(route, value, revision, Applied::Committed)
+            .await
+        {
             tracing::error!(route, %error, "fleet: could not apply the seeded state");
         }
     }

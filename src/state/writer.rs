@@ -14,6 +14,7 @@ use super::{
     SavedRoute, Shared, Snapshot, Source, StateHandle, Store, Trip,
 };
 use crate::config::{self, bp_to_percent, RouteSpec, Settings};
+use crate::fleet::Applied;
 use crate::proxy::route::sort_for_matching;
 use crate::server::tls::{self, Certificates};
 use crate::slo::rules::Rule;
@@ -183,10 +184,10 @@ impl Writer {
                     route,
                     desired,
                     revision,
-                    listed,
+                    how,
                     reply,
                 } => {
-                    let _ = reply.send(self.apply_fleet(&route, desired, revision, listed).await);
+                    let _ = reply.send(self.apply_fleet(&route, desired, revision, how).await);
                 }
                 Command::Saved { reply } => {
                     let _ = reply.send(Ok(self.saved.clone()));
@@ -270,22 +271,37 @@ impl Writer {
         route: &str,
         desired: FleetRoute,
         revision: i64,
-        listed: bool,
+        how: Applied,
     ) -> Result<(), ChangeError> {
         let Ok((_, current)) = self.route_state(route) else {
             tracing::debug!(route, "fleet state for a route this replica does not have");
             return Ok(());
         };
+        let exposes_more = (current.trip.is_some() && desired.trip.is_none())
+            || desired.weight_bp > current.weight_bp;
         let older = revision < current.revision || desired.epoch < current.epoch;
-        if older && listed {
-            tracing::warn!(route, revision, applied = current.revision, epoch = desired.epoch, applied_epoch = current.epoch, "the fleet store holds an older revision or epoch than this replica applied (etcd restored or rebuilt?); applying what it holds now");
+        if older && how == Applied::Listed {
+            tracing::warn!(route, revision, applied = current.revision, epoch = desired.epoch, applied_epoch = current.epoch, "the fleet store holds an older revision or epoch than this replica applied (etcd restored or rebuilt?)");
+            if exposes_more {
+                // What was reverted here stays reverted: kept, and pushed to the store.
+                let mut next = self.saved.clone();
+                let entry = next.get_mut(route).expect("route_state checked it exists");
+                entry.unpublished = true;
+                entry.revision = revision;
+                self.commit(next, Source::Fleet).await?;
+                if let Some(fleet) = self.shared.fleet.get() {
+                    fleet.publish_soon();
+                }
+                return Ok(());
+            }
         } else if older || revision == current.revision {
             return Ok(());
         }
         let mut note = None;
-        if current.unpublished {
-            let exposes_more = (current.trip.is_some() && desired.trip.is_none())
-                || desired.weight_bp > current.weight_bp;
+        // A change committed through this replica supersedes a rollback pending here (a
+        // pending trip refuses raises before they reach the store: `fleet::propose`).
+        let superseded = how == Applied::Committed && current.trip.is_none();
+        if current.unpublished && !superseded {
             if desired.epoch == current.epoch && exposes_more {
                 return Ok(());
             }
