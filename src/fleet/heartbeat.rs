@@ -54,9 +54,17 @@ pub async fn run(fleet: Arc<Fleet>, state: StateHandle) {
         tick.tick().await;
         // The member list `/admin/fleet` shows is read every `VIEW_EVERY` beats: every
         // replica reading it every second would cost the store N² reads a second.
-        let view = beats % VIEW_EVERY == 0;
+        let read_members = beats.is_multiple_of(VIEW_EVERY);
         beats += 1;
-        let beat = beat(&fleet, &state, &mut lease, incarnation, &started, view).await;
+        let beat = beat(
+            &fleet,
+            &state,
+            &mut lease,
+            incarnation,
+            &started,
+            read_members,
+        )
+        .await;
         fleet.store_answered(beat.as_ref().map(|_| ()));
         // A failed round leaves the judge as it is: its election key lives as long as
         // the lease, and the next round finds out whether that still holds.
