@@ -200,9 +200,11 @@ impl Fleet {
         format!("/splitgate/v1/{}/judge", self.settings.cluster)
     }
 
-    /// What the heartbeat last read: the members and the judge.
-    fn seen(&self, members: Vec<heartbeat::MemberRecord>, judge: Option<String>) {
-        *self.status.members.lock().expect("not poisoned") = members;
+    /// What the heartbeat last read: the judge, and the members when it read them.
+    fn seen(&self, members: Option<Vec<heartbeat::MemberRecord>>, judge: Option<String>) {
+        if let Some(members) = members {
+            *self.status.members.lock().expect("not poisoned") = members;
+        }
         *self.status.judge.lock().expect("not poisoned") = judge;
     }
 

@@ -732,48 +732,186 @@ async fn a_replica_cut_off_while_the_store_compacts_relists_and_converges() {
     );
 }
 
+/// A replica run as its own `splitgate run` process, so the test can `kill -9` it.
+struct ChildReplica {
+    child: std::process::Child,
+    config: PathBuf,
+    admin: SocketAddr,
+    proxy: SocketAddr,
+    _dir: TempDir,
+}
+
+impl ChildReplica {
+    async fn start(
+        name: &str,
+        etcd: &Etcd,
+        stable: SocketAddr,
+        canary: SocketAddr,
+        route_extra: &str,
+    ) -> ChildReplica {
+        let dir = TempDir::new(name);
+        let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let endpoints = etcd
+            .clients()
+            .iter()
+            .map(|c| format!("\"http://{c}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = config(
+            dir.path(),
+            &[stable],
+            Some(&[canary]),
+            "",
+            "",
+            &format!("canary_weight = 0\nsplit_key = [\"header:x-user-id\"]\n{route_extra}"),
+        )
+        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{proxy}\""), 1)
+        .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{admin}\""), 1)
+            + &format!(
+                "\n[fleet]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\ncluster = \"test\"\nreplica = \"{name}\"\nrequest_timeout = \"500ms\"\n"
+            );
+        let config_path = dir.path().join("splitgate.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let child = Self::spawn(&config_path);
+        let replica = ChildReplica {
+            child,
+            config: config_path,
+            admin,
+            proxy,
+            _dir: dir,
+        };
+        replica.wait_ready().await;
+        replica
+    }
+
+    fn spawn(config: &std::path::Path) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_splitgate"))
+            .args(["run", "-c"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if TcpStream::connect(self.admin).await.is_ok()
+                && get(self.admin, "/readyz", &[]).await.status == StatusCode::OK
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica process never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn kill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Self::spawn(&self.config);
+        self.wait_ready().await;
+    }
+
+    async fn route(&self) -> serde_json::Value {
+        admin(self.admin, "GET", "/admin/routes/main", "", None)
+            .await
+            .1
+    }
+}
+
+impl Drop for ChildReplica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_quorum_serving_goes_on_and_a_trip_survives_a_restart_and_lands_when_quorum_returns(
-) {
-    let Some((mut etcd, mut replicas, _stable, _canary)) = fleet_of_three("fleet-quorum", "").await
-    else {
+async fn without_quorum_serving_goes_on_and_a_trip_survives_kill_9_and_lands_when_quorum_returns() {
+    let Some(binary) = etcd_binary() else {
         return;
     };
-    assert_eq!(replicas[0].set_weight(50).await.0, StatusCode::OK);
-    for replica in &replicas {
+    let mut etcd = Etcd::start(binary).await;
+    let stable = named_upstream("stable").await;
+    // A canary that is healthy until the test breaks it.
+    let broken = Arc::new(AtomicBool::new(false));
+    let switch = broken.clone();
+    let canary = upstream(move |_request| {
+        let broken = switch.load(Ordering::SeqCst);
+        async move {
+            let mut response = http::Response::new(full("canary\n"));
+            if broken {
+                *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            response
+        }
+    })
+    .await;
+    let slo = "[routes.slo]\nwindow = \"30s\"\nmin_requests = 10\nmax_error_rate = 0.1\n";
+    let mut child =
+        ChildReplica::start("fleet-quorum-1", &etcd, stable.addr, canary.addr, slo).await;
+    let mut others = Vec::new();
+    for i in 2..=3 {
+        let replica = Replica::start(
+            &format!("fleet-quorum-{i}"),
+            &etcd,
+            stable.addr,
+            canary.addr,
+            slo,
+        )
+        .await;
+        replica.wait_store(true).await;
+        others.push(replica);
+    }
+    assert_eq!(others[0].set_weight(50).await.0, StatusCode::OK);
+    for replica in &others {
         replica
             .wait(Duration::from_secs(1), "weight 50", weight_is(50.0))
             .await;
     }
+    wait_for_route(
+        child.admin,
+        Duration::from_secs(2),
+        "weight 50",
+        weight_is(50.0),
+    )
+    .await;
+
     etcd.kill_member(1);
     etcd.kill_member(2);
     // Serving goes on: no failed request on any replica.
-    for replica in &replicas {
+    for addr in [child.proxy, others[0].proxy.addr, others[1].proxy.addr] {
         for i in 0..30 {
-            let reply = get(replica.proxy.addr, "/", &[("x-user-id", &format!("q{i}"))]).await;
+            let reply = get(addr, "/", &[("x-user-id", &format!("q{i}"))]).await;
             assert_eq!(reply.status, StatusCode::OK);
         }
     }
-    let (status, body) = replicas[1].set_weight(70).await;
+    let (status, body) = others[0].set_weight(70).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    // A trip here applies at once, and survives a restart before it could be published.
-    let trip = splitgate::state::Trip {
-        reason: "error_rate".into(),
-        detail: "test: tripped without quorum".into(),
-        at: "2026-11-27T00:00:00Z".into(),
-    };
-    replicas[0].proxy.state().trip("main", trip).await.unwrap();
-    let replica = &mut replicas[0];
-    assert!(replica.proxy.shutdown().await);
-    replica.proxy = start_proxy(replica.proxy.dir.clone(), &replica.text).await;
-    let route = replica.route().await;
+    // The canary breaks; the replica process's own guard trips while quorum is lost.
+    broken.store(true, Ordering::SeqCst);
+    let mut sent = 0;
+    while child.route().await["slo"]["state"] != "tripped" {
+        get(child.proxy, "/", &[("x-user-id", &format!("k{sent}"))]).await;
+        sent += 1;
+        assert!(sent < 2_000, "the replica never tripped");
+    }
+    // kill -9 before it could publish: the trip was saved first, and survives.
+    child.kill_and_restart().await;
+    let route = child.route().await;
     assert_eq!(route["slo"]["state"], "tripped", "{route}");
     assert_eq!(route["canary_weight"], 0.0);
-    assert_eq!(replicas[1].route().await["canary_weight"], 50.0);
+    assert_eq!(others[0].route().await["canary_weight"], 50.0);
     // Quorum returns: the trip reaches the store and every replica.
     etcd.start_member(1);
     etcd.start_member(2);
-    for replica in &replicas {
+    for replica in &others {
         replica
             .wait(Duration::from_secs(10), "the trip on every replica", |r| {
                 r["canary_weight"] == 0.0 && r["slo"]["state"] == "tripped"

@@ -120,20 +120,23 @@ async fn beat(
         .store
         .put_with_lease(&fleet.member_key(&fleet.settings.replica), &bytes, id)
         .await?;
-    if !read_members {
-        return Ok(());
-    }
-    // What `/admin/fleet` shows: every member, and who judges.
-    let (kvs, _) = fleet.store.list(&fleet.member_prefix()).await?;
-    let members = kvs
-        .iter()
-        .filter_map(|kv| serde_json::from_slice::<MemberRecord>(kv.value()).ok())
-        .collect();
+    // What `/admin/fleet` shows: who judges (every beat: one small read), and every
+    // member (every few beats).
     let judge = fleet
         .store
         .get(&fleet.judge_key())
         .await?
         .map(|(value, _)| String::from_utf8_lossy(&value).into_owned());
+    let members = if read_members {
+        let (kvs, _) = fleet.store.list(&fleet.member_prefix()).await?;
+        Some(
+            kvs.iter()
+                .filter_map(|kv| serde_json::from_slice::<MemberRecord>(kv.value()).ok())
+                .collect(),
+        )
+    } else {
+        None
+    };
     fleet.seen(members, judge);
     Ok(())
 }
