@@ -285,7 +285,8 @@ impl Fleet {
         self.status.store_up_gauge.set(if up { 1.0 } else { 0.0 });
         match result {
             Ok(()) if !was => {
-                tracing::info!(endpoint = self.store.endpoint(), "fleet store reachable")
+                tracing::info!(endpoint = self.store.endpoint(), "fleet store reachable");
+                *self.status.last_error.lock().expect("not poisoned") = None;
             }
             Err(error) => {
                 if was {

@@ -329,11 +329,25 @@ async fn fleet_with(
 ) -> Option<(Etcd, Vec<Replica>, TestUpstream, TestUpstream)> {
     let etcd = Etcd::start(etcd_binary()?).await;
     let stable = named_upstream("stable").await;
+    let replicas = start_replicas(&etcd, name, 1..=3, &stable, &canary, route_extra).await;
+    Some((etcd, replicas, stable, canary))
+}
+
+/// In-process replicas `{name}-{i}` for each `i` of `numbers`, each once it reaches the
+/// store.
+async fn start_replicas(
+    etcd: &Etcd,
+    name: &str,
+    numbers: std::ops::RangeInclusive<usize>,
+    stable: &TestUpstream,
+    canary: &TestUpstream,
+    route_extra: &str,
+) -> Vec<Replica> {
     let mut replicas = Vec::new();
-    for i in 1..=3 {
+    for i in numbers {
         let replica = Replica::start(
             &format!("{name}-{i}"),
-            &etcd,
+            etcd,
             stable.addr,
             canary.addr,
             route_extra,
@@ -342,7 +356,7 @@ async fn fleet_with(
         replica.wait_store(true).await;
         replicas.push(replica);
     }
-    Some((etcd, replicas, stable, canary))
+    replicas
 }
 
 fn weight_is(weight: f64) -> impl Fn(&serde_json::Value) -> bool {
@@ -856,19 +870,7 @@ async fn without_quorum_serving_goes_on_and_a_trip_survives_kill_9_and_lands_whe
     let slo = "[routes.slo]\nwindow = \"30s\"\nmin_requests = 10\nmax_error_rate = 0.1\n";
     let mut child =
         ChildReplica::start("fleet-quorum-1", &etcd, stable.addr, canary.addr, slo).await;
-    let mut others = Vec::new();
-    for i in 2..=3 {
-        let replica = Replica::start(
-            &format!("fleet-quorum-{i}"),
-            &etcd,
-            stable.addr,
-            canary.addr,
-            slo,
-        )
-        .await;
-        replica.wait_store(true).await;
-        others.push(replica);
-    }
+    let others = start_replicas(&etcd, "fleet-quorum", 2..=3, &stable, &canary, slo).await;
     assert_eq!(others[0].set_weight(50).await.0, StatusCode::OK);
     for replica in &others {
         replica

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fleet of docker-compose.yml on this machine, without Docker: 3 etcd members
 # (Debian: apt-get install etcd-server), two app versions, 3 splitgate replicas.
-#   examples/fleet/run-local.sh            # Ctrl-C stops everything
+#   examples/fleet/run-local.sh            # prints "fleet up" when ready; Ctrl-C stops it
 # Replicas: proxy 127.0.0.1:8081..8083, admin 127.0.0.1:9911..9913. Try:
 #   curl -H 'x-user-id: alice' 127.0.0.1:8081/
 #   target/release/splitgate weight app 50 --admin http://127.0.0.1:9911
@@ -18,7 +18,8 @@ mkdir -p "$dir"
 pids=()
 cleanup() {
   kill "${pids[@]}" 2>/dev/null || true
-  for _ in $(seq 50); do
+  # etcd members stopping together may wait on each other for a while.
+  for _ in $(seq 100); do
     kill -0 "${pids[@]}" 2>/dev/null || break
     sleep 0.1
   done
@@ -78,6 +79,15 @@ for i in 1 2 3; do
     sleep 0.1
   done
   curl -fs "http://127.0.0.1:991$i/readyz" >/dev/null || { echo "edge-$i did not start; see $dir/edge-$i.log" >&2; exit 1; }
+done
+# Ready also means "serving its saved state because the store is unreachable": wait
+# until every replica reaches the store (etcd may still be forming its cluster).
+for i in 1 2 3; do
+  for _ in $(seq 150); do
+    "$bin" fleet status --admin "http://127.0.0.1:991$i" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  "$bin" fleet status --admin "http://127.0.0.1:991$i" >/dev/null 2>&1 || { echo "edge-$i cannot reach etcd; see $dir/edge-$i.log and $dir/etcd-*.log" >&2; exit 1; }
 done
 echo "fleet up in $dir: proxies 127.0.0.1:8081..8083, admin 127.0.0.1:9911..9913"
 "$bin" fleet status --admin http://127.0.0.1:9911 || true

@@ -132,6 +132,19 @@ impl Store {
         Ok((response.kvs().to_vec(), revision))
     }
 
+    /// Runs `txn`; the revision it committed at, or `None` when its comparisons failed.
+    async fn commit_if(&self, txn: Txn) -> Result<Option<i64>, StoreError> {
+        let response = self
+            .run(|mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await }
+            })
+            .await?;
+        Ok(response
+            .succeeded()
+            .then(|| response.header().map_or(0, |h| h.revision())))
+    }
+
     /// Writes `value` to `key` if the key's mod revision is still `expected` (0: the
     /// key does not exist). The revision it committed at, or `None` when the key moved.
     pub async fn put_if(
@@ -140,17 +153,12 @@ impl Store {
         value: &[u8],
         expected: i64,
     ) -> Result<Option<i64>, StoreError> {
-        let response = self
-            .run(|mut client| async move {
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
-                    .and_then([TxnOp::put(key, value, None)]);
-                client.txn(txn).await
-            })
-            .await?;
-        Ok(response
-            .succeeded()
-            .then(|| response.header().map_or(0, |h| h.revision())))
+        self.commit_if(
+            Txn::new()
+                .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+                .and_then([TxnOp::put(key, value, None)]),
+        )
+        .await
     }
 
     /// Writes `value` to `key` if the key's mod revision is still `expected` and the
@@ -164,20 +172,15 @@ impl Store {
         fence: &str,
         fenced_at: i64,
     ) -> Result<Option<i64>, StoreError> {
-        let response = self
-            .run(|mut client| async move {
-                let txn = Txn::new()
-                    .when([
-                        Compare::mod_revision(key, CompareOp::Equal, expected),
-                        Compare::create_revision(fence, CompareOp::Equal, fenced_at),
-                    ])
-                    .and_then([TxnOp::put(key, value, None)]);
-                client.txn(txn).await
-            })
-            .await?;
-        Ok(response
-            .succeeded()
-            .then(|| response.header().map_or(0, |h| h.revision())))
+        self.commit_if(
+            Txn::new()
+                .when([
+                    Compare::mod_revision(key, CompareOp::Equal, expected),
+                    Compare::create_revision(fence, CompareOp::Equal, fenced_at),
+                ])
+                .and_then([TxnOp::put(key, value, None)]),
+        )
+        .await
     }
 
     /// Creates `key` bound to `lease` if it does not exist: the revision it was created
@@ -188,21 +191,16 @@ impl Store {
         value: &[u8],
         lease: i64,
     ) -> Result<Option<i64>, StoreError> {
-        let response = self
-            .run(|mut client| async move {
-                let txn = Txn::new()
-                    .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(
-                        key,
-                        value,
-                        Some(PutOptions::new().with_lease(lease)),
-                    )]);
-                client.txn(txn).await
-            })
-            .await?;
-        Ok(response
-            .succeeded()
-            .then(|| response.header().map_or(0, |h| h.revision())))
+        self.commit_if(
+            Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key,
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                )]),
+        )
+        .await
     }
 
     /// Writes `value` to `key`, bound to `lease`.
