@@ -359,6 +359,21 @@ async fn start_replicas(
     replicas
 }
 
+/// Sets the weight through replica 1 and waits until every replica serves it.
+async fn set_everywhere(replicas: &[Replica], weight: u32) {
+    let (status, body) = replicas[0].set_weight(weight).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for replica in replicas {
+        replica
+            .wait(
+                Duration::from_secs(1),
+                &format!("weight {weight} everywhere"),
+                weight_is(f64::from(weight)),
+            )
+            .await;
+    }
+}
+
 fn weight_is(weight: f64) -> impl Fn(&serde_json::Value) -> bool {
     move |route| route["canary_weight"] == weight
 }
@@ -430,12 +445,7 @@ async fn canary_errors_through_one_replica_trip_all_three_within_three_seconds()
     else {
         return;
     };
-    assert_eq!(replicas[0].set_weight(50).await.0, StatusCode::OK);
-    for replica in &replicas {
-        replica
-            .wait(Duration::from_secs(1), "weight 50", weight_is(50.0))
-            .await;
-    }
+    set_everywhere(&replicas, 50).await;
     // Failing canary traffic through replica 2 only, until its guard pulls the canary.
     let mut sent = 0;
     while replicas[1].route().await["slo"]["state"] != "tripped" {
@@ -484,12 +494,7 @@ async fn with_the_store_down_raises_are_refused_and_a_rollback_applies_and_lands
     let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-down", "").await else {
         return;
     };
-    assert_eq!(replicas[0].set_weight(30).await.0, StatusCode::OK);
-    for replica in &replicas {
-        replica
-            .wait(Duration::from_secs(1), "weight 30", weight_is(30.0))
-            .await;
-    }
+    set_everywhere(&replicas, 30).await;
     replicas[0].cut();
     let (status, body) = replicas[0].set_weight(60).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -558,21 +563,16 @@ async fn a_trip_made_before_a_fleet_wide_reset_is_not_re_applied() {
     let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-epoch", "").await else {
         return;
     };
-    assert_eq!(replicas[0].set_weight(20).await.0, StatusCode::OK);
-    for replica in &replicas {
-        replica
-            .wait(Duration::from_secs(1), "weight 20", weight_is(20.0))
-            .await;
-    }
+    set_everywhere(&replicas, 20).await;
     // Replica 3 is cut off, trips on its own, and cannot publish it.
     replicas[2].cut();
     replicas[2].wait_store(false).await;
-    let trip = splitgate::state::Trip {
-        reason: "error_rate".into(),
-        detail: "test: seen while cut off".into(),
-        at: "2026-11-27T00:00:00Z".into(),
-    };
-    replicas[2].proxy.state().trip("main", trip).await.unwrap();
+    replicas[2]
+        .proxy
+        .state()
+        .trip("main", test_trip("test: seen while cut off"))
+        .await
+        .unwrap();
     assert_eq!(replicas[2].route().await["canary_weight"], 0.0);
     // Meanwhile the fleet is reset and raised again.
     let (status, _) = admin(
@@ -987,12 +987,7 @@ async fn the_fleet_judge_trips_a_canary_every_replica_saw_too_little_of_alone() 
         return;
     };
     wait_for_judge(&replicas, None, Duration::from_secs(5)).await;
-    assert_eq!(replicas[0].set_weight(100).await.0, StatusCode::OK);
-    for replica in &replicas {
-        replica
-            .wait(Duration::from_secs(1), "weight 100", weight_is(100.0))
-            .await;
-    }
+    set_everywhere(&replicas, 100).await;
     // 9 failing canary requests per replica: 27 in all, below min_requests (30): no
     // verdict yet, not even from the fleet judge (it counts each request once).
     for (i, replica) in replicas.iter().enumerate() {
