@@ -40,9 +40,12 @@ const CONFLICT_RETRIES: usize = 5;
 /// The state a change through this replica starts from: the store's, except that a
 /// trip made here and not yet accepted by the store still counts (no raise through this
 /// replica while it is pending). A pending rollback does not: a change made through
-/// this replica after it supersedes it.
+/// this replica after it supersedes it. The epoch never goes back.
 fn as_seen_here(stored: &FleetRoute, local: &SavedRoute) -> SavedRoute {
     let mut current = stored.onto(local);
+    // A store restored from an older backup (or a hand-written value) may hold an older
+    // epoch than this replica applied: what is written goes forward from the newer.
+    current.epoch = current.epoch.max(local.epoch);
     if local.unpublished && local.epoch >= stored.epoch && current.trip.is_none() {
         current.trip = local.trip.clone();
     }
@@ -470,6 +473,12 @@ mod tests {
         let seen = as_seen_here(&stored(3), &local(Some(trip()), true, 3));
         assert_eq!(seen.trip, Some(trip()));
         assert_eq!(seen.weight_bp, 2000);
+    }
+
+    #[test]
+    fn the_epoch_never_goes_back() {
+        assert_eq!(as_seen_here(&stored(1), &local(None, false, 4)).epoch, 4);
+        assert_eq!(as_seen_here(&stored(5), &local(None, false, 4)).epoch, 5);
     }
 
     #[test]

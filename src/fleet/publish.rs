@@ -55,7 +55,12 @@ async fn publish(
                 .apply_fleet(route, desired, revision, Applied::Listed)
                 .await;
         }
-        Stored::Value(desired, revision) => (desired.onto(local), revision),
+        Stored::Value(desired, revision) => {
+            let mut current = desired.onto(local);
+            // The epoch never goes back (a store restored from an older backup).
+            current.epoch = current.epoch.max(local.epoch);
+            (current, revision)
+        }
         Stored::Absent => (local.clone(), 0),
         Stored::Corrupt(_, revision) => (local.clone(), revision),
     };
