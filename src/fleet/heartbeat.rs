@@ -15,7 +15,9 @@ use super::{Fleet, StoreError};
 use crate::slo::evidence::Reading;
 use crate::state::StateHandle;
 
-pub const EVERY: Duration = Duration::from_secs(1);
+const EVERY: Duration = Duration::from_secs(1);
+/// After a failed beat.
+const RETRY_SOON: Duration = Duration::from_millis(200);
 /// Beats between two reads of the member list and the judge's name (for the view).
 const VIEW_EVERY: u64 = 3;
 /// Seconds; etcd may grant more (its minimum depends on its election timeout).
@@ -66,10 +68,12 @@ pub async fn run(fleet: Arc<Fleet>, state: StateHandle) {
         )
         .await;
         fleet.store_answered(beat.as_ref().map(|_| ()));
-        // A failed round leaves the judge as it is: its election key lives as long as
-        // the lease, and the next round finds out whether that still holds.
-        if let (Ok(()), Some(lease)) = (beat, lease) {
-            judge.tick(&fleet, &state, lease).await;
+        match (beat, lease) {
+            (Ok(()), Some(lease)) => judge.tick(&fleet, &state, lease).await,
+            // A failed round leaves the judge as it is (its election key lives as long
+            // as the lease) and is tried again soon: renewed quickly once the store is
+            // back, the lease outlives a short outage.
+            _ => tick.reset_after(RETRY_SOON),
         }
     }
 }
