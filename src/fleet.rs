@@ -37,15 +37,21 @@ use crate::telemetry::names::{FLEET_APPLIED_REVISION, FLEET_STORE_UP};
 /// route between the read and the transaction.
 const CONFLICT_RETRIES: usize = 5;
 
-/// The state a change through this replica starts from: the store's, except that a
-/// trip made here and not yet accepted by the store still counts (no raise through this
-/// replica while it is pending). A pending rollback does not: a change made through
-/// this replica after it supersedes it. The epoch never goes back.
-fn as_seen_here(stored: &FleetRoute, local: &SavedRoute) -> SavedRoute {
+/// The store's state onto this replica's, with the epoch never going back: a store
+/// restored from an older backup (or a hand-written value) may hold an older epoch
+/// than this replica applied, and what is written goes forward from the newer.
+fn store_onto_local(stored: &FleetRoute, local: &SavedRoute) -> SavedRoute {
     let mut current = stored.onto(local);
-    // A store restored from an older backup (or a hand-written value) may hold an older
-    // epoch than this replica applied: what is written goes forward from the newer.
     current.epoch = current.epoch.max(local.epoch);
+    current
+}
+
+/// The state a change through this replica starts from: the store's
+/// (`store_onto_local`), except that a trip made here and not yet accepted by the store
+/// still counts (no raise through this replica while it is pending). A pending rollback
+/// does not: a change made through this replica after it supersedes it.
+fn as_seen_here(stored: &FleetRoute, local: &SavedRoute) -> SavedRoute {
+    let mut current = store_onto_local(stored, local);
     if local.unpublished && local.epoch >= stored.epoch && current.trip.is_none() {
         current.trip = local.trip.clone();
     }

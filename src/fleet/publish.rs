@@ -48,21 +48,20 @@ async fn publish(
     else {
         return Ok(());
     };
-    let (current, expected) = match fleet.read(route).await? {
+    let (current, expected, stored) = match fleet.read(route).await? {
         Stored::Value(desired, revision) if desired.epoch > local.epoch => {
             // Reset fleet-wide since: applying the store's state drops the stale one.
             return state
                 .apply_fleet(route, desired, revision, Applied::Listed)
                 .await;
         }
-        Stored::Value(desired, revision) => {
-            let mut current = desired.onto(local);
-            // The epoch never goes back (a store restored from an older backup).
-            current.epoch = current.epoch.max(local.epoch);
-            (current, revision)
-        }
-        Stored::Absent => (local.clone(), 0),
-        Stored::Corrupt(_, revision) => (local.clone(), revision),
+        Stored::Value(desired, revision) => (
+            super::store_onto_local(&desired, local),
+            revision,
+            Some(desired),
+        ),
+        Stored::Absent => (local.clone(), 0, None),
+        Stored::Corrupt(_, revision) => (local.clone(), revision, None),
     };
     let (change, source) = match &local.trip {
         Some(trip) => (Change::Trip(trip.clone()), "slo"),
@@ -71,12 +70,14 @@ async fn publish(
     let next = change::apply(&spec, &current, &change, crate::timefmt::unix_ms())?;
     let Some(next) = next.filter(|next| next.weight_bp <= current.weight_bp) else {
         // The store already has it (or lower): take the store's state.
-        if let Stored::Value(desired, revision) = fleet.read(route).await? {
-            return state
-                .apply_fleet(route, desired, revision, Applied::Listed)
-                .await;
-        }
-        return Ok(());
+        return match stored {
+            Some(desired) => {
+                state
+                    .apply_fleet(route, desired, expected, Applied::Listed)
+                    .await
+            }
+            None => Ok(()),
+        };
     };
     let value = FleetRoute::from_saved(&next, &fleet.settings.replica, source);
     if let Some(revision) = fleet.write(route, &value, expected).await? {
