@@ -12,7 +12,7 @@ benches/peer/upstream-nginx.conf on 19001/19002 (benches/idle.sh starts it).
 """
 import json, os, resource, signal, socket, ssl, subprocess, sys, time
 
-from load_checks import BIN, PEER, rss_kib, wait_up
+from load_checks import BIN, PEER, one_request, rss_kib, wait_up
 # HAProxy needs two file descriptors per client connection (maxconn 9950 here); where
 # the open-files limit allows, run NS=1000,10000.
 NS = [int(n) for n in os.environ.get("NS", "1000,9000").split(",") if n]
@@ -122,11 +122,7 @@ def measure(name, mode, n, cert, key):
             if mode == "h2c":
                 h2_request(s)
             else:
-                s.sendall(request)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += s.recv(4096)
-                assert data.startswith(b"HTTP/1.1 200"), data[:80]
+                one_request(s, request)
             socks.append(s)
         time.sleep(WAIT)
         after = tree_rss_kib(p.pid)

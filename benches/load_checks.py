@@ -24,6 +24,15 @@ def rss_kib(pid):
     return 0
 
 
+def one_request(s, request):
+    """Sends `request` on a keep-alive socket and reads the response head: a 200."""
+    s.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(4096)
+    assert data.startswith(b"HTTP/1.1 200"), data[:80]
+
+
 def wait_up(port):
     for _ in range(100):
         try:
@@ -144,11 +153,7 @@ def idle(count=10_000):
         for _ in range(count):
             s = socket.create_connection(("127.0.0.1", 18084))
             s.settimeout(5)
-            s.sendall(request)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += s.recv(4096)
-            assert data.startswith(b"HTTP/1.1 200"), data[:80]
+            one_request(s, request)
             socks.append(s)
         # splitgate releases a connection's buffers after 1 s idle; wait for that, and
         # for the allocator to give freed pages back.
