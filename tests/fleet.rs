@@ -278,6 +278,18 @@ impl Replica {
             .1
     }
 
+    /// `POST /admin/routes/main/{action}` (`reset`, `rollback`).
+    async fn post(&self, action: &str) -> (StatusCode, serde_json::Value) {
+        admin(
+            self.proxy.admin,
+            "POST",
+            &format!("/admin/routes/main/{action}"),
+            "",
+            None,
+        )
+        .await
+    }
+
     async fn fleet(&self) -> serde_json::Value {
         admin(self.proxy.admin, "GET", "/admin/fleet", "", None)
             .await
@@ -471,14 +483,7 @@ async fn canary_errors_through_one_replica_trip_all_three_within_three_seconds()
     let (status, body) = replicas[2].set_weight(10).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     // A reset through any replica clears it everywhere.
-    let (status, _) = admin(
-        replicas[2].proxy.admin,
-        "POST",
-        "/admin/routes/main/reset",
-        "",
-        None,
-    )
-    .await;
+    let (status, _) = replicas[2].post("reset").await;
     assert_eq!(status, StatusCode::OK);
     for replica in &replicas {
         replica
@@ -503,14 +508,7 @@ async fn with_the_store_down_raises_are_refused_and_a_rollback_applies_and_lands
     // Serving goes on at the last applied weight.
     assert_eq!(replicas[0].route().await["canary_weight"], 30.0);
     // A rollback applies here at once, and reaches the others once the store is back.
-    let (status, body) = admin(
-        replicas[0].proxy.admin,
-        "POST",
-        "/admin/routes/main/rollback",
-        "",
-        None,
-    )
-    .await;
+    let (status, body) = replicas[0].post("rollback").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["canary_weight"], 0.0);
     assert_eq!(replicas[1].route().await["canary_weight"], 30.0);
@@ -575,14 +573,7 @@ async fn a_trip_made_before_a_fleet_wide_reset_is_not_re_applied() {
         .unwrap();
     assert_eq!(replicas[2].route().await["canary_weight"], 0.0);
     // Meanwhile the fleet is reset and raised again.
-    let (status, _) = admin(
-        replicas[0].proxy.admin,
-        "POST",
-        "/admin/routes/main/reset",
-        "",
-        None,
-    )
-    .await;
+    let (status, _) = replicas[0].post("reset").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(replicas[0].set_weight(35).await.0, StatusCode::OK);
     replicas[2].heal();
@@ -965,6 +956,25 @@ async fn wait_for_judge(replicas: &[Replica], not: Option<&str>, within: Duratio
     }
 }
 
+/// Waits for a judge and until it has seen every replica's member record: the judge
+/// counts a replica's traffic from when it first sees it, so traffic sent before that
+/// would be its starting point, not evidence. Records are written and read every
+/// second, so two seconds after all three show, the judge has seen them.
+async fn wait_until_the_judge_sees_everyone(replicas: &[Replica]) -> String {
+    let judge = wait_for_judge(replicas, None, Duration::from_secs(5)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replicas[0].fleet().await["members"]
+        .as_array()
+        .map_or(0, Vec::len)
+        < replicas.len()
+    {
+        assert!(Instant::now() < deadline, "not every member shows");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    judge
+}
+
 async fn wait_fleet_tripped(replicas: &[Replica]) {
     for replica in replicas {
         replica
@@ -986,7 +996,7 @@ async fn the_fleet_judge_trips_a_canary_every_replica_saw_too_little_of_alone() 
     else {
         return;
     };
-    wait_for_judge(&replicas, None, Duration::from_secs(5)).await;
+    wait_until_the_judge_sees_everyone(&replicas).await;
     set_everywhere(&replicas, 100).await;
     // 9 failing canary requests per replica: 27 in all, below min_requests (30): no
     // verdict yet, not even from the fleet judge (it counts each request once).
@@ -1091,14 +1101,7 @@ async fn a_rollback_made_while_cut_off_never_clears_a_trip_made_meanwhile() {
         .await;
     replicas[2].cut();
     replicas[2].wait_store(false).await;
-    let (status, _) = admin(
-        replicas[2].proxy.admin,
-        "POST",
-        "/admin/routes/main/rollback",
-        "",
-        None,
-    )
-    .await;
+    let (status, _) = replicas[2].post("rollback").await;
     assert_eq!(status, StatusCode::OK);
     replicas[0]
         .proxy
@@ -1194,24 +1197,10 @@ async fn hand_written_values_in_the_store_never_expose_a_tripped_canary_nor_bloc
     // A value nobody can read: changes are refused with the key named, a rollback is not.
     client.put(key, "not json", None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, body) = admin(
-        replicas[0].proxy.admin,
-        "POST",
-        "/admin/routes/main/reset",
-        "",
-        None,
-    )
-    .await;
+    let (status, body) = replicas[0].post("reset").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(body["error"].as_str().unwrap().contains(key), "{body}");
-    let (status, body) = admin(
-        replicas[0].proxy.admin,
-        "POST",
-        "/admin/routes/main/rollback",
-        "",
-        None,
-    )
-    .await;
+    let (status, body) = replicas[0].post("rollback").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let value = client.get(key, None).await.unwrap();
     let value = std::str::from_utf8(value.kvs()[0].value())
@@ -1283,7 +1272,7 @@ async fn the_judge_keeps_judging_after_a_store_outage_shorter_than_its_lease() {
     else {
         return;
     };
-    let judge = wait_for_judge(&replicas, None, Duration::from_secs(5)).await;
+    let judge = wait_until_the_judge_sees_everyone(&replicas).await;
     let index = (0..replicas.len())
         .find(|i| judge == format!("fleet-blip-{}", i + 1))
         .unwrap();
