@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod handlers;
+pub mod instances;
 pub mod view;
 
 use std::sync::atomic::Ordering;
@@ -89,8 +90,12 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
         }
         ["metrics"] => {
             return only(method, &Method::GET, || {
-                let mut response =
-                    Response::new(Full::new(Bytes::from(state.shared.registry.render())));
+                let snapshot = state.shared.snapshot.load();
+                let text = state
+                    .shared
+                    .registry
+                    .render_with_instances(&snapshot.upstreams);
+                let mut response = Response::new(Full::new(Bytes::from(text)));
                 response.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -103,12 +108,23 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
         ["admin", "routes", name] => {
             return only(method, &Method::GET, || handlers::show_route(state, name))
         }
+        ["admin", "upstreams"] => return only(method, &Method::GET, || instances::list(state)),
+        ["admin", "upstreams", name] => {
+            return only(method, &Method::GET, || instances::show(state, name))
+        }
+        ["admin", "upstreams", name, "instances", addr] => {
+            return only(method, &Method::GET, || {
+                instances::show_instance(state, name, addr)
+            })
+        }
         _ => {}
     }
 
     // Changes.
     let wanted = match segments.as_slice() {
-        ["admin", "routes", _, "weight"] => Method::PUT,
+        ["admin", "routes", _, "weight"] | ["admin", "upstreams", _, "instances", _, "state"] => {
+            Method::PUT
+        }
         ["admin", "routes", _, "rollback" | "reset"]
         | ["admin", "routes", _, "rollout", _]
         | ["admin", "reload"] => Method::POST,
@@ -152,6 +168,9 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
             handlers::set_weight(state, name, &body, source).await
         }
         ["admin", "routes", name, "rollback"] => handlers::rollback(state, name, source).await,
+        ["admin", "upstreams", name, "instances", addr, "state"] => {
+            instances::set_state(state, name, addr, &body, source).await
+        }
         ["admin", "routes", name, "reset"] => handlers::reset(state, name, source).await,
         ["admin", "routes", name, "rollout", action] => {
             handlers::rollout(state, name, action, source).await

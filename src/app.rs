@@ -60,6 +60,8 @@ pub struct Running {
     workers: crate::worker::Workers,
     admin: JoinHandle<()>,
     guard: JoinHandle<()>,
+    /// Health checks and DNS re-resolution.
+    control: Vec<JoinHandle<()>>,
     /// Duplicates of the listening sockets, for a binary takeover (`takeover.rs`).
     sockets: Option<Sockets>,
     state_dir: PathBuf,
@@ -201,6 +203,17 @@ pub async fn start_with(
         }),
         admin_stop.clone(),
     ));
+    // Health checks and DNS go on through a drain: requests still in flight use them.
+    let control = vec![
+        tokio::spawn(crate::upstream::checker::run(
+            state.clone(),
+            admin_stop.clone(),
+        )),
+        tokio::spawn(crate::upstream::discovery::run(
+            state.clone(),
+            admin_stop.clone(),
+        )),
+    ];
     let guard = tokio::spawn(crate::slo::guard::run(state.clone(), admin_stop));
     tracing::info!(
         proxy = %proxy_addr,
@@ -219,6 +232,7 @@ pub async fn start_with(
         workers,
         admin,
         guard,
+        control,
         sockets: handover,
         state_dir,
     })
@@ -355,6 +369,9 @@ impl Running {
         let _ = self.stop_admin.send(true);
         let _ = self.admin.await;
         let _ = self.guard.await;
+        for task in self.control.drain(..) {
+            let _ = task.await;
+        }
         if let Some(fleet) = self.state.shared.fleet.get() {
             fleet.stop().await;
         }

@@ -186,6 +186,62 @@ pub fn fleet_table(fleet: &serde_json::Value) -> String {
     out
 }
 
+/// `splitgate upstreams`: one line per instance.
+pub fn upstreams_table(upstreams: &[serde_json::Value]) -> String {
+    let mut out = format!(
+        "{:<16} {:<24} {:<6} {:<9} {:<7} {:>9} {:>5} {:>9}  {}\n",
+        "UPSTREAM",
+        "INSTANCE",
+        "STATE",
+        "HEALTH",
+        "SERVING",
+        "IN-FLIGHT",
+        "CONNS",
+        "EJECTIONS",
+        "LAST CHECK"
+    );
+    for upstream in upstreams {
+        let name = upstream["name"].as_str().unwrap_or("?");
+        let instances = upstream["instances"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if instances.is_empty() {
+            out.push_str(&format!(
+                "{name:<16} (no instance: {} does not resolve yet)\n",
+                upstream["configured"]
+            ));
+        }
+        for instance in &instances {
+            let mut health = instance["health"].as_str().unwrap_or("?").to_string();
+            if instance["ejected"] == true {
+                health.push_str(",ej");
+            }
+            let last = match instance["last_error"].as_str() {
+                Some(error) => format!("failed: {error}"),
+                None => instance["last_check"].as_str().unwrap_or("-").to_string(),
+            };
+            out.push_str(&format!(
+                "{:<16} {:<24} {:<6} {:<9} {:<7} {:>9} {:>5} {:>9}  {}\n",
+                name,
+                instance["addr"].as_str().unwrap_or("?"),
+                instance["state"].as_str().unwrap_or("?"),
+                health,
+                if instance["serving"] == true {
+                    "yes"
+                } else {
+                    "no"
+                },
+                instance["in_flight"].as_u64().unwrap_or(0),
+                instance["connections"].as_u64().unwrap_or(0),
+                instance["ejections"].as_u64().unwrap_or(0),
+                last
+            ));
+        }
+    }
+    out
+}
+
 /// What a change did, from the route's state before and after.
 pub fn change_summary(before: Option<&serde_json::Value>, after: &serde_json::Value) -> String {
     let name = after["name"].as_str().unwrap_or("?");

@@ -10,8 +10,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use compile::{
-    bp_to_percent, weight_to_bp, FleetSettings, HostMatch, RouteSpec, Settings, SloSpec,
-    TlsSettings, UpstreamSpec, UpstreamTls,
+    bp_to_percent, weight_to_bp, FleetSettings, HealthCheck, HealthSpec, HostMatch, Resolve,
+    RouteSpec, Settings, SloSpec, TlsSettings, UpstreamSpec, UpstreamTls,
 };
 
 /// Why a config could not be used. Every variant names the file.

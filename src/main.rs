@@ -108,11 +108,59 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Put an upstream instance in service or take it out: `ready`, `drain` (no new
+    /// requests, those in flight finish) or `maint` (no requests, no health checks).
+    /// Exits 0 when done, 1 when refused, 2 when `--wait` timed out.
+    Instance {
+        #[arg(value_enum)]
+        state: InstanceAction,
+        upstream: String,
+        /// The instance's address as `splitgate upstreams` lists it (ip:port).
+        addr: String,
+        /// drain, maint: return once nothing is in flight to the instance; ready:
+        /// once it gets requests (past its health checks).
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits, e.g. 90s, 2m.
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Every upstream instance: state, health, requests in flight, connections.
+    Upstreams {
+        /// Print the admin API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// The fleet this replica belongs to (`[fleet]`).
     Fleet {
         #[command(subcommand)]
         command: FleetCommand,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum InstanceAction {
+    Ready,
+    Drain,
+    Maint,
+}
+
+impl InstanceAction {
+    fn as_str(self) -> &'static str {
+        match self {
+            InstanceAction::Ready => "ready",
+            InstanceAction::Drain => "drain",
+            InstanceAction::Maint => "maint",
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    config::duration::parse(text)
 }
 
 #[derive(Subcommand)]
@@ -185,6 +233,15 @@ fn main() -> ExitCode {
             command: FleetCommand::Status { json, admin },
         } => fleet_status(&admin, json),
         Command::Health { admin } => health(&admin),
+        Command::Instance {
+            state,
+            upstream,
+            addr,
+            wait,
+            timeout,
+            admin,
+        } => instance(&admin, state, &upstream, &addr, wait.then_some(timeout)),
+        Command::Upstreams { json, admin } => upstreams(&admin, json),
         Command::Rollback { route, admin } => {
             change(&admin, &route, Method::POST, "rollback", None)
         }
@@ -396,6 +453,108 @@ fn fleet_status(args: &AdminArgs, json: bool) -> ExitCode {
             )
         }
         Ok(shown)
+    });
+    print_result(result)
+}
+
+/// `splitgate instance STATE UPSTREAM ADDR [--wait]`.
+fn instance(
+    args: &AdminArgs,
+    state: InstanceAction,
+    upstream: &str,
+    addr: &str,
+    wait: Option<std::time::Duration>,
+) -> ExitCode {
+    let path = format!("/admin/upstreams/{upstream}/instances/{addr}");
+    let result = with_client(args, async |client| {
+        let body = format!("{{\"state\": \"{}\"}}", state.as_str());
+        let (status, text) = client
+            .call(Method::PUT, &format!("{path}/state"), Some(body))
+            .await?;
+        let value = expect_ok(status, &text)?;
+        println!(
+            "{upstream} {addr}: {} ({} in flight, health {})",
+            state.as_str(),
+            value["in_flight"],
+            value["health"].as_str().unwrap_or("?")
+        );
+        let Some(timeout) = wait else {
+            return Ok(None);
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = value;
+        loop {
+            let done = match state {
+                InstanceAction::Ready => last["serving"] == true,
+                _ => last["in_flight"] == 0,
+            };
+            if done {
+                return Ok(None);
+            }
+            if last["state"] != state.as_str() {
+                anyhow::bail!(
+                    "{upstream} {addr} was set to {} meanwhile; stopped waiting",
+                    last["state"]
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let what = match state {
+                    InstanceAction::Ready => format!(
+                        "it is still not serving (health {}{})",
+                        last["health"].as_str().unwrap_or("?"),
+                        last["last_error"]
+                            .as_str()
+                            .map(|e| format!(", last check: {e}"))
+                            .unwrap_or_default()
+                    ),
+                    _ => format!("{} requests still in flight", last["in_flight"]),
+                };
+                return Ok(Some(format!(
+                    "timed out after {}s waiting for {upstream} {addr}: {what}",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let (status, text) = client.call(Method::GET, &path, None).await?;
+            let now = expect_ok(status, &text)?;
+            if now["in_flight"] != last["in_flight"] && state != InstanceAction::Ready {
+                println!("{upstream} {addr}: {} in flight", now["in_flight"]);
+            }
+            last = now;
+        }
+    });
+    match result {
+        Ok(None) => {
+            if wait.is_some() {
+                let done = match state {
+                    InstanceAction::Ready => "serving",
+                    _ => "nothing in flight",
+                };
+                println!("{upstream} {addr}: {done}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Some(timed_out)) => {
+            eprintln!("splitgate: {timed_out}");
+            ExitCode::from(2)
+        }
+        Err(error) => {
+            eprintln!("splitgate: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn upstreams(args: &AdminArgs, json: bool) -> ExitCode {
+    let result = with_client(args, async |client| {
+        let (status, text) = client.call(Method::GET, "/admin/upstreams", None).await?;
+        let value = expect_ok(status, &text)?;
+        Ok(if json {
+            text
+        } else {
+            let upstreams = value["upstreams"].as_array().cloned().unwrap_or_default();
+            splitgate::client::upstreams_table(&upstreams)
+        })
     });
     print_result(result)
 }

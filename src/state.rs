@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use change::Change;
 pub use snapshot::{LiveRoute, RolloutProgress, Snapshot, Trip};
-pub use store::{AuditEntry, FleetRoute, Loaded, SavedRoute, StateDirError, Store};
+pub use store::{
+    AuditEntry, FleetRoute, InstanceAudit, InstanceStates, Loaded, SavedRoute, StateDirError, Store,
+};
 pub use writer::start;
 
 use crate::config::ConfigError;
@@ -98,6 +100,14 @@ impl Source {
 pub enum ChangeError {
     #[error("no route named {0:?}")]
     UnknownRoute(String),
+    #[error("no upstream named {0:?}")]
+    UnknownUpstream(String),
+    #[error("upstream {upstream:?} has no instance {addr} (it has: {known})")]
+    UnknownInstance {
+        upstream: String,
+        addr: std::net::SocketAddr,
+        known: String,
+    },
     #[error("route {0:?} has no canary upstream")]
     NoCanary(String),
     #[error("route {route:?} is tripped ({reason}); reset it before raising the weight")]
@@ -172,6 +182,19 @@ pub(crate) enum Command {
     Reload {
         source: Source,
         reply: Reply<Vec<String>>,
+    },
+    /// The addresses a re-resolved upstream now has (from DNS).
+    Members {
+        upstream: String,
+        addrs: Vec<std::net::SocketAddr>,
+    },
+    /// The operator's state for one instance; replies with the state it had.
+    InstanceState {
+        upstream: String,
+        addr: std::net::SocketAddr,
+        state: crate::upstream::InstanceState,
+        source: Source,
+        reply: Reply<crate::upstream::InstanceState>,
     },
     /// Ends the writer and releases the state directory's lock (at shutdown, so a
     /// restart in the same process can take it).
@@ -304,6 +327,37 @@ impl StateHandle {
     /// restart); a bad file is an error and changes nothing.
     pub async fn reload(&self, source: Source) -> Result<Vec<String>, ChangeError> {
         self.ask(|reply| Command::Reload { source, reply }).await
+    }
+
+    /// Sets the operator's state of an instance (ready, drain, maint); returns the
+    /// state it had.
+    pub async fn set_instance_state(
+        &self,
+        upstream: &str,
+        addr: std::net::SocketAddr,
+        state: crate::upstream::InstanceState,
+        source: Source,
+    ) -> Result<crate::upstream::InstanceState, ChangeError> {
+        let upstream = upstream.to_string();
+        self.ask(|reply| Command::InstanceState {
+            upstream,
+            addr,
+            state,
+            source,
+            reply,
+        })
+        .await
+    }
+
+    /// Tells the writer the addresses a re-resolved upstream now has.
+    pub(crate) async fn set_members(&self, upstream: &str, addrs: Vec<std::net::SocketAddr>) {
+        let _ = self
+            .tx
+            .send(Command::Members {
+                upstream: upstream.to_string(),
+                addrs,
+            })
+            .await;
     }
 
     /// Stops the writer; it has released the state directory when this returns.

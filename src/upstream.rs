@@ -1,21 +1,27 @@
-//! Upstream pools: the instances of one named upstream, round-robin selection, and
-//! pooled keep-alive HTTP/1.1 connections per instance.
+//! Upstream pools: the instances of one named upstream, their state and health,
+//! round-robin selection, and pooled keep-alive HTTP/1.1 connections per instance.
 
 pub mod body;
+pub mod checker;
+pub mod discovery;
 pub mod health;
+pub mod instance;
 pub mod pool;
 pub mod tls;
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-use std::net::SocketAddr;
 
 use http::header::UPGRADE;
 use http::{Request, Response};
 
 pub use body::UpstreamBody;
-pub use pool::{Pool, PooledBody};
+pub use instance::{Checked, Instance, InstanceState};
+pub use pool::{InFlight, Pool, PooledBody};
+
+use health::EjectPolicy;
 
 use crate::config::UpstreamSpec;
 
@@ -118,14 +124,21 @@ pub struct Sent {
     pub failed_connects: usize,
 }
 
-/// A named upstream: per worker, a connection pool for each instance and a
-/// round-robin cursor. Each worker uses only its own (see `worker::index`), so
-/// connections are opened, used and pooled on one thread and no lock or cursor is
-/// shared between cores; an instance's health is shared, so every worker stops sending
-/// to an instance any worker found dead.
+/// A named upstream: its instances as every worker shares them, and per worker a
+/// connection pool for each and a round-robin cursor. Each worker uses only its own
+/// (see `worker::index`), so connections are opened, used and pooled on one thread and
+/// no lock or cursor is shared between cores; an instance's state and health are
+/// shared, so every worker stops sending to an instance any worker found dead, the
+/// checker found down or the operator drained.
+///
+/// The instance list is fixed for the life of an `Upstream`: a reload or a DNS change
+/// builds a new one (see [`Upstream::build`]) that keeps the instances and pools of the
+/// addresses that stay.
 pub struct Upstream {
     pub spec: UpstreamSpec,
+    members: Box<[Arc<Instance>]>,
     workers: Box<[WorkerPools]>,
+    policy: EjectPolicy,
 }
 
 /// One worker's view of an upstream. Aligned to its own cache lines: the cursor is
@@ -137,47 +150,123 @@ struct WorkerPools {
 }
 
 impl Upstream {
-    /// `workers` pools per instance; `max_connections_per_instance` and
-    /// `max_idle_per_instance` are split evenly between them.
+    /// The upstream as the config gives it, every instance new.
     pub fn new(spec: UpstreamSpec, workers: usize) -> Self {
+        let addrs = spec.instances.clone();
+        Self::build(spec, &addrs, workers, None, &BTreeMap::new(), true)
+    }
+
+    /// The upstream with instances at `addrs`: an address `previous` had keeps its
+    /// instance (state, health) and, when the pool settings did not change, its pools;
+    /// a new one starts in the state `states` saved for it (else ready) and, when the
+    /// upstream has health checks, pending until it passes them. `workers` pools per
+    /// instance; `max_connections_per_instance` and `max_idle_per_instance` are split
+    /// evenly between them. `at_start`: the process is starting (see
+    /// [`Instance::record_check`]).
+    pub fn build(
+        spec: UpstreamSpec,
+        addrs: &[SocketAddr],
+        workers: usize,
+        previous: Option<&Upstream>,
+        states: &BTreeMap<SocketAddr, InstanceState>,
+        at_start: bool,
+    ) -> Self {
         let workers = workers.max(1);
-        let health: Vec<Arc<health::Health>> = spec
-            .instances
+        let checked = match spec.health {
+            Some(_) => Checked::Pending,
+            None => Checked::Up,
+        };
+        let members: Box<[Arc<Instance>]> = addrs
             .iter()
-            .map(|_| {
-                Arc::new(health::Health::new(
-                    spec.eject_after,
-                    spec.eject_for,
-                    spec.max_eject_for,
-                ))
+            .map(|&addr| {
+                previous
+                    .and_then(|p| p.member(addr))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        let state = states.get(&addr).copied().unwrap_or_default();
+                        Arc::new(Instance::new(addr, state, checked, at_start))
+                    })
             })
             .collect();
+        let reuse_pools =
+            previous.filter(|p| p.spec.same_pools(&spec) && p.workers.len() == workers);
         // One TLS client config per upstream, shared by its pools.
         let tls = spec.tls.as_ref().and_then(tls::UpstreamConnector::new);
         let pools = (0..workers)
-            .map(|_| WorkerPools {
-                instances: spec
-                    .instances
+            .map(|worker| WorkerPools {
+                instances: members
                     .iter()
-                    .zip(&health)
-                    .map(|(&addr, health)| {
-                        Arc::new(Pool::new(
-                            addr,
-                            // 0 idle stays 0: no pooling.
-                            spec.max_idle_per_instance.div_ceil(workers),
-                            crate::worker::share(spec.max_connections_per_instance, workers),
-                            tls.clone(),
-                            health.clone(),
-                        ))
+                    .map(|instance| {
+                        let kept = reuse_pools.and_then(|p| {
+                            p.workers[worker]
+                                .instances
+                                .iter()
+                                .find(|pool| Arc::ptr_eq(&pool.instance, instance))
+                        });
+                        match kept {
+                            Some(pool) => pool.clone(),
+                            None => Arc::new(Pool::new(
+                                instance.clone(),
+                                // 0 idle stays 0: no pooling.
+                                spec.max_idle_per_instance.div_ceil(workers),
+                                crate::worker::share(spec.max_connections_per_instance, workers),
+                                tls.clone(),
+                            )),
+                        }
                     })
                     .collect(),
                 next: AtomicUsize::new(0),
             })
             .collect();
         Self {
+            policy: EjectPolicy {
+                after: spec.eject_after,
+                eject_for: spec.eject_for,
+                max_eject_for: spec.max_eject_for,
+            },
             spec,
+            members,
             workers: pools,
         }
+    }
+
+    /// Retires the instances of `self` that `next` does not have (all of them when the
+    /// upstream is gone): no new requests, idle connections closed, those in flight
+    /// finish (a drain for good).
+    pub fn retire_missing(&self, next: Option<&Upstream>) {
+        for instance in self.members.iter() {
+            if next.and_then(|n| n.member(instance.addr)).is_none() {
+                instance.retire();
+                self.close_idle(instance.addr);
+                tracing::info!(upstream = self.name(), instance = %instance.addr, "instance removed; requests in flight finish");
+            }
+        }
+    }
+
+    /// The instances, in the order requests rotate through them.
+    pub fn members(&self) -> &[Arc<Instance>] {
+        &self.members
+    }
+
+    pub fn member(&self, addr: SocketAddr) -> Option<&Arc<Instance>> {
+        self.members.iter().find(|m| m.addr == addr)
+    }
+
+    /// Every worker's pool for the instance at `addr`.
+    pub fn pools_of(&self, addr: SocketAddr) -> impl Iterator<Item = &Arc<Pool>> {
+        self.workers
+            .iter()
+            .flat_map(move |w| w.instances.iter().filter(move |p| p.addr() == addr))
+    }
+
+    /// Closes every worker's idle connections to `addr`.
+    pub fn close_idle(&self, addr: SocketAddr) {
+        self.pools_of(addr).for_each(|pool| pool.close_idle());
+    }
+
+    /// Whether the upstream has active health checks.
+    pub fn checks(&self) -> bool {
+        self.spec.health.is_some()
     }
 
     /// The calling worker's pools.
@@ -189,18 +278,31 @@ impl Upstream {
         &self.spec.name
     }
 
-    /// The next instance in round-robin order that is not ejected; `None` when every
-    /// instance is.
+    /// The next instance in round-robin order that takes requests; `None` when none
+    /// does.
     pub fn pick(&self) -> Option<&Arc<Pool>> {
         self.pick_untried(&[])
     }
 
-    /// The next instance in round-robin order, ejected or not: when every instance is
-    /// ejected, trying one beats refusing everyone (Envoy's "panic mode").
-    pub fn pick_any(&self) -> &Arc<Pool> {
+    /// The next instance in round-robin order that the operator has in service,
+    /// ejected, failing its checks or not: when every instance is out, trying one
+    /// beats refusing everyone (Envoy's "panic mode"). `None` when every instance is
+    /// drained, in maintenance, or there is none.
+    pub fn pick_any(&self) -> Option<&Arc<Pool>> {
         let local = self.local();
-        let i = local.next.fetch_add(1, Ordering::Relaxed) % local.instances.len();
-        &local.instances[i]
+        let start = local.next.fetch_add(1, Ordering::Relaxed);
+        let n = local.instances.len();
+        (0..n)
+            .map(|i| &local.instances[(start + i) % n])
+            .find(|pool| pool.instance.in_rotation())
+    }
+
+    /// Whether some instance in service is out because it failed (ejected or failing
+    /// its checks), rather than every one drained, in maintenance or not yet checked:
+    /// only the first is held against a canary.
+    pub fn has_failing(&self) -> bool {
+        let checks = self.checks();
+        self.members.iter().any(|m| m.is_failing(checks))
     }
 
     /// The calling worker's pool for each instance.
@@ -213,9 +315,10 @@ impl Upstream {
         let local = self.local();
         let start = local.next.fetch_add(1, Ordering::Relaxed);
         let n = local.instances.len();
+        let checks = self.spec.health.is_some();
         (0..n)
             .map(|i| &local.instances[(start + i) % n])
-            .find(|instance| instance.health.is_available() && !tried.contains(&instance.addr()))
+            .find(|pool| pool.instance.takes_requests(checks) && !tried.contains(&pool.addr()))
     }
 
     /// Sends a request, starting with `instance`: the connect (when no pooled
@@ -228,11 +331,15 @@ impl Upstream {
         let timeouts = self.spec.timeouts;
         let upgrade = request.headers().contains_key(UPGRADE);
         let mut tried = Vec::new();
+        let mut in_flight = InFlight::new(instance.clone());
         let connection = loop {
             match instance.connection(upgrade, timeouts).await {
                 Ok(connection) => break connection,
                 Err(error @ (UpstreamError::Connect(_) | UpstreamError::ConnectTimeout)) => {
-                    instance.health.failure(instance.addr());
+                    instance
+                        .instance
+                        .passive
+                        .failure(instance.addr(), self.policy);
                     tried.push(instance.addr());
                     let next = (tried.len() < MAX_CONNECT_TRIES)
                         .then(|| self.pick_untried(&tried).cloned())
@@ -252,6 +359,7 @@ impl Upstream {
                         %error,
                         "connect failed; trying another instance"
                     );
+                    in_flight = InFlight::new(next.clone());
                     instance = next;
                 }
                 Err(error) => {
@@ -263,13 +371,16 @@ impl Upstream {
                 }
             }
         };
-        let result = instance.send_on(connection, request, timeouts).await;
+        let result = instance
+            .send_on(connection, request, timeouts, in_flight)
+            .await;
+        let passive = &instance.instance.passive;
         match &result {
-            Ok(_) => instance.health.success(),
+            Ok(_) => passive.success(),
             // Neither the client's body nor our own connection cap says anything
             // about the instance's health.
             Err(UpstreamError::ClientBody(_) | UpstreamError::QueueTimeout) => {}
-            Err(_) => instance.health.failure(instance.addr()),
+            Err(_) => passive.failure(instance.addr(), self.policy),
         }
         Sent {
             instance,

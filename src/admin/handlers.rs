@@ -138,9 +138,11 @@ fn after_change(
     }
 }
 
-fn change_error(error: ChangeError) -> Response<AdminBody> {
+pub(super) fn change_error(error: ChangeError) -> Response<AdminBody> {
     let status = match &error {
-        ChangeError::UnknownRoute(_) => StatusCode::NOT_FOUND,
+        ChangeError::UnknownRoute(_)
+        | ChangeError::UnknownUpstream(_)
+        | ChangeError::UnknownInstance { .. } => StatusCode::NOT_FOUND,
         ChangeError::Tripped { .. } => StatusCode::CONFLICT,
         ChangeError::NoCanary(_)
         | ChangeError::Tls(_)

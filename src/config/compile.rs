@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-use super::file::{FileConfig, RouteSection, SloSection, UpstreamSection};
+use super::file::{FileConfig, HealthSection, RouteSection, SloSection, UpstreamSection};
 use super::net::{self, IpRange, Names};
 use crate::proxy::split::{KeySource, SaltKey};
 
@@ -23,6 +23,8 @@ pub struct Settings {
     pub routes: Vec<RouteSpec>,
     /// `None`: a single node (`[fleet]` absent or `backend = "none"`).
     pub fleet: Option<FleetSettings>,
+    /// `resolver.hosts_file`: read before the system resolver for instance names.
+    pub hosts_file: Option<PathBuf>,
 }
 
 /// `[fleet]` with `backend = "etcd"`.
@@ -109,6 +111,51 @@ pub struct UpstreamSpec {
     pub eject_for: Duration,
     pub max_eject_for: Duration,
     pub tls: Option<UpstreamTls>,
+    pub resolve: Resolve,
+    pub health: Option<HealthSpec>,
+}
+
+impl UpstreamSpec {
+    /// Whether connection pools built for `other` serve this spec as well: everything
+    /// but the instance list, name resolution and health checks is the same.
+    pub fn same_pools(&self, other: &UpstreamSpec) -> bool {
+        self.timeouts == other.timeouts
+            && self.max_idle_per_instance == other.max_idle_per_instance
+            && self.max_connections_per_instance == other.max_connections_per_instance
+            && self.tls == other.tls
+    }
+}
+
+/// When instance names are looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolve {
+    /// When the config loads; a name's first address only.
+    Once,
+    /// Again at this interval, every address of every name an instance.
+    Every(Duration),
+}
+
+/// Active health checks of an upstream's instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub check: HealthCheck,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// A TCP connect (and TLS handshake, for a TLS upstream).
+    Tcp,
+    /// `GET path` with `Host: host` (the instance's address when `None`); passes when
+    /// the status is in `expect`.
+    Http {
+        path: String,
+        host: Option<String>,
+        expect: std::ops::RangeInclusive<u16>,
+    },
 }
 
 /// The bounds on one upstream exchange.
@@ -258,7 +305,14 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
         .upstreams
         .iter()
         .filter_map(|(name, section)| {
-            compile_upstream(name, section, names, &mut errors).map(|spec| (name.clone(), spec))
+            compile_upstream(
+                name,
+                section,
+                names,
+                file.resolver.hosts_file.as_deref(),
+                &mut errors,
+            )
+            .map(|spec| (name.clone(), spec))
         })
         .collect::<BTreeMap<_, _>>();
     if file.routes.is_empty() {
@@ -300,6 +354,7 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
             upstreams,
             routes,
             fleet,
+            hosts_file: file.resolver.hosts_file.clone(),
         })
     } else {
         Err(errors.0)
@@ -571,6 +626,7 @@ fn compile_upstream(
     name: &str,
     section: &UpstreamSection,
     names: Names,
+    hosts_file: Option<&std::path::Path>,
     errors: &mut Errors,
 ) -> Option<UpstreamSpec> {
     let field = format!("upstreams.{name}");
@@ -580,13 +636,49 @@ fn compile_upstream(
             "must list at least one instance",
         );
     }
+    let resolve = match section.resolve.as_deref() {
+        None | Some("once") => Resolve::Once,
+        Some(text) => match super::duration::parse(text) {
+            Ok(interval) if interval >= Duration::from_millis(100) => Resolve::Every(interval),
+            Ok(_) => {
+                errors.push(&format!("{field}.resolve"), "must be at least 100ms");
+                Resolve::Once
+            }
+            Err(e) => {
+                errors.push(
+                    &format!("{field}.resolve"),
+                    format!("{e}; use \"once\" or an interval such as \"10s\""),
+                );
+                Resolve::Once
+            }
+        },
+    };
     let mut instances = Vec::with_capacity(section.instances.len());
+    let mut bad_instances = false;
     for (i, text) in section.instances.iter().enumerate() {
-        match net::socket_addr(text, names) {
-            Ok(addr) => instances.push(addr),
-            Err(e) => errors.push(&format!("{field}.instances[{i}]"), e),
+        match (net::instance_addrs(text, names, hosts_file), resolve) {
+            (Ok(addrs), Resolve::Once) => instances.push(addrs[0]),
+            (Ok(addrs), Resolve::Every(_)) => {
+                for addr in addrs {
+                    if !instances.contains(&addr) {
+                        instances.push(addr);
+                    }
+                }
+            }
+            // It may resolve later: the upstream starts without it (503 while empty).
+            (Err(net::LookupError::Unresolved(e)), Resolve::Every(_)) => {
+                tracing::warn!(upstream = name, instance = %text, error = %e, "instance name does not resolve yet; looking again every {}", section.resolve.as_deref().unwrap_or_default());
+            }
+            (Err(e), _) => {
+                bad_instances = true;
+                errors.push(&format!("{field}.instances[{i}]"), e.to_string());
+            }
         }
     }
+    let health = section
+        .health
+        .as_ref()
+        .and_then(|health| compile_health(&format!("{field}.health"), health, errors));
     for (key, value) in [
         ("connect_timeout", section.connect_timeout),
         ("queue_timeout", section.queue_timeout),
@@ -615,8 +707,10 @@ fn compile_upstream(
     if !section.tls && (section.sni.is_some() || section.ca.is_some()) {
         errors.push(&format!("{field}.tls"), "sni and ca need tls = true");
     }
-    (instances.len() == section.instances.len() && !instances.is_empty()).then(|| UpstreamSpec {
+    (!bad_instances && !section.instances.is_empty()).then(|| UpstreamSpec {
         tls,
+        resolve,
+        health,
         name: name.to_string(),
         instances,
         instance_names: section.instances.clone(),
@@ -631,6 +725,106 @@ fn compile_upstream(
         eject_for: section.eject_for,
         max_eject_for,
     })
+}
+
+fn compile_health(field: &str, section: &HealthSection, errors: &mut Errors) -> Option<HealthSpec> {
+    let before = errors.0.len();
+    if section.interval.is_zero() {
+        errors.push(&format!("{field}.interval"), "must be longer than 0");
+    }
+    if section.timeout.is_zero() {
+        errors.push(&format!("{field}.timeout"), "must be longer than 0");
+    } else if section.timeout > section.interval && !section.interval.is_zero() {
+        errors.push(
+            &format!("{field}.timeout"),
+            "must not be longer than interval (checks of one instance never overlap)",
+        );
+    }
+    for (key, value) in [("rise", section.rise), ("fall", section.fall)] {
+        if value == 0 {
+            errors.push(&format!("{field}.{key}"), "must be at least 1");
+        }
+    }
+    let check = match section.check.as_deref() {
+        None | Some("http") => {
+            let path = section.path.clone().unwrap_or_else(|| "/".to_string());
+            if !path.starts_with('/') || http::uri::PathAndQuery::try_from(path.as_str()).is_err() {
+                errors.push(
+                    &format!("{field}.path"),
+                    format!("{path:?} must be a path starting with /"),
+                );
+            }
+            if let Some(host) = &section.host {
+                if host.is_empty() || http::HeaderValue::from_str(host).is_err() {
+                    errors.push(
+                        &format!("{field}.host"),
+                        format!("{host:?} is not a valid Host header"),
+                    );
+                }
+            }
+            let expect = match section.expect.as_deref() {
+                None => 200..=399,
+                Some(text) => match parse_status_range(text) {
+                    Ok(range) => range,
+                    Err(e) => {
+                        errors.push(&format!("{field}.expect"), e);
+                        200..=399
+                    }
+                },
+            };
+            HealthCheck::Http {
+                path,
+                host: section.host.clone(),
+                expect,
+            }
+        }
+        Some("tcp") => {
+            for (key, set) in [
+                ("path", section.path.is_some()),
+                ("expect", section.expect.is_some()),
+                ("host", section.host.is_some()),
+            ] {
+                if set {
+                    errors.push(
+                        &format!("{field}.{key}"),
+                        "applies to check = \"http\" only",
+                    );
+                }
+            }
+            HealthCheck::Tcp
+        }
+        Some(other) => {
+            errors.push(
+                &format!("{field}.check"),
+                format!("unknown check {other:?} (use \"http\" or \"tcp\")"),
+            );
+            HealthCheck::Tcp
+        }
+    };
+    (errors.0.len() == before).then(|| HealthSpec {
+        check,
+        interval: section.interval,
+        timeout: section.timeout,
+        rise: section.rise,
+        fall: section.fall,
+    })
+}
+
+/// `"200-399"` or `"204"`: statuses from 100 to 599.
+fn parse_status_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (low, high) = text.split_once('-').unwrap_or((text, text));
+    let status = |s: &str| {
+        s.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|s| (100..=599).contains(s))
+    };
+    match (status(low), status(high)) {
+        (Some(low), Some(high)) if low <= high => Ok(low..=high),
+        _ => Err(format!(
+            "{text:?} is not a status range (such as \"200-399\" or \"204\", within 100-599)"
+        )),
+    }
 }
 
 fn compile_upstream_tls(

@@ -25,6 +25,51 @@ pub struct FileConfig {
     pub routes: Vec<RouteSection>,
     #[serde(default)]
     pub fleet: FleetSection,
+    #[serde(default)]
+    pub resolver: ResolverSection,
+}
+
+/// `[resolver]`: how instance names are looked up.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverSection {
+    /// A hosts-format file (`ADDRESS NAME...` per line) that replaces DNS for instance
+    /// names: read at every lookup, a name takes every address it lists.
+    #[serde(default)]
+    pub hosts_file: Option<PathBuf>,
+}
+
+/// `[upstreams.X.health]`: active health checks of every instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    /// `"http"` (the default: a GET of `path`) or `"tcp"` (a connect).
+    #[serde(default)]
+    pub check: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(
+        default = "defaults::health_interval",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub interval: Duration,
+    #[serde(
+        default = "defaults::health_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub timeout: Duration,
+    /// Consecutive passing checks that bring an instance (back) into service.
+    #[serde(default = "defaults::health_rise")]
+    pub rise: u32,
+    /// Consecutive failing checks that take it out.
+    #[serde(default = "defaults::health_fall")]
+    pub fall: u32,
+    /// Statuses that pass, as `"200-399"` or `"204"`.
+    #[serde(default)]
+    pub expect: Option<String>,
+    /// The `Host` header of HTTP checks; the instance's address when absent.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// `[fleet]`: replicas that share weights, trips and rollouts through etcd.
@@ -216,6 +261,13 @@ pub struct UpstreamSection {
     /// PEM file of CA certificates to trust instead of the webpki roots.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// `"once"` (the default: names are resolved when the config loads, first address
+    /// only) or an interval such as `"10s"`: every address of every name is an
+    /// instance, and names are looked up again at that interval.
+    #[serde(default)]
+    pub resolve: Option<String>,
+    #[serde(default)]
+    pub health: Option<HealthSection>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -377,6 +429,18 @@ pub(super) mod defaults {
     }
     pub fn state_dir() -> PathBuf {
         PathBuf::from("state")
+    }
+    pub fn health_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn health_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn health_rise() -> u32 {
+        2
+    }
+    pub fn health_fall() -> u32 {
+        3
     }
     pub fn connect_timeout() -> Duration {
         Duration::from_secs(2)

@@ -189,12 +189,14 @@ impl ProxyService {
 
         let mut response = match response {
             Ok(response) => {
-                let (mut head, body) = response.into_parts();
+                let (mut head, mut body) = response.into_parts();
                 let switching = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
                 let response_upgrade = match (switching, upgrade) {
                     (true, Some(client)) => {
                         self.activity.tunnel_opened();
-                        upgrade::tunnel(client, &mut head, self.slot.clone())
+                        // The tunnel counts as in flight to the instance until it closes.
+                        let hold = (self.slot.clone(), body.take_in_flight());
+                        upgrade::tunnel(client, &mut head, hold)
                     }
                     _ => None,
                 };
@@ -281,36 +283,39 @@ struct Choice<'a> {
     instance: Arc<Pool>,
 }
 
-/// The upstream, side and instance that serve a request. When every instance of the
-/// canary is ejected, the canary's SLO window records an error and the route either
-/// answers 503 at once or falls back to stable, as configured. When every instance of
-/// stable is ejected, one is tried anyway.
+/// The upstream, side and instance that serve a request. When no canary instance
+/// takes requests, the route answers 503 at once or falls back to stable, as
+/// configured; the canary's SLO window records an error only when an instance failed
+/// (ejected, or failing its checks), not when the operator drained them or they are
+/// still pending their first checks. When no stable instance takes requests, one in
+/// service is tried anyway; with none in service (all drained, in maintenance, or none
+/// resolved), 503.
 fn choose_instance(
     route: &LiveRoute,
     wanted: Variant,
     started: Instant,
 ) -> Result<Choice<'_>, ProxyError> {
     let (upstream, variant) = route.upstream(wanted);
+    let chosen = |upstream, variant, instance: &Arc<Pool>| Choice {
+        upstream,
+        variant,
+        instance: instance.clone(),
+    };
     if let Some(instance) = upstream.pick() {
-        let instance = instance.clone();
-        return Ok(Choice {
-            upstream,
-            variant,
-            instance,
-        });
+        return Ok(chosen(upstream, variant, instance));
     }
     if variant == Variant::Stable {
-        let instance = upstream.pick_any().clone();
-        return Ok(Choice {
-            upstream,
-            variant,
-            instance,
-        });
+        return upstream
+            .pick_any()
+            .map(|instance| chosen(upstream, variant, instance))
+            .ok_or(ProxyError::NoHealthyInstance);
     }
     let outcome = Outcome::Error(ErrorKind::Connect);
-    route
-        .windows
-        .record(Variant::Canary, outcome, Duration::ZERO);
+    if upstream.has_failing() {
+        route
+            .windows
+            .record(Variant::Canary, outcome, Duration::ZERO);
+    }
     match route.spec.canary_unavailable {
         CanaryUnavailable::Fail => {
             route
@@ -321,15 +326,11 @@ fn choose_instance(
         }
         CanaryUnavailable::Stable => {
             let (upstream, variant) = route.upstream(Variant::Stable);
-            let instance = upstream
+            upstream
                 .pick()
-                .unwrap_or_else(|| upstream.pick_any())
-                .clone();
-            Ok(Choice {
-                upstream,
-                variant,
-                instance,
-            })
+                .or_else(|| upstream.pick_any())
+                .map(|instance| chosen(upstream, variant, instance))
+                .ok_or(ProxyError::NoHealthyInstance)
         }
     }
 }

@@ -9,13 +9,10 @@
 //! copying bytes both ways; any other answer is an ordinary response, and the client
 //! connection carries on as HTTP (still scanned for framing).
 
-use std::sync::Arc;
-
 use http::header::{HeaderValue, CONNECTION, UPGRADE};
 use http::{request, response, HeaderMap, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 
 /// An upgrade asked for by the client, and allowed.
 pub struct ClientUpgrade {
@@ -98,11 +95,12 @@ pub fn accepts(client: Option<&ClientUpgrade>, head: &HeaderMap) -> bool {
 
 /// On an accepted 101 from the upstream: spawns the tunnel between the two upgraded
 /// connections and returns the protocol to name in the response. The tunnel holds
-/// `slot`, the client connection's place under the connection cap, until it closes.
+/// `hold` (the client connection's place under the connection cap, and its mark as in
+/// flight to the instance) until it closes.
 pub fn tunnel(
     client: ClientUpgrade,
     head: &mut response::Parts,
-    slot: Arc<OwnedSemaphorePermit>,
+    hold: impl Send + 'static,
 ) -> Option<Protocol> {
     let upstream = head.extensions.remove::<OnUpgrade>()?;
     let protocol = head
@@ -122,7 +120,7 @@ pub fn tunnel(
         if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(%error, "upgraded tunnel ended with an error");
         }
-        drop(slot);
+        drop(hold);
     });
     Some(protocol)
 }

@@ -21,11 +21,17 @@ pub struct Snapshot {
     pub settings: Arc<Settings>,
     /// In match order (see `proxy::route::sort_for_matching`).
     pub routes: Box<[LiveRoute]>,
+    /// Every upstream, by name.
+    pub upstreams: Box<[Arc<Upstream>]>,
 }
 
 impl Snapshot {
     pub fn route(&self, name: &str) -> Option<&LiveRoute> {
         self.routes.iter().find(|r| r.spec.name == name)
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name() == name)
     }
 }
 

@@ -11,6 +11,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::snapshot::{RolloutProgress, Trip};
+use crate::upstream::InstanceState;
+
+/// The operator's state of instances that are not `ready`, by upstream and address.
+pub type InstanceStates = BTreeMap<String, BTreeMap<std::net::SocketAddr, InstanceState>>;
 
 const STATE_FILE: &str = "state.json";
 const AUDIT_FILE: &str = "audit.jsonl";
@@ -118,6 +122,8 @@ impl FleetRoute {
 struct StateFile {
     version: u32,
     routes: BTreeMap<String, SavedRoute>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    instances: InstanceStates,
 }
 
 /// What `load` found.
@@ -125,12 +131,12 @@ struct StateFile {
 pub enum Loaded {
     /// No state yet (first start).
     Fresh,
-    Routes(BTreeMap<String, SavedRoute>),
-    /// The file could not be read as state. It was moved aside to `moved_to`.
-    Corrupt {
-        reason: String,
-        moved_to: PathBuf,
+    Saved {
+        routes: BTreeMap<String, SavedRoute>,
+        instances: InstanceStates,
     },
+    /// The file could not be read as state. It was moved aside to `moved_to`.
+    Corrupt { reason: String, moved_to: PathBuf },
 }
 
 /// One audit-log line.
@@ -149,6 +155,21 @@ pub struct AuditEntry<'a> {
     pub replica: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,
+}
+
+/// The audit line of an instance state change.
+#[derive(Debug, Serialize)]
+pub struct InstanceAudit<'a> {
+    pub time: String,
+    pub upstream: &'a str,
+    pub instance: std::net::SocketAddr,
+    /// Always `instance_state`.
+    pub action: &'a str,
+    pub old_state: &'a str,
+    pub new_state: &'a str,
+    pub source: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<&'a str>,
 }
 
 /// Why the state directory could not be taken.
@@ -229,7 +250,12 @@ impl Store {
             Err(e) => return Err(e),
         };
         let reason = match serde_json::from_slice::<StateFile>(&text) {
-            Ok(file) if file.version == FORMAT_VERSION => return Ok(Loaded::Routes(file.routes)),
+            Ok(file) if file.version == FORMAT_VERSION => {
+                return Ok(Loaded::Saved {
+                    routes: file.routes,
+                    instances: file.instances,
+                })
+            }
             Ok(file) => format!("unknown format version {}", file.version),
             Err(e) => e.to_string(),
         };
@@ -243,10 +269,15 @@ impl Store {
 
     /// Writes the state atomically: after this returns, a crash leaves either the old or
     /// the new file, never a torn one.
-    pub fn save(&self, routes: &BTreeMap<String, SavedRoute>) -> std::io::Result<()> {
+    pub fn save(
+        &self,
+        routes: &BTreeMap<String, SavedRoute>,
+        instances: &InstanceStates,
+    ) -> std::io::Result<()> {
         let file = StateFile {
             version: FORMAT_VERSION,
             routes: routes.clone(),
+            instances: instances.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
@@ -259,8 +290,8 @@ impl Store {
         File::open(&self.dir)?.sync_all()
     }
 
-    /// Appends audit lines and syncs them.
-    pub fn audit(&self, entries: &[AuditEntry<'_>]) -> std::io::Result<()> {
+    /// Appends audit lines (each a JSON object) and syncs them.
+    pub fn audit<T: Serialize>(&self, entries: &[T]) -> std::io::Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -311,9 +342,21 @@ mod tests {
                 unpublished: true,
             },
         );
-        store.save(&routes).unwrap();
+        let instances = BTreeMap::from([(
+            "api".to_string(),
+            BTreeMap::from([("127.0.0.1:9".parse().unwrap(), InstanceState::Maint)]),
+        )]);
+        store.save(&routes, &instances).unwrap();
+        let text = fs::read_to_string(store.dir().join(STATE_FILE)).unwrap();
+        assert!(text.contains("\"127.0.0.1:9\": \"maint\""), "{text}");
         match store.load().unwrap() {
-            Loaded::Routes(loaded) => assert_eq!(loaded, routes),
+            Loaded::Saved {
+                routes: loaded,
+                instances: loaded_instances,
+            } => {
+                assert_eq!(loaded, routes);
+                assert_eq!(loaded_instances, instances);
+            }
             other => panic!("unexpected {other:?}"),
         }
     }

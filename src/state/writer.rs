@@ -2,6 +2,7 @@
 //! and swaps in the new snapshot. See the parent module for why there is only one.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -10,9 +11,11 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use super::{
-    change, merge, AuditEntry, Change, ChangeError, Command, FleetRoute, LiveRoute, Loaded,
-    SavedRoute, Shared, Snapshot, Source, StateHandle, Store, Trip,
+    change, merge, AuditEntry, Change, ChangeError, Command, FleetRoute, InstanceAudit,
+    InstanceStates, LiveRoute, Loaded, SavedRoute, Shared, Snapshot, Source, StateHandle, Store,
+    Trip,
 };
+use crate::config::Resolve;
 use crate::config::{self, bp_to_percent, RouteSpec, Settings};
 use crate::fleet::Applied;
 use crate::proxy::route::sort_for_matching;
@@ -24,7 +27,7 @@ use crate::telemetry::names::{
     STATE_PERSIST_FAILURES_TOTAL,
 };
 use crate::telemetry::{Registry, RouteMetrics};
-use crate::upstream::Upstream;
+use crate::upstream::{InstanceState, Upstream};
 
 /// Per-route runtime objects kept across snapshots while the route's shape is unchanged.
 struct RouteParts {
@@ -39,6 +42,8 @@ struct Writer {
     settings: Arc<Settings>,
     specs: Vec<Arc<RouteSpec>>,
     saved: BTreeMap<String, SavedRoute>,
+    /// The operator's state of instances not `ready`; saved with `saved`.
+    instance_states: InstanceStates,
     upstreams: BTreeMap<String, Arc<Upstream>>,
     parts: BTreeMap<String, RouteParts>,
     /// `None` while handed over to a successor (a binary takeover): every change is
@@ -48,6 +53,8 @@ struct Writer {
     generation: u64,
     /// Worker threads, fixed at start: each upstream keeps a pool per worker.
     workers: usize,
+    /// Past the first install: instances added from now on are new to a running proxy.
+    started: bool,
 }
 
 /// Starts the writer: loads saved state, merges it with `settings`, persists the result
@@ -64,9 +71,9 @@ pub async fn start(
             .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?
             .map_err(ChangeError::Persist)?
     };
-    let (saved, corrupt) = match loaded {
-        Loaded::Fresh => (BTreeMap::new(), None),
-        Loaded::Routes(routes) => (routes, None),
+    let (saved, instance_states, corrupt) = match loaded {
+        Loaded::Fresh => (BTreeMap::new(), BTreeMap::new(), None),
+        Loaded::Saved { routes, instances } => (routes, instances, None),
         Loaded::Corrupt { reason, moved_to } => {
             tracing::error!(
                 %reason,
@@ -81,7 +88,7 @@ pub async fn start(
                 ),
                 at: crate::timefmt::now_rfc3339(),
             };
-            (BTreeMap::new(), Some(trip))
+            (BTreeMap::new(), BTreeMap::new(), Some(trip))
         }
     };
     let certificates = match &settings.server.tls {
@@ -103,6 +110,7 @@ pub async fn start(
         generation: 0,
         settings: Arc::new(settings.clone()),
         routes: Box::new([]),
+        upstreams: Box::new([]),
     };
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let shared = Arc::new(Shared {
@@ -125,14 +133,17 @@ pub async fn start(
         settings: Arc::new(settings),
         specs: Vec::new(),
         saved: BTreeMap::new(),
+        instance_states,
         upstreams: BTreeMap::new(),
         parts: BTreeMap::new(),
         store: Some(store),
         state_dir,
         generation: 0,
         workers,
+        started: false,
     };
     writer.install(writer.settings.clone());
+    writer.started = true;
     writer.forget_canary_evidence(merged.notes.keys().map(String::as_str));
     writer
         .commit_noted(merged.routes, Source::Start, &merged.notes)
@@ -194,6 +205,19 @@ impl Writer {
                 }
                 Command::Reload { source, reply } => {
                     let _ = reply.send(self.reload(source).await);
+                }
+                Command::Members { upstream, addrs } => self.set_members(&upstream, addrs),
+                Command::InstanceState {
+                    upstream,
+                    addr,
+                    state,
+                    source,
+                    reply,
+                } => {
+                    let _ = reply.send(
+                        self.set_instance_state(&upstream, addr, state, source)
+                            .await,
+                    );
                 }
             }
         }
@@ -447,11 +471,22 @@ impl Writer {
     fn install(&mut self, settings: Arc<Settings>) {
         let mut upstreams = BTreeMap::new();
         for (name, spec) in &settings.upstreams {
-            let upstream = match self.upstreams.get(name) {
-                Some(existing) if existing.spec == *spec => existing.clone(),
-                _ => Arc::new(Upstream::new(spec.clone(), self.workers)),
+            let previous = self.upstreams.get(name);
+            // A name that does not resolve now keeps the addresses it had.
+            let addrs = match previous {
+                Some(previous)
+                    if spec.instances.is_empty()
+                        && matches!(spec.resolve, Resolve::Every(_))
+                        && previous.spec.instance_names == spec.instance_names =>
+                {
+                    previous.members().iter().map(|m| m.addr).collect()
+                }
+                _ => spec.instances.clone(),
             };
-            upstreams.insert(name.clone(), upstream);
+            upstreams.insert(name.clone(), self.build_upstream(spec.clone(), &addrs));
+        }
+        for (name, previous) in &self.upstreams {
+            previous.retire_missing(upstreams.get(name).map(|u| &**u));
         }
         let mut parts = BTreeMap::new();
         for spec in &settings.routes {
@@ -483,6 +518,131 @@ impl Writer {
         self.upstreams = upstreams;
         self.parts = parts;
         self.settings = settings;
+    }
+
+    /// `spec`'s upstream with instances at `addrs`, keeping what the current one has
+    /// of them (see [`Upstream::build`]).
+    fn build_upstream(
+        &self,
+        spec: crate::config::UpstreamSpec,
+        addrs: &[SocketAddr],
+    ) -> Arc<Upstream> {
+        let states = self
+            .instance_states
+            .get(&spec.name)
+            .cloned()
+            .unwrap_or_default();
+        let previous = self.upstreams.get(&spec.name).map(|u| &**u);
+        Arc::new(Upstream::build(
+            spec,
+            addrs,
+            self.workers,
+            previous,
+            &states,
+            !self.started,
+        ))
+    }
+
+    /// A new address list for a re-resolved upstream: the instances that stay keep
+    /// their pools, those that went are retired.
+    fn set_members(&mut self, name: &str, addrs: Vec<SocketAddr>) {
+        let Some(current) = self.upstreams.get(name).cloned() else {
+            return;
+        };
+        let now: Vec<SocketAddr> = current.members().iter().map(|m| m.addr).collect();
+        if now == addrs {
+            return;
+        }
+        let next = self.build_upstream(current.spec.clone(), &addrs);
+        current.retire_missing(Some(&*next));
+        let added: Vec<String> = addrs
+            .iter()
+            .filter(|a| !now.contains(a))
+            .map(|a| a.to_string())
+            .collect();
+        let removed: Vec<String> = now
+            .iter()
+            .filter(|a| !addrs.contains(a))
+            .map(|a| a.to_string())
+            .collect();
+        tracing::info!(upstream = name, added = ?added, removed = ?removed, "upstream instances changed (DNS)");
+        self.upstreams.insert(name.to_string(), next);
+        self.publish();
+    }
+
+    /// Sets the operator's state of one instance, persisted first (and audited).
+    async fn set_instance_state(
+        &mut self,
+        upstream: &str,
+        addr: SocketAddr,
+        state: InstanceState,
+        source: Source,
+    ) -> Result<InstanceState, ChangeError> {
+        let current = self
+            .upstreams
+            .get(upstream)
+            .cloned()
+            .ok_or_else(|| ChangeError::UnknownUpstream(upstream.to_string()))?;
+        let Some(instance) = current.member(addr).cloned() else {
+            let known: Vec<String> = current
+                .members()
+                .iter()
+                .map(|m| m.addr.to_string())
+                .collect();
+            return Err(ChangeError::UnknownInstance {
+                upstream: upstream.to_string(),
+                addr,
+                known: known.join(", "),
+            });
+        };
+        let old = instance.state();
+        let mut next = self.instance_states.clone();
+        let entry = next.entry(upstream.to_string()).or_default();
+        match state {
+            InstanceState::Ready => entry.remove(&addr),
+            other => entry.insert(addr, other),
+        };
+        if entry.is_empty() {
+            next.remove(upstream);
+        }
+        if old != state {
+            let Some(store) = self.store.clone() else {
+                return Err(ChangeError::HandedOver);
+            };
+            let routes = self.saved.clone();
+            let states = next.clone();
+            let line = InstanceAudit {
+                time: crate::timefmt::now_rfc3339(),
+                upstream,
+                instance: addr,
+                action: "instance_state",
+                old_state: old.as_str(),
+                new_state: state.as_str(),
+                source: source.as_str(),
+                replica: self.settings.fleet.as_ref().map(|f| f.replica.as_str()),
+            };
+            let line = serde_json::to_value(&line)
+                .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?;
+            let persisted = tokio::task::spawn_blocking(move || {
+                store.save(&routes, &states)?;
+                store.audit(&[line])
+            })
+            .await
+            .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
+            .and_then(|saved| saved.map_err(ChangeError::Persist));
+            if let Err(error) = persisted {
+                self.shared.persist_failures.increment(1);
+                tracing::error!(upstream, instance = %addr, %error, "could not write state; the instance state change was refused");
+                return Err(error);
+            }
+            tracing::info!(upstream, instance = %addr, old_state = old.as_str(), new_state = state.as_str(), by = source.as_str(), "instance state changed");
+        }
+        self.instance_states = next;
+        instance.set_state(state, current.checks());
+        if state != InstanceState::Ready {
+            current.close_idle(addr);
+        }
+        Ok(old)
     }
 
     /// Persists `next` and the audit lines for what it changes, then publishes it.
@@ -545,10 +705,11 @@ impl Writer {
             return Err(ChangeError::HandedOver);
         };
         let to_save = next.clone();
+        let instance_states = self.instance_states.clone();
         let audited = lines.clone();
         let audit_replica = replica.clone();
         let persisted = tokio::task::spawn_blocking(move || {
-            store.save(&to_save)?;
+            store.save(&to_save, &instance_states)?;
             let entries: Vec<AuditEntry<'_>> = audited
                 .iter()
                 .map(|(route, action, old, new, detail)| AuditEntry {
@@ -636,6 +797,7 @@ impl Writer {
             generation: self.generation,
             settings: self.settings.clone(),
             routes: routes.into_boxed_slice(),
+            upstreams: self.upstreams.values().cloned().collect(),
         }));
         self.shared
             .generation

@@ -27,6 +27,10 @@ pub const SLO_VERDICT: &str = "splitgate_slo_verdict";
 pub const SLO_BREACHES_TOTAL: &str = "splitgate_slo_breaches_total";
 pub const FLEET_STORE_UP: &str = "splitgate_fleet_store_up";
 pub const FLEET_APPLIED_REVISION: &str = "splitgate_fleet_applied_revision";
+pub const INSTANCE_UP: &str = "splitgate_instance_up";
+pub const HEALTH_CHECKS_TOTAL: &str = "splitgate_health_checks_total";
+pub const DNS_RESOLUTIONS_TOTAL: &str = "splitgate_dns_resolutions_total";
+pub const LABEL_INSTANCE: &str = "instance";
 
 /// The type of a metric family, for its `# TYPE` line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +61,14 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (STATE_PERSIST_FAILURES_TOTAL, Kind::Counter, "Writes of state.dir that failed; the change they carried was refused (a trip is still applied in memory)."),
     (FLEET_STORE_UP, Kind::Gauge, "With [fleet]: 1 while the fleet store (etcd) answers this replica, 0 while it does not (the last applied state is served)."),
     (FLEET_APPLIED_REVISION, Kind::Gauge, "With [fleet]: the etcd revision of the fleet state this replica has applied."),
+    (INSTANCE_UP, Kind::Gauge, "1 while an upstream instance gets new requests (ready, passing its health checks, not ejected), else 0. One series per instance the config or DNS gives."),
+    (HEALTH_CHECKS_TOTAL, Kind::Counter, "Active health checks by upstream and outcome (pass, fail)."),
+    (DNS_RESOLUTIONS_TOTAL, Kind::Counter, "Re-resolutions of an upstream's instance names by outcome (ok; failed: a name did not resolve, the last good addresses are kept)."),
 ];
+
+/// The families rendered at each scrape from the current snapshot, so a removed
+/// instance leaves no stale series.
+pub const FROM_SNAPSHOT: &[&str] = &[INSTANCE_UP];
 
 /// The families recorded on every request or connection, which splitgate shards per worker and
 /// renders itself (see `sharded.rs`).

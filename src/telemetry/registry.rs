@@ -64,7 +64,7 @@ impl Registry {
         let buckets: Arc<[f64]> = duration_buckets(latency_thresholds).into();
         let recorder = PrometheusBuilder::new().build_recorder();
         for &(name, kind, help) in names::FAMILIES {
-            if names::SHARDED.contains(&name) {
+            if names::SHARDED.contains(&name) || names::FROM_SNAPSHOT.contains(&name) {
                 continue;
             }
             let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
@@ -114,6 +114,37 @@ impl Registry {
                     Series::Counter(counter) => counter.render(name, &mut out),
                     Series::Histogram(histogram) => histogram.render(name, &mut out),
                 }
+            }
+        }
+        out
+    }
+
+    /// The whole text format: the registry's families, then `splitgate_instance_up`
+    /// from the snapshot's upstreams (see `names::FROM_SNAPSHOT`).
+    pub fn render_with_instances(&self, upstreams: &[Arc<crate::upstream::Upstream>]) -> String {
+        let mut out = self.render();
+        let Some(&(name, _, help)) = names::FAMILIES
+            .iter()
+            .find(|(f, _, _)| *f == names::INSTANCE_UP)
+        else {
+            return out;
+        };
+        if upstreams.iter().all(|u| u.members().is_empty()) {
+            return out;
+        }
+        if !out.is_empty() && !out.ends_with("\n\n") {
+            out.push('\n');
+        }
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for upstream in upstreams {
+            let checks = upstream.checks();
+            for instance in upstream.members() {
+                let labels = super::sharded::label_text(&[
+                    (names::LABEL_UPSTREAM, upstream.name()),
+                    (names::LABEL_INSTANCE, &instance.addr.to_string()),
+                ]);
+                let up = u8::from(instance.takes_requests(checks));
+                out.push_str(&format!("{name}{{{labels}}} {up}\n"));
             }
         }
         out

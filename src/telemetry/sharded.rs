@@ -66,7 +66,7 @@ impl ShardedCounter {
 }
 
 /// `key="value",…`, escaped, as it goes between braces.
-fn label_text(labels: &[(&str, &str)]) -> String {
+pub(crate) fn label_text(labels: &[(&str, &str)]) -> String {
     let mut text = String::new();
     for (i, (key, value)) in labels.iter().enumerate() {
         if i > 0 {

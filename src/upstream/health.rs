@@ -13,33 +13,50 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// When failures eject an instance, and for how long (from the upstream's config, so a
+/// reload that changes them applies to instances that stay).
+#[derive(Debug, Clone, Copy)]
+pub struct EjectPolicy {
+    pub after: u32,
+    pub eject_for: Duration,
+    pub max_eject_for: Duration,
+}
+
 pub struct Health {
     origin: Instant,
-    eject_after: u32,
-    eject_for: Duration,
-    max_eject_for: Duration,
     failures: AtomicU32,
     /// Ejections since the last success.
     ejections: AtomicU32,
+    /// Every ejection since the instance was added, for the operator.
+    ejections_total: AtomicU64,
     /// Milliseconds since `origin` until which the instance gets no traffic.
     ejected_until_ms: AtomicU64,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Health {
-    pub fn new(eject_after: u32, eject_for: Duration, max_eject_for: Duration) -> Self {
+    pub fn new() -> Self {
         Self {
             origin: Instant::now(),
-            eject_after,
-            eject_for,
-            max_eject_for,
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
+            ejections_total: AtomicU64::new(0),
             ejected_until_ms: AtomicU64::new(0),
         }
     }
 
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
+    }
+
+    /// Every ejection since the instance was added.
+    pub fn ejections(&self) -> u64 {
+        self.ejections_total.load(Relaxed)
     }
 
     pub fn is_available(&self) -> bool {
@@ -55,21 +72,21 @@ impl Health {
         }
     }
 
-    pub fn failure(&self, addr: SocketAddr) {
+    pub fn failure(&self, addr: SocketAddr, policy: EjectPolicy) {
         // Failures of requests that were already under way when it was ejected say
         // nothing new.
         let was_until = self.ejected_until_ms.load(Relaxed);
-        if self.eject_after == 0 || was_until > self.now_ms() {
+        if policy.after == 0 || was_until > self.now_ms() {
             return;
         }
         let failures = self.failures.fetch_add(1, Relaxed) + 1;
         let on_probation = self.ejections.load(Relaxed) > 0;
-        if failures >= self.eject_after || on_probation {
+        if failures >= policy.after || on_probation {
             let ejections = self.ejections.load(Relaxed) + 1;
-            let ejected_for = self
+            let ejected_for = policy
                 .eject_for
                 .saturating_mul(ejections)
-                .min(self.max_eject_for);
+                .min(policy.max_eject_for);
             let until = self.now_ms() + ejected_for.as_millis() as u64;
             // One winner per ejection: failures racing on other workers must not stack
             // a second, longer ejection on top of it.
@@ -81,6 +98,7 @@ impl Health {
                 return;
             }
             self.ejections.store(ejections, Relaxed);
+            self.ejections_total.fetch_add(1, Relaxed);
             self.failures.store(0, Relaxed);
             tracing::warn!(
                 instance = %addr,
@@ -100,17 +118,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ejects_after_consecutive_failures_and_comes_back() {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let health = Health::new(3, Duration::from_secs(10), Duration::from_secs(300));
-        health.failure(addr);
-        health.failure(addr);
+        let policy = EjectPolicy {
+            after: 3,
+            eject_for: Duration::from_secs(10),
+            max_eject_for: Duration::from_secs(300),
+        };
+        let health = Health::new();
+        health.failure(addr, policy);
+        health.failure(addr, policy);
         health.success();
-        health.failure(addr);
-        health.failure(addr);
+        health.failure(addr, policy);
+        health.failure(addr, policy);
         assert!(
             health.is_available(),
             "a success in between resets the count"
         );
-        health.failure(addr);
+        health.failure(addr, policy);
         assert!(!health.is_available());
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(!health.is_available());
@@ -121,26 +144,31 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn repeated_ejections_grow_until_a_success() {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let health = Health::new(2, Duration::from_secs(10), Duration::from_secs(25));
-        health.failure(addr);
-        health.failure(addr);
+        let policy = EjectPolicy {
+            after: 2,
+            eject_for: Duration::from_secs(10),
+            max_eject_for: Duration::from_secs(25),
+        };
+        let health = Health::new();
+        health.failure(addr, policy);
+        health.failure(addr, policy);
         assert!(!health.is_available(), "first ejection");
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(health.is_available());
         // On probation: one failure ejects again, for twice as long.
-        health.failure(addr);
+        health.failure(addr, policy);
         assert!(!health.is_available());
         tokio::time::advance(Duration::from_secs(19)).await;
         assert!(!health.is_available(), "the second ejection lasts 20 s");
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(health.is_available());
         // The third would last 30 s, capped at 25 s.
-        health.failure(addr);
+        health.failure(addr, policy);
         tokio::time::advance(Duration::from_secs(25)).await;
         assert!(health.is_available());
         // A success ends probation: it takes eject_after failures again.
         health.success();
-        health.failure(addr);
+        health.failure(addr, policy);
         assert!(health.is_available());
     }
 }

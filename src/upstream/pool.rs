@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::body::UpstreamBody;
-use super::health::Health;
+use super::instance::Instance;
 use super::tls::UpstreamConnector;
 use super::UpstreamError;
 use crate::config::compile::Timeouts;
@@ -36,14 +37,17 @@ pub struct Connection {
     upgrade: bool,
 }
 
-/// Idle connections to one upstream address.
+/// One worker's connections to one instance.
 pub struct Pool {
     addr: SocketAddr,
     max_idle: usize,
+    max_connections: usize,
     tls: Option<UpstreamConnector>,
-    /// Passive health of the instance (shared by every worker's pool for it):
-    /// consecutive failures eject the instance for a while.
-    pub health: Arc<Health>,
+    /// The instance as every worker shares it: its state and health.
+    pub instance: Arc<Instance>,
+    /// Requests sent to the instance through this pool whose response has not ended
+    /// (an open upgrade tunnel counts until it closes). Written by this worker only.
+    in_flight: AtomicUsize,
     /// Connection slots: at most this many connections to the instance at once.
     slots: Arc<Semaphore>,
     /// Idle senders, and the requests queued for one at the connection cap.
@@ -63,24 +67,40 @@ struct Idle {
 
 impl Pool {
     pub fn new(
-        addr: SocketAddr,
+        instance: Arc<Instance>,
         max_idle: usize,
         max_connections: usize,
         tls: Option<UpstreamConnector>,
-        health: Arc<Health>,
     ) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max_connections)),
-            addr,
+            addr: instance.addr,
             max_idle,
+            max_connections,
             tls,
-            health,
+            instance,
+            in_flight: AtomicUsize::new(0),
             idle: Mutex::new(Idle::default()),
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// Open connections, busy or idle.
+    pub fn connections(&self) -> usize {
+        self.max_connections - self.slots.available_permits()
+    }
+
+    /// Closes the idle connections (a drain): their tasks end as the senders drop.
+    pub fn close_idle(&self) {
+        let closed = std::mem::take(&mut self.idle().senders);
+        drop(closed);
     }
 
     /// A connection for one request: pooled, new, or handed over at the connection
@@ -116,6 +136,7 @@ impl Pool {
         connection: Connection,
         request: Request<UpstreamBody>,
         timeouts: Timeouts,
+        in_flight: InFlight,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let Connection {
             mut sender,
@@ -154,7 +175,11 @@ impl Pool {
             pool: self.clone(),
             sender,
         });
-        let mut body = PooledBody { inner: body, lease };
+        let mut body = PooledBody {
+            inner: body,
+            lease,
+            in_flight: Some(in_flight),
+        };
         if body.inner.is_end_stream() {
             body.release();
         }
@@ -290,7 +315,8 @@ impl Pool {
 
     /// Returns a connection: to the oldest waiting request, else to the idle list.
     fn put_back(&self, mut sender: SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
+        // A draining or removed instance keeps no connection once its request is done.
+        if sender.is_closed() || !self.instance.in_rotation() {
             return;
         }
         let mut idle = self.idle();
@@ -371,6 +397,23 @@ where
     Ok(sender)
 }
 
+/// One request in flight to a pool's instance, from the moment it is sent there until
+/// its response ends (or its upgrade tunnel closes): what `drain --wait` waits for.
+pub struct InFlight(Arc<Pool>);
+
+impl InFlight {
+    pub fn new(pool: Arc<Pool>) -> Self {
+        pool.in_flight.fetch_add(1, Relaxed);
+        Self(pool)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
 /// A connection on loan to one response.
 struct Lease {
     pool: Arc<Pool>,
@@ -383,6 +426,7 @@ struct Lease {
 pub struct PooledBody {
     inner: Incoming,
     lease: Option<Lease>,
+    in_flight: Option<InFlight>,
 }
 
 impl PooledBody {
@@ -390,6 +434,12 @@ impl PooledBody {
         if let Some(lease) = self.lease.take() {
             lease.pool.put_back(lease.sender);
         }
+        self.in_flight = None;
+    }
+
+    /// The request's in-flight mark, for an upgrade tunnel to hold until it closes.
+    pub fn take_in_flight(&mut self) -> Option<InFlight> {
+        self.in_flight.take()
     }
 }
 
@@ -405,7 +455,10 @@ impl Body for PooledBody {
         match &polled {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.lease = None,
+            Poll::Ready(Some(Err(_))) => {
+                self.lease = None;
+                self.in_flight = None;
+            }
             _ => {}
         }
         polled

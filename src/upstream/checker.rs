@@ -1,0 +1,229 @@
+//! Active health checks (control thread). One task per instance of every upstream
+//! with a `health` section, whatever the number of workers: each check's result goes
+//! into the instance every worker shares, so all of them stop (or start) sending to it
+//! at once. Instances in maintenance are not checked. The set of tasks follows the
+//! snapshot: an instance added by a reload or by DNS gets a task, one removed loses it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{CONNECTION, HOST, USER_AGENT};
+use http::{HeaderValue, Request};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use metrics::Counter;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::instance::{Checked, Instance, InstanceState};
+use super::tls::UpstreamConnector;
+use crate::config::{HealthCheck, HealthSpec, UpstreamSpec, UpstreamTls};
+use crate::state::StateHandle;
+use crate::telemetry::names::{HEALTH_CHECKS_TOTAL, LABEL_OUTCOME, LABEL_UPSTREAM};
+
+/// How often the task set is compared with the snapshot (it also is at every change).
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+
+/// What a check task was started for: when any of it changes, the task is replaced.
+struct Task {
+    upstream: String,
+    instance: Arc<Instance>,
+    health: HealthSpec,
+    tls: Option<UpstreamTls>,
+    handle: JoinHandle<()>,
+}
+
+impl Task {
+    fn serves(&self, spec: &UpstreamSpec, health: &HealthSpec, instance: &Arc<Instance>) -> bool {
+        self.upstream == spec.name
+            && Arc::ptr_eq(&self.instance, instance)
+            && self.health == *health
+            && self.tls == spec.tls
+    }
+}
+
+/// Runs the checks until `shutdown`.
+pub async fn run(state: StateHandle, mut shutdown: watch::Receiver<bool>) {
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut seen = u64::MAX;
+    loop {
+        let generation = state.shared.generation.load(Ordering::Acquire);
+        if generation != seen {
+            seen = generation;
+            reconcile(&state, &mut tasks);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+            _ = crate::server::stopped(&mut shutdown) => break,
+        }
+    }
+    for task in tasks {
+        task.handle.abort();
+    }
+}
+
+fn reconcile(state: &StateHandle, tasks: &mut Vec<Task>) {
+    let snapshot = state.shared.snapshot.load();
+    let mut wanted = Vec::new();
+    for upstream in snapshot.upstreams.iter() {
+        let Some(health) = &upstream.spec.health else {
+            continue;
+        };
+        for instance in upstream.members() {
+            wanted.push((&upstream.spec, health, instance));
+        }
+    }
+    tasks.retain(|task| {
+        let keep = wanted
+            .iter()
+            .any(|(spec, health, instance)| task.serves(spec, health, instance));
+        if !keep {
+            task.handle.abort();
+        }
+        keep
+    });
+    for (spec, health, instance) in wanted {
+        if tasks.iter().any(|t| t.serves(spec, health, instance)) {
+            continue;
+        }
+        let counter = |outcome| {
+            state.shared.registry.counter(
+                HEALTH_CHECKS_TOTAL,
+                &[(LABEL_UPSTREAM, &spec.name), (LABEL_OUTCOME, outcome)],
+            )
+        };
+        let checker = Checker {
+            upstream: spec.name.clone(),
+            instance: instance.clone(),
+            health: health.clone(),
+            tls: spec.tls.as_ref().and_then(UpstreamConnector::new),
+            passed: counter("pass"),
+            failed: counter("fail"),
+        };
+        tasks.push(Task {
+            upstream: spec.name.clone(),
+            instance: instance.clone(),
+            health: health.clone(),
+            tls: spec.tls.clone(),
+            handle: tokio::spawn(checker.run()),
+        });
+    }
+}
+
+struct Checker {
+    upstream: String,
+    instance: Arc<Instance>,
+    health: HealthSpec,
+    tls: Option<UpstreamConnector>,
+    passed: Counter,
+    failed: Counter,
+}
+
+impl Checker {
+    /// Checks now, then every `interval`.
+    async fn run(self) {
+        let mut ticks = tokio::time::interval(self.health.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if self.instance.state() == InstanceState::Maint || self.instance.is_retired() {
+                continue;
+            }
+            let result = match tokio::time::timeout(self.health.timeout, self.check()).await {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "no answer within {}ms",
+                    self.health.timeout.as_millis()
+                )),
+            };
+            match &result {
+                Ok(()) => self.passed.increment(1),
+                Err(_) => self.failed.increment(1),
+            }
+            let error = result.as_ref().err().cloned();
+            let changed = self.instance.record_check(
+                result,
+                self.health.rise,
+                self.health.fall,
+                crate::timefmt::unix_ms(),
+            );
+            match changed {
+                Some(Checked::Up) => tracing::info!(
+                    upstream = %self.upstream,
+                    instance = %self.instance.addr,
+                    "instance passed its health checks: in service"
+                ),
+                Some(Checked::Down) => tracing::warn!(
+                    upstream = %self.upstream,
+                    instance = %self.instance.addr,
+                    error = error.as_deref().unwrap_or_default(),
+                    fall = self.health.fall,
+                    "instance failed its health checks: out of service"
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    /// One check: a connect (and TLS handshake), then for HTTP a GET whose status must
+    /// be in the expected range. A fresh connection each time, closed after.
+    async fn check(&self) -> Result<(), String> {
+        let addr = self.instance.addr;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => self.exchange(stream).await,
+            Some(tls) => {
+                let stream = tls
+                    .connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map_err(|e| format!("tls: {e}"))?;
+                self.exchange(stream).await
+            }
+        }
+    }
+
+    async fn exchange<I>(&self, io: I) -> Result<(), String>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let HealthCheck::Http { path, host, expect } = &self.health.check else {
+            return Ok(());
+        };
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+        let connection = tokio::spawn(connection);
+        let host = match host {
+            Some(host) => HeaderValue::from_str(host),
+            None => HeaderValue::from_str(&self.instance.addr.to_string()),
+        }
+        .map_err(|e| format!("host header: {e}"))?;
+        let request = Request::get(path.as_str())
+            .header(HOST, host)
+            .header(USER_AGENT, "splitgate-health-check")
+            .header(CONNECTION, "close")
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| format!("request: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("http: {e}"));
+        connection.abort();
+        let status = response?.status().as_u16();
+        if expect.contains(&status) {
+            Ok(())
+        } else {
+            Err(format!(
+                "status {status} (expected {}-{})",
+                expect.start(),
+                expect.end()
+            ))
+        }
+    }
+}
