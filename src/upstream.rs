@@ -292,9 +292,16 @@ impl Upstream {
         let local = self.local();
         let start = local.next.fetch_add(1, Ordering::Relaxed);
         let n = local.instances.len();
-        (0..n)
-            .map(|i| &local.instances[(start + i) % n])
+        let mut ring = (0..n).map(|i| &local.instances[(start + i) % n]);
+        ring.clone()
             .find(|pool| pool.instance.in_rotation())
+            // A request that read the snapshot just before its instances were replaced
+            // (DNS, reload) still has the removed ones: better tried than a 503.
+            .or_else(|| {
+                ring.find(|pool| {
+                    pool.instance.is_retired() && pool.instance.state() == InstanceState::Ready
+                })
+            })
     }
 
     /// Whether some instance in service is out because it failed (ejected or failing

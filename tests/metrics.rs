@@ -241,8 +241,13 @@ stable = "slow"
     );
     assert!(value(&scrape, "splitgate_connections", &[("listener", "http")]) >= 0.0);
 
-    // Every label value is bounded: no paths, no user IDs.
+    // Every label value is bounded: no paths, no user IDs; instances only as configured.
+    let instances: Vec<String> = [stable.addr, canary.addr, closed, slow.addr]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
     let allowed: HashMap<&str, Vec<&str>> = HashMap::from([
+        ("instance", instances.iter().map(String::as_str).collect()),
         ("route", vec!["main", "broken", "sluggish"]),
         ("upstream", vec!["v1", "v2", "gone", "slow"]),
         ("variant", vec!["stable", "canary"]),

@@ -137,7 +137,7 @@ pub fn show_instance(state: &StateHandle, name: &str, addr: &str) -> Response<Ad
     };
     let addr = match parse_addr(addr) {
         Ok(addr) => addr,
-        Err(response) => return response,
+        Err(reason) => return json_error(StatusCode::BAD_REQUEST, &reason),
     };
     match upstream.member(addr) {
         Some(instance) => json_response(StatusCode::OK, &instance_view(upstream, instance)),
@@ -158,7 +158,7 @@ pub async fn set_state(
 ) -> Response<AdminBody> {
     let addr = match parse_addr(addr) {
         Ok(addr) => addr,
-        Err(response) => return response,
+        Err(reason) => return json_error(StatusCode::BAD_REQUEST, &reason),
     };
     let wanted = match parse_state(body) {
         Ok(wanted) => wanted,
@@ -172,7 +172,7 @@ pub async fn set_state(
 
 /// An instance address from a path segment (`10.0.0.1:8080`, `[::1]:8080`, either
 /// percent-encoded or not).
-fn parse_addr(segment: &str) -> Result<SocketAddr, Response<AdminBody>> {
+fn parse_addr(segment: &str) -> Result<SocketAddr, String> {
     let decoded = segment
         .replace("%3A", ":")
         .replace("%3a", ":")
@@ -181,9 +181,8 @@ fn parse_addr(segment: &str) -> Result<SocketAddr, Response<AdminBody>> {
         .replace("%5D", "]")
         .replace("%5d", "]");
     decoded.parse().map_err(|_| {
-        json_error(
-            StatusCode::BAD_REQUEST,
-            &format!("{segment:?} is not an instance address (ip:port, as GET /admin/upstreams lists them)"),
+        format!(
+            "{segment:?} is not an instance address (ip:port, as GET /admin/upstreams lists them)"
         )
     })
 }

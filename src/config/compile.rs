@@ -801,7 +801,7 @@ fn compile_health(field: &str, section: &HealthSection, errors: &mut Errors) -> 
             HealthCheck::Tcp
         }
     };
-    (errors.0.len() == before).then(|| HealthSpec {
+    (errors.0.len() == before).then_some(HealthSpec {
         check,
         interval: section.interval,
         timeout: section.timeout,

@@ -485,8 +485,8 @@ impl Writer {
             };
             upstreams.insert(name.clone(), self.build_upstream(spec.clone(), &addrs));
         }
-        for (name, previous) in &self.upstreams {
-            previous.retire_missing(upstreams.get(name).map(|u| &**u));
+        if self.started {
+            self.forget_states_of_gone(&upstreams);
         }
         let mut parts = BTreeMap::new();
         for spec in &settings.routes {
@@ -554,7 +554,6 @@ impl Writer {
             return;
         }
         let next = self.build_upstream(current.spec.clone(), &addrs);
-        current.retire_missing(Some(&*next));
         let added: Vec<String> = addrs
             .iter()
             .filter(|a| !now.contains(a))
@@ -567,7 +566,22 @@ impl Writer {
             .collect();
         tracing::info!(upstream = name, added = ?added, removed = ?removed, "upstream instances changed (DNS)");
         self.upstreams.insert(name.to_string(), next);
+        let upstreams = self.upstreams.clone();
+        self.forget_states_of_gone(&upstreams);
         self.publish();
+    }
+
+    /// Drops the saved state (drain, maint) of instances that are gone: an address a
+    /// platform reuses later (a new pod, a new VM) must not inherit it. Written with
+    /// the next save.
+    fn forget_states_of_gone(&mut self, upstreams: &BTreeMap<String, Arc<Upstream>>) {
+        self.instance_states.retain(|name, states| {
+            let Some(upstream) = upstreams.get(name) else {
+                return false;
+            };
+            states.retain(|addr, _| upstream.member(*addr).is_some());
+            !states.is_empty()
+        });
     }
 
     /// Sets the operator's state of one instance, persisted first (and audited).
@@ -793,7 +807,7 @@ impl Writer {
             })
             .collect();
         sort_for_matching(&mut routes);
-        self.shared.snapshot.store(Arc::new(Snapshot {
+        let previous = self.shared.snapshot.swap(Arc::new(Snapshot {
             generation: self.generation,
             settings: self.settings.clone(),
             routes: routes.into_boxed_slice(),
@@ -802,5 +816,13 @@ impl Writer {
         self.shared
             .generation
             .store(self.generation, std::sync::atomic::Ordering::Release);
+        // Only once no new request can find them: an instance retired earlier would
+        // leave requests still reading the old snapshot with nowhere to go.
+        for old in previous.upstreams.iter() {
+            let next = self.upstreams.get(old.name());
+            if !next.is_some_and(|next| Arc::ptr_eq(next, old)) {
+                old.retire_missing(next.map(|u| &**u));
+            }
+        }
     }
 }
