@@ -15,6 +15,7 @@
 //! re-published.
 
 mod heartbeat;
+mod instances;
 mod judge;
 mod publish;
 mod store;
@@ -127,6 +128,22 @@ pub struct FleetView {
     pub members: Vec<MemberView>,
 }
 
+/// One instance as the fleet's members report it.
+#[derive(Serialize)]
+pub struct InstanceReport {
+    /// Requests in flight to it on every member.
+    pub in_flight: usize,
+    pub replicas: Vec<ReplicaLoad>,
+}
+
+#[derive(Serialize)]
+pub struct ReplicaLoad {
+    pub replica: String,
+    /// The instance's state on that replica (`ready` when it reports nothing of it).
+    pub state: crate::upstream::InstanceState,
+    pub in_flight: usize,
+}
+
 #[derive(Serialize)]
 pub struct MemberView {
     pub replica: String,
@@ -165,6 +182,7 @@ impl Fleet {
             tokio::spawn(sync::run(fleet.clone(), state.clone())),
             tokio::spawn(publish::run(fleet.clone(), state.clone())),
             tokio::spawn(heartbeat::run(fleet.clone(), state.clone())),
+            tokio::spawn(instances::run(fleet.clone(), state.clone())),
         ];
         tracing::info!(
             cluster = %fleet.settings.cluster,
@@ -240,6 +258,38 @@ impl Fleet {
             }
             fleet.advancing.lock().expect("not poisoned").remove(&route);
         });
+    }
+
+    /// Whether any member (as last read) has an instance out of service.
+    fn instances_out(&self) -> bool {
+        self.status
+            .members
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .any(|m| !m.instances.is_empty())
+    }
+
+    /// What every member (as last read, within a few seconds) reports of one instance:
+    /// for `drain --wait` against a fleet.
+    pub fn instance_report(&self, upstream: &str, addr: std::net::SocketAddr) -> InstanceReport {
+        let key = format!("{upstream}/{addr}");
+        let members = self.status.members.lock().expect("not poisoned");
+        let replicas: Vec<ReplicaLoad> = members
+            .iter()
+            .map(|m| {
+                let load = m.instances.get(&key);
+                ReplicaLoad {
+                    replica: m.replica.clone(),
+                    state: load.map_or(crate::upstream::InstanceState::Ready, |l| l.state),
+                    in_flight: load.map_or(0, |l| l.in_flight),
+                }
+            })
+            .collect();
+        InstanceReport {
+            in_flight: replicas.iter().map(|r| r.in_flight).sum(),
+            replicas,
+        }
     }
 
     /// False until the first listing of the store (or the first failure to reach it).

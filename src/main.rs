@@ -486,7 +486,7 @@ fn instance(
         loop {
             let done = match state {
                 InstanceAction::Ready => last["serving"] == true,
-                _ => last["in_flight"] == 0,
+                _ => last["in_flight"] == 0 && fleet_settled(&last["fleet"], state.as_str()),
             };
             if done {
                 return Ok(None);
@@ -507,7 +507,16 @@ fn instance(
                             .map(|e| format!(", last check: {e}"))
                             .unwrap_or_default()
                     ),
-                    _ => format!("{} requests still in flight", last["in_flight"]),
+                    _ => match unsettled_replicas(&last["fleet"], state.as_str()) {
+                        waiting if waiting.is_empty() => {
+                            format!("{} requests still in flight", last["in_flight"])
+                        }
+                        waiting => format!(
+                            "{} requests still in flight here; not yet done on {}",
+                            last["in_flight"],
+                            waiting.join(", ")
+                        ),
+                    },
                 };
                 return Ok(Some(format!(
                     "timed out after {}s waiting for {upstream} {addr}: {what}",
@@ -543,6 +552,32 @@ fn instance(
             ExitCode::FAILURE
         }
     }
+}
+
+/// With a fleet (`fleet` is the instance view's `fleet` object): whether every replica
+/// reports the instance in `state` with nothing in flight. Without one, true.
+fn fleet_settled(fleet: &serde_json::Value, state: &str) -> bool {
+    fleet.is_null()
+        || (fleet["replicas"].as_array().is_some_and(|r| !r.is_empty())
+            && unsettled_replicas(fleet, state).is_empty())
+}
+
+/// The replicas that do not yet report the instance in `state` with nothing in flight.
+fn unsettled_replicas(fleet: &serde_json::Value, state: &str) -> Vec<String> {
+    fleet["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["state"] != state || r["in_flight"] != 0)
+        .map(|r| {
+            format!(
+                "{} ({}, {} in flight)",
+                r["replica"].as_str().unwrap_or("?"),
+                r["state"].as_str().unwrap_or("?"),
+                r["in_flight"]
+            )
+        })
+        .collect()
 }
 
 fn upstreams(args: &AdminArgs, json: bool) -> ExitCode {

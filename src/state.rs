@@ -194,6 +194,8 @@ pub(crate) enum Command {
         addr: std::net::SocketAddr,
         state: crate::upstream::InstanceState,
         source: Source,
+        /// With a fleet, the replica it was set through.
+        by: Option<String>,
         reply: Reply<crate::upstream::InstanceState>,
     },
     /// Ends the writer and releases the state directory's lock (at shutdown, so a
@@ -331,6 +333,9 @@ impl StateHandle {
 
     /// Sets the operator's state of an instance (ready, drain, maint); returns the
     /// state it had.
+    /// With a fleet, it is written to the store first and applied here once committed
+    /// (the watch brings it to the other replicas); refused while the store is
+    /// unreachable.
     pub async fn set_instance_state(
         &self,
         upstream: &str,
@@ -338,12 +343,54 @@ impl StateHandle {
         state: crate::upstream::InstanceState,
         source: Source,
     ) -> Result<crate::upstream::InstanceState, ChangeError> {
+        let Some(fleet) = self.shared.fleet.get() else {
+            return self
+                .apply_instance_state(upstream, addr, state, source, "")
+                .await;
+        };
+        // Refused here, before the store, when this replica does not know the instance.
+        let snapshot = self.shared.snapshot.load();
+        let known = snapshot
+            .upstream(upstream)
+            .ok_or_else(|| ChangeError::UnknownUpstream(upstream.to_string()))?;
+        if known.member(addr).is_none() {
+            return Err(ChangeError::UnknownInstance {
+                upstream: upstream.to_string(),
+                addr,
+                known: known
+                    .members()
+                    .iter()
+                    .map(|m| m.addr.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        fleet
+            .put_instance_state(upstream, addr, state, source)
+            .await?;
+        let by = fleet.settings.replica.clone();
+        self.apply_instance_state(upstream, addr, state, source, &by)
+            .await
+    }
+
+    /// Sets an instance's state here only; `by` names the replica it was set through
+    /// (with a fleet), for the audit line.
+    pub(crate) async fn apply_instance_state(
+        &self,
+        upstream: &str,
+        addr: std::net::SocketAddr,
+        state: crate::upstream::InstanceState,
+        source: Source,
+        by: &str,
+    ) -> Result<crate::upstream::InstanceState, ChangeError> {
         let upstream = upstream.to_string();
+        let by = (!by.is_empty()).then(|| by.to_string());
         self.ask(|reply| Command::InstanceState {
             upstream,
             addr,
             state,
             source,
+            by,
             reply,
         })
         .await

@@ -239,6 +239,16 @@ impl Replica {
         canary: SocketAddr,
         route_extra: &str,
     ) -> Replica {
+        Replica::start_with(name, etcd, &[stable], canary, route_extra).await
+    }
+
+    async fn start_with(
+        name: &str,
+        etcd: &Etcd,
+        stable: &[SocketAddr],
+        canary: SocketAddr,
+        route_extra: &str,
+    ) -> Replica {
         let mut links = Vec::new();
         for client in etcd.clients() {
             links.push(Link::to(client).await);
@@ -251,7 +261,7 @@ impl Replica {
             .join(", ");
         let mut text = config(
             dir.path(),
-            &[stable],
+            stable,
             Some(&[canary]),
             "",
             "",
@@ -1294,4 +1304,145 @@ async fn the_judge_keeps_judging_after_a_store_outage_shorter_than_its_lease() {
     wait_fleet_tripped(&replicas).await;
     // Still the same judge: it never lost its key.
     assert_eq!(replicas[0].judge().await.as_deref(), Some(judge.as_str()));
+}
+
+/// `GET /admin/upstreams/stable-pool/instances/{addr}` on `replica`.
+async fn instance_on(replica: &Replica, addr: SocketAddr) -> serde_json::Value {
+    admin(
+        replica.proxy.admin,
+        "GET",
+        &format!("/admin/upstreams/stable-pool/instances/{addr}"),
+        "",
+        None,
+    )
+    .await
+    .1
+}
+
+async fn wait_instance_on(
+    replica: &Replica,
+    addr: SocketAddr,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = instance_on(replica, addr).await;
+        if check(&value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_through_one_replica_applies_to_all_and_waits_for_their_requests() {
+    let Some(binary) = etcd_binary() else { return };
+    let etcd = Etcd::start(binary).await;
+    let a = slow_upstream(Duration::from_millis(1500), "a").await;
+    let b = named_upstream("b").await;
+    let canary = named_upstream("canary").await;
+    let mut replicas = Vec::new();
+    for i in 1..=2 {
+        let replica = Replica::start_with(
+            &format!("inst-{i}"),
+            &etcd,
+            &[a.addr, b.addr],
+            canary.addr,
+            "",
+        )
+        .await;
+        replica.wait_store(true).await;
+        replicas.push(replica);
+    }
+    let set = |replica: &Replica, addr: SocketAddr, to: &str| {
+        let admin_addr = replica.proxy.admin;
+        let path = format!("/admin/upstreams/stable-pool/instances/{addr}/state");
+        let body = format!("{{\"state\": \"{to}\"}}");
+        async move {
+            let (status, value) = admin(admin_addr, "PUT", &path, &body, None).await;
+            assert_eq!(status, StatusCode::OK, "{value}");
+        }
+    };
+    // b drained through replica 1 is drained on replica 2: its slow requests go to a.
+    set(&replicas[0], b.addr, "drain").await;
+    wait_instance_on(&replicas[1], b.addr, "b drained on replica 2", |i| {
+        i["state"] == "drain"
+    })
+    .await;
+    let started = Instant::now();
+    let proxy = replicas[1].proxy.addr;
+    let slow: Vec<_> = (0..10)
+        .map(|i| {
+            tokio::spawn(async move {
+                get(proxy, "/", &[("x-user-id", &format!("s{i}"))])
+                    .await
+                    .text()
+            })
+        })
+        .collect();
+    wait_instance_on(&replicas[1], a.addr, "10 in flight on replica 2", |i| {
+        i["in_flight"] == 10
+    })
+    .await;
+    set(&replicas[0], b.addr, "ready").await;
+    wait_instance_on(&replicas[1], b.addr, "b ready on replica 2", |i| {
+        i["state"] == "ready"
+    })
+    .await;
+
+    // Drain a through replica 1, which has nothing in flight to it: the wait is for
+    // replica 2's requests.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_splitgate"))
+        .args([
+            "instance",
+            "drain",
+            "stable-pool",
+            &a.addr.to_string(),
+            "--wait",
+            "--timeout",
+            "30s",
+        ])
+        .args(["--admin", &format!("http://{}", replicas[0].proxy.admin)])
+        .output()
+        .await
+        .unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{output}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "returned after {:?}, before replica 2's requests could finish: {output}",
+        started.elapsed()
+    );
+    for request in slow {
+        assert_eq!(request.await.unwrap(), "a");
+    }
+    wait_instance_on(&replicas[1], a.addr, "a drained on replica 2", |i| {
+        i["state"] == "drain"
+    })
+    .await;
+    for i in 0..10 {
+        let text = get(proxy, "/", &[("x-user-id", &format!("n{i}"))])
+            .await
+            .text();
+        assert!(
+            text.starts_with("b\n"),
+            "a drained instance gets no new request: {text}"
+        );
+    }
+    let audit = std::fs::read_to_string(replicas[1].proxy.dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("instance_state") && l.contains("\"replica\":\"inst-1\"")),
+        "replica 2 audits the change with the replica it was made through: {audit}"
+    );
 }

@@ -46,6 +46,9 @@ pub struct InstanceView {
     pub in_flight: usize,
     /// Open connections to it, busy or idle, on every worker.
     pub connections: usize,
+    /// With a fleet: what every replica reports of it (as last read, within seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::InstanceReport>,
 }
 
 pub fn upstream_view(upstream: &Upstream) -> UpstreamView {
@@ -103,6 +106,7 @@ pub fn instance_view(upstream: &Upstream, instance: &Instance) -> InstanceView {
         last_error: report.last_error,
         in_flight,
         connections,
+        fleet: None,
     }
 }
 
@@ -140,7 +144,15 @@ pub fn show_instance(state: &StateHandle, name: &str, addr: &str) -> Response<Ad
         Err(reason) => return json_error(StatusCode::BAD_REQUEST, &reason),
     };
     match upstream.member(addr) {
-        Some(instance) => json_response(StatusCode::OK, &instance_view(upstream, instance)),
+        Some(instance) => {
+            let mut view = instance_view(upstream, instance);
+            view.fleet = state
+                .shared
+                .fleet
+                .get()
+                .map(|fleet| fleet.instance_report(name, addr));
+            json_response(StatusCode::OK, &view)
+        }
         None => json_error(
             StatusCode::NOT_FOUND,
             &format!("upstream {name:?} has no instance {addr}"),

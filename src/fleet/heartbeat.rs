@@ -36,6 +36,17 @@ pub struct MemberRecord {
     pub store_up: bool,
     /// Per route with a canary and an SLO: the canary's and stable's running totals.
     pub routes: BTreeMap<String, SideReadings>,
+    /// Per instance this replica has out of service (drain, maint), keyed
+    /// `upstream/addr`: its state here and the requests still in flight to it, so
+    /// `drain --wait` against any replica waits for all of them.
+    #[serde(default)]
+    pub instances: BTreeMap<String, InstanceLoad>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceLoad {
+    pub state: crate::upstream::InstanceState,
+    pub in_flight: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -56,7 +67,9 @@ pub async fn run(fleet: Arc<Fleet>, state: StateHandle) {
         tick.tick().await;
         // The member list `/admin/fleet` shows is read every `VIEW_EVERY` beats: every
         // replica reading it every second would cost the store N² reads a second.
-        let read_members = beats.is_multiple_of(VIEW_EVERY);
+        // While an instance is out of service somewhere, every beat: `drain --wait`
+        // waits on what the other replicas report.
+        let read_members = beats.is_multiple_of(VIEW_EVERY) || fleet.instances_out();
         beats += 1;
         let beat = beat(
             &fleet,
@@ -109,6 +122,25 @@ async fn beat(
             (r.spec.name.clone(), SideReadings { canary, stable })
         })
         .collect();
+    let instances: BTreeMap<String, InstanceLoad> = snapshot
+        .upstreams
+        .iter()
+        .flat_map(|u| {
+            u.members()
+                .iter()
+                .filter(|m| m.state() != crate::upstream::InstanceState::Ready)
+                .map(|m| {
+                    let in_flight = u.pools_of(m.addr).map(|p| p.in_flight()).sum();
+                    (
+                        format!("{}/{}", u.name(), m.addr),
+                        InstanceLoad {
+                            state: m.state(),
+                            in_flight,
+                        },
+                    )
+                })
+        })
+        .collect();
     let view = fleet.view();
     let record = MemberRecord {
         replica: fleet.settings.replica.clone(),
@@ -118,6 +150,7 @@ async fn beat(
         applied_revision: view.applied_revision,
         store_up: view.store_up,
         routes,
+        instances,
     };
     let bytes = serde_json::to_vec(&record).expect("a member record serializes");
     fleet

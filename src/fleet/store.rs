@@ -203,6 +203,14 @@ impl Store {
         .await
     }
 
+    /// Writes `value` to `key`; the revision it committed at.
+    pub async fn put(&self, key: &str, value: &[u8]) -> Result<i64, StoreError> {
+        let response = self
+            .run(|mut client| async move { client.put(key, value, None).await })
+            .await?;
+        Ok(response.header().map_or(0, |h| h.revision()))
+    }
+
     /// Writes `value` to `key`, bound to `lease`.
     pub async fn put_with_lease(
         &self,

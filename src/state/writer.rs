@@ -212,10 +212,11 @@ impl Writer {
                     addr,
                     state,
                     source,
+                    by,
                     reply,
                 } => {
                     let _ = reply.send(
-                        self.set_instance_state(&upstream, addr, state, source)
+                        self.set_instance_state(&upstream, addr, state, source, by.as_deref())
                             .await,
                     );
                 }
@@ -591,6 +592,7 @@ impl Writer {
         addr: SocketAddr,
         state: InstanceState,
         source: Source,
+        by: Option<&str>,
     ) -> Result<InstanceState, ChangeError> {
         let current = self
             .upstreams
@@ -633,7 +635,7 @@ impl Writer {
                 old_state: old.as_str(),
                 new_state: state.as_str(),
                 source: source.as_str(),
-                replica: self.settings.fleet.as_ref().map(|f| f.replica.as_str()),
+                replica: by.or(self.settings.fleet.as_ref().map(|f| f.replica.as_str())),
             };
             let line = serde_json::to_value(&line)
                 .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?;

@@ -1,0 +1,173 @@
+//! Instance states (ready, drain, maint) shared by the fleet. One key per instance an
+//! operator has set, `/splitgate/v1/<cluster>/instances/<upstream>/<addr>`, holding a
+//! [`FleetInstance`]. A change through any replica is written to the store (the
+//! operator's latest word wins) and applied there once committed; every replica watches
+//! the prefix and applies what it sees through its state writer, which persists it.
+//! States set on a replica before it joined a fleet seed the store if it has none.
+//!
+//! While the store is unreachable, state changes are refused: one applied only here
+//! would be overwritten by the store's when it comes back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::EventType;
+use serde::{Deserialize, Serialize};
+
+use super::Fleet;
+use crate::state::{ChangeError, Source, StateHandle};
+use crate::upstream::InstanceState;
+
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// The value of an instance's key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetInstance {
+    pub state: InstanceState,
+    /// The replica it was set through, and who asked (`admin`, `cli`).
+    #[serde(default)]
+    pub by: String,
+    #[serde(default)]
+    pub source: String,
+}
+
+impl Fleet {
+    fn instance_prefix(&self) -> String {
+        format!("/splitgate/v1/{}/instances/", self.settings.cluster)
+    }
+
+    fn instance_key(&self, upstream: &str, addr: SocketAddr) -> String {
+        format!("{}{upstream}/{addr}", self.instance_prefix())
+    }
+
+    /// Writes an instance's state to the store; the revision it committed at.
+    pub async fn put_instance_state(
+        &self,
+        upstream: &str,
+        addr: SocketAddr,
+        state: InstanceState,
+        source: Source,
+    ) -> Result<i64, ChangeError> {
+        let value = FleetInstance {
+            state,
+            by: self.settings.replica.clone(),
+            source: source.as_str().to_string(),
+        };
+        let bytes = serde_json::to_vec(&value).expect("an instance state serializes");
+        let written = self
+            .store
+            .put(&self.instance_key(upstream, addr), &bytes)
+            .await;
+        self.store_answered(written.as_ref().map(|_| ()));
+        written.map_err(|e| ChangeError::StoreUnavailable(e.to_string()))
+    }
+}
+
+pub async fn run(fleet: Arc<Fleet>, state: StateHandle) {
+    let mut pause = RETRY_FIRST;
+    loop {
+        match list_and_watch(&fleet, &state).await {
+            Ok(()) => pause = RETRY_FIRST,
+            Err(error) => {
+                tracing::debug!(%error, "fleet: instance states: listing again");
+                pause = (pause * 2).min(RETRY_MAX);
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String> {
+    let prefix = fleet.instance_prefix();
+    let (kvs, listed_at) = fleet.store.list(&prefix).await.map_err(|e| e.to_string())?;
+    for kv in &kvs {
+        apply(state, &prefix, kv).await;
+    }
+    // States set here before this replica joined the fleet (or while it was alone).
+    let local: Vec<(String, SocketAddr, InstanceState)> = {
+        let snapshot = state.shared.snapshot.load();
+        snapshot
+            .upstreams
+            .iter()
+            .flat_map(|u| {
+                u.members()
+                    .iter()
+                    .filter(|m| m.state() != InstanceState::Ready)
+                    .map(|m| (u.name().to_string(), m.addr, m.state()))
+            })
+            .collect()
+    };
+    for (upstream, addr, instance_state) in local {
+        let key = fleet.instance_key(&upstream, addr);
+        if kvs.iter().any(|kv| kv.key() == key.as_bytes()) {
+            continue;
+        }
+        let value = FleetInstance {
+            state: instance_state,
+            by: fleet.settings.replica.clone(),
+            source: Source::Start.as_str().to_string(),
+        };
+        let bytes = serde_json::to_vec(&value).expect("an instance state serializes");
+        fleet
+            .store
+            .put_if(&key, &bytes, 0)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut watch = fleet
+        .store
+        .watch(&prefix, listed_at + 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let response = match watch.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => return Err("the watch stream ended".into()),
+            Err(error) => return Err(format!("watch: {error}")),
+        };
+        if response.compact_revision() != 0 || response.canceled() {
+            return Ok(());
+        }
+        for event in response.events() {
+            if let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) {
+                apply(state, &prefix, kv).await;
+            }
+        }
+    }
+}
+
+/// Applies one instance's state. An instance this replica does not have (its DNS
+/// answer differs, or it has not resolved yet) is skipped.
+async fn apply(state: &StateHandle, prefix: &str, kv: &etcd_client::KeyValue) {
+    let Some((upstream, addr)) = kv
+        .key()
+        .strip_prefix(prefix.as_bytes())
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .and_then(|k| k.split_once('/'))
+        .and_then(|(u, a)| Some((u.to_string(), a.parse::<SocketAddr>().ok()?)))
+    else {
+        return;
+    };
+    let value: FleetInstance = match serde_json::from_slice(kv.value()) {
+        Ok(value) => value,
+        Err(problem) => {
+            tracing::error!(upstream, instance = %addr, %problem, "fleet: unreadable instance state in the store; ignored");
+            return;
+        }
+    };
+    let source = Source::from_name(&value.source).unwrap_or(Source::Fleet);
+    match state
+        .apply_instance_state(&upstream, addr, value.state, source, &value.by)
+        .await
+    {
+        Ok(_) => {}
+        Err(error @ (ChangeError::UnknownUpstream(_) | ChangeError::UnknownInstance { .. })) => {
+            tracing::debug!(%error, "fleet: instance state for an instance this replica does not have");
+        }
+        Err(error) => {
+            tracing::error!(upstream, instance = %addr, %error, "fleet: could not apply the store's instance state");
+        }
+    }
+}
