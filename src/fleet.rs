@@ -94,6 +94,8 @@ pub struct Fleet {
     /// This replica's lease, revoked by `stop` so that its member record and (if it
     /// judged) the judge's key go at once rather than after the lease's TTL.
     lease: Mutex<Option<i64>>,
+    /// When an instance state last changed (see `instances_settling`).
+    instance_changed: Mutex<Option<std::time::Instant>>,
 }
 
 /// What `GET /admin/fleet` and the metrics show.
@@ -164,6 +166,7 @@ impl Fleet {
             tasks: Mutex::new(Vec::new()),
             advancing: Mutex::new(Default::default()),
             lease: Mutex::new(None),
+            instance_changed: Mutex::new(None),
             status: Status {
                 store_up: AtomicBool::new(false),
                 synced: AtomicBool::new(false),
@@ -260,14 +263,29 @@ impl Fleet {
         });
     }
 
-    /// Whether any member (as last read) has an instance out of service.
-    fn instances_out(&self) -> bool {
-        self.status
-            .members
+    /// Whether `drain --wait` may be waiting on the member list: an instance state
+    /// changed in the last few seconds, or a member (as last read) still has requests in
+    /// flight to an instance out of service. (An instance kept in `maint` for days
+    /// does not make every replica read the list every second.)
+    fn instances_settling(&self) -> bool {
+        let recent = self
+            .instance_changed
             .lock()
             .expect("not poisoned")
-            .iter()
-            .any(|m| !m.instances.is_empty())
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(15));
+        recent
+            || self
+                .status
+                .members
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .any(|m| m.instances.values().any(|i| i.in_flight > 0))
+    }
+
+    /// An instance state changed (here or through another replica).
+    fn instance_changed(&self) {
+        *self.instance_changed.lock().expect("not poisoned") = Some(std::time::Instant::now());
     }
 
     /// What every member (as last read, within a few seconds) reports of one instance:

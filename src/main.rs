@@ -457,6 +457,15 @@ fn fleet_status(args: &AdminArgs, json: bool) -> ExitCode {
     print_result(result)
 }
 
+/// How `splitgate instance … --wait` ended.
+enum Waited {
+    NoWait,
+    Done,
+    /// The instance left the upstream while the wait went on.
+    Removed,
+    TimedOut(String),
+}
+
 /// `splitgate instance STATE UPSTREAM ADDR [--wait]`.
 fn instance(
     args: &AdminArgs,
@@ -479,17 +488,25 @@ fn instance(
             value["health"].as_str().unwrap_or("?")
         );
         let Some(timeout) = wait else {
-            return Ok(None);
+            return Ok(Waited::NoWait);
         };
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = value;
+        // Nothing in flight on two reads in a row, 200 ms apart, before a drain counts
+        // as done.
+        let mut quiet_reads = 0;
         loop {
             let done = match state {
                 InstanceAction::Ready => last["serving"] == true,
-                _ => last["in_flight"] == 0 && fleet_settled(&last["fleet"], state.as_str()),
+                _ => {
+                    let quiet =
+                        last["in_flight"] == 0 && fleet_settled(&last["fleet"], state.as_str());
+                    quiet_reads = if quiet { quiet_reads + 1 } else { 0 };
+                    quiet_reads >= 2
+                }
             };
             if done {
-                return Ok(None);
+                return Ok(Waited::Done);
             }
             if last["state"] != state.as_str() {
                 anyhow::bail!(
@@ -518,13 +535,18 @@ fn instance(
                         ),
                     },
                 };
-                return Ok(Some(format!(
+                return Ok(Waited::TimedOut(format!(
                     "timed out after {}s waiting for {upstream} {addr}: {what}",
                     timeout.as_secs()
                 )));
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             let (status, text) = client.call(Method::GET, &path, None).await?;
+            if status == http::StatusCode::NOT_FOUND && state != InstanceAction::Ready {
+                // Gone from the upstream meanwhile (DNS or a reload): it gets no new
+                // request, and splitgate no longer counts the ones it had.
+                return Ok(Waited::Removed);
+            }
             let now = expect_ok(status, &text)?;
             if now["in_flight"] != last["in_flight"] && state != InstanceAction::Ready {
                 println!("{upstream} {addr}: {} in flight", now["in_flight"]);
@@ -533,17 +555,20 @@ fn instance(
         }
     });
     match result {
-        Ok(None) => {
-            if wait.is_some() {
-                let done = match state {
-                    InstanceAction::Ready => "serving",
-                    _ => "nothing in flight",
-                };
-                println!("{upstream} {addr}: {done}");
-            }
+        Ok(Waited::NoWait) => ExitCode::SUCCESS,
+        Ok(Waited::Done) => {
+            let done = match state {
+                InstanceAction::Ready => "serving",
+                _ => "nothing in flight",
+            };
+            println!("{upstream} {addr}: {done}");
             ExitCode::SUCCESS
         }
-        Ok(Some(timed_out)) => {
+        Ok(Waited::Removed) => {
+            println!("{upstream} {addr}: removed from the upstream (DNS or a reload) while waiting: it gets no new request, and its requests in flight finish on their own");
+            ExitCode::SUCCESS
+        }
+        Ok(Waited::TimedOut(timed_out)) => {
             eprintln!("splitgate: {timed_out}");
             ExitCode::from(2)
         }

@@ -183,9 +183,11 @@ pub(crate) enum Command {
         source: Source,
         reply: Reply<Vec<String>>,
     },
-    /// The addresses a re-resolved upstream now has (from DNS).
+    /// The addresses a re-resolved upstream now has (from DNS), looked up for
+    /// `names`: an answer for names a reload has since replaced is dropped.
     Members {
         upstream: String,
+        names: Vec<String>,
         addrs: Vec<std::net::SocketAddr>,
     },
     /// The operator's state for one instance; replies with the state it had.
@@ -194,8 +196,8 @@ pub(crate) enum Command {
         addr: std::net::SocketAddr,
         state: crate::upstream::InstanceState,
         source: Source,
-        /// With a fleet, the replica it was set through.
-        by: Option<String>,
+        /// With a fleet, where it came from.
+        origin: Option<InstanceOrigin>,
         reply: Reply<crate::upstream::InstanceState>,
     },
     /// Ends the writer and releases the state directory's lock (at shutdown, so a
@@ -207,6 +209,17 @@ pub(crate) enum Command {
     /// Takes the state directory back after a takeover that did not complete; fails
     /// (and stays released) when the successor holds it.
     Resume { reply: Reply<()> },
+}
+
+/// Where a fleet's instance state came from.
+#[derive(Debug, Clone)]
+pub struct InstanceOrigin {
+    /// The replica it was set through.
+    pub by: String,
+    /// The store's revision of it: an older one than this replica applied is ignored.
+    pub revision: i64,
+    /// Unix ms when it was set.
+    pub written_ms: u64,
 }
 
 /// The handle the admin API, signal handlers and the SLO guard use to ask for changes.
@@ -345,7 +358,7 @@ impl StateHandle {
     ) -> Result<crate::upstream::InstanceState, ChangeError> {
         let Some(fleet) = self.shared.fleet.get() else {
             return self
-                .apply_instance_state(upstream, addr, state, source, "")
+                .apply_instance_state(upstream, addr, state, source, None)
                 .await;
         };
         // Refused here, before the store, when this replica does not know the instance.
@@ -365,43 +378,46 @@ impl StateHandle {
                     .join(", "),
             });
         }
-        fleet
+        let origin = fleet
             .put_instance_state(upstream, addr, state, source)
             .await?;
-        let by = fleet.settings.replica.clone();
-        self.apply_instance_state(upstream, addr, state, source, &by)
+        self.apply_instance_state(upstream, addr, state, source, Some(origin))
             .await
     }
 
-    /// Sets an instance's state here only; `by` names the replica it was set through
-    /// (with a fleet), for the audit line.
+    /// Sets an instance's state here only; `origin` says where a fleet's came from.
     pub(crate) async fn apply_instance_state(
         &self,
         upstream: &str,
         addr: std::net::SocketAddr,
         state: crate::upstream::InstanceState,
         source: Source,
-        by: &str,
+        origin: Option<InstanceOrigin>,
     ) -> Result<crate::upstream::InstanceState, ChangeError> {
         let upstream = upstream.to_string();
-        let by = (!by.is_empty()).then(|| by.to_string());
         self.ask(|reply| Command::InstanceState {
             upstream,
             addr,
             state,
             source,
-            by,
+            origin,
             reply,
         })
         .await
     }
 
     /// Tells the writer the addresses a re-resolved upstream now has.
-    pub(crate) async fn set_members(&self, upstream: &str, addrs: Vec<std::net::SocketAddr>) {
+    pub(crate) async fn set_members(
+        &self,
+        upstream: &str,
+        names: Vec<String>,
+        addrs: Vec<std::net::SocketAddr>,
+    ) {
         let _ = self
             .tx
             .send(Command::Members {
                 upstream: upstream.to_string(),
+                names,
                 addrs,
             })
             .await;

@@ -312,6 +312,28 @@ impl Upstream {
         self.members.iter().any(|m| m.is_failing(checks))
     }
 
+    /// Counts a request in flight to `instance` and only then checks that it is still
+    /// in service; one drained (or removed) since it was picked is swapped for another
+    /// when there is one. Counted first, checked second (both SeqCst), while the writer
+    /// stores the state first and `drain --wait` reads the counts after: so the wait
+    /// never sees 0 while a request is on its way to the instance.
+    fn claim(&self, mut instance: Arc<Pool>) -> (Arc<Pool>, InFlight) {
+        let mut in_flight = InFlight::new(instance.clone());
+        for _ in 0..2 {
+            if instance.instance.in_rotation() {
+                break;
+            }
+            match self.pick().or_else(|| self.pick_any()) {
+                Some(other) if other.instance.in_rotation() => {
+                    instance = other.clone();
+                    in_flight = InFlight::new(instance.clone());
+                }
+                _ => break,
+            }
+        }
+        (instance, in_flight)
+    }
+
     /// The calling worker's pool for each instance.
     pub fn instances(&self) -> &[Arc<Pool>] {
         &self.local().instances
@@ -334,11 +356,11 @@ impl Upstream {
     /// to another instance (any method), up to [`MAX_CONNECT_TRIES`] instances in all.
     /// Returns the instance that answered (or failed last) and the connect failures
     /// that moved the request on.
-    pub async fn send(&self, mut instance: Arc<Pool>, request: Request<UpstreamBody>) -> Sent {
+    pub async fn send(&self, instance: Arc<Pool>, request: Request<UpstreamBody>) -> Sent {
         let timeouts = self.spec.timeouts;
         let upgrade = request.headers().contains_key(UPGRADE);
         let mut tried = Vec::new();
-        let mut in_flight = InFlight::new(instance.clone());
+        let (mut instance, mut in_flight) = self.claim(instance);
         let connection = loop {
             match instance.connection(upgrade, timeouts).await {
                 Ok(connection) => break connection,
@@ -366,8 +388,7 @@ impl Upstream {
                         %error,
                         "connect failed; trying another instance"
                     );
-                    in_flight = InFlight::new(next.clone());
-                    instance = next;
+                    (instance, in_flight) = self.claim(next);
                 }
                 Err(error) => {
                     return Sent {

@@ -828,3 +828,100 @@ const WORK: Duration = Duration::from_millis(20);
 fn first_addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_drained_or_pending_serves_its_users_from_stable_and_is_not_charged() {
+    let stable = Backend::start(localhost(), "stable", Duration::ZERO).await;
+    let canary = Backend::start(localhost(), "canary", Duration::ZERO).await;
+    canary.healthy.store(false, Ordering::SeqCst);
+    let dir = Arc::new(TempDir::new("canary-out"));
+    let text = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+access_log = false
+[admin]
+listen = "127.0.0.1:0"
+[state]
+dir = "{}"
+[upstreams.app]
+instances = ["{}"]
+[upstreams.next]
+instances = ["{}"]
+[upstreams.next.health]
+path = "/healthz"
+interval = "100ms"
+timeout = "100ms"
+[[routes]]
+name = "main"
+stable = "app"
+canary = "next"
+canary_weight = 50
+split_key = ["header:x-user-id"]
+[routes.slo]
+max_error_rate = 0.01
+min_requests = 5
+"#,
+        dir.path().display(),
+        stable.addr,
+        canary.addr
+    );
+    let mut proxy = start_proxy(dir, &text).await;
+    // Pending (its checks fail from the start): stable serves everyone.
+    for i in 0..40 {
+        let reply = get(proxy.addr, "/", &[("x-user-id", &format!("p{i}"))]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "stable");
+    }
+    // Passing, then drained: still stable, and never an error held against the canary.
+    canary.healthy.store(true, Ordering::SeqCst);
+    wait_instance_in(proxy.admin, "next", canary.addr, "canary up", |i| {
+        i["serving"] == true
+    })
+    .await;
+    let (status, value) = common::admin(
+        proxy.admin,
+        "PUT",
+        &format!("/admin/upstreams/next/instances/{}/state", canary.addr),
+        r#"{"state": "drain"}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{value}");
+    for i in 0..40 {
+        let reply = get(proxy.addr, "/", &[("x-user-id", &format!("d{i}"))]).await;
+        assert_eq!(reply.text(), "stable");
+    }
+    let (_, route) = common::admin(proxy.admin, "GET", "/admin/routes/main", "", None).await;
+    assert_eq!(route["slo"]["state"], "ok", "{route}");
+    assert_eq!(route["canary_weight"], 50.0, "{route}");
+    assert_eq!(route["window"]["canary"]["errors"], 0, "{route}");
+    proxy.shutdown().await;
+}
+
+async fn wait_instance_in(
+    admin: SocketAddr,
+    upstream: &str,
+    addr: SocketAddr,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, value) = common::admin(
+            admin,
+            "GET",
+            &format!("/admin/upstreams/{upstream}/instances/{addr}"),
+            "",
+            None,
+        )
+        .await;
+        if check(&value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

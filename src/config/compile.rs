@@ -112,6 +112,8 @@ pub struct UpstreamSpec {
     pub max_eject_for: Duration,
     pub tls: Option<UpstreamTls>,
     pub resolve: Resolve,
+    /// With `resolve` set: some name did not resolve at load.
+    pub unresolved: bool,
     pub health: Option<HealthSpec>,
 }
 
@@ -149,8 +151,8 @@ pub struct HealthSpec {
 pub enum HealthCheck {
     /// A TCP connect (and TLS handshake, for a TLS upstream).
     Tcp,
-    /// `GET path` with `Host: host` (the instance's address when `None`); passes when
-    /// the status is in `expect`.
+    /// `GET path` with `Host: host` (the instance's address when `None`: the first
+    /// instance was written as an address); passes when the status is in `expect`.
     Http {
         path: String,
         host: Option<String>,
@@ -655,6 +657,7 @@ fn compile_upstream(
     };
     let mut instances = Vec::with_capacity(section.instances.len());
     let mut bad_instances = false;
+    let mut unresolved = false;
     for (i, text) in section.instances.iter().enumerate() {
         match (net::instance_addrs(text, names, hosts_file), resolve) {
             (Ok(addrs), Resolve::Once) => instances.push(addrs[0]),
@@ -667,6 +670,7 @@ fn compile_upstream(
             }
             // It may resolve later: the upstream starts without it (503 while empty).
             (Err(net::LookupError::Unresolved(e)), Resolve::Every(_)) => {
+                unresolved = true;
                 tracing::warn!(upstream = name, instance = %text, error = %e, "instance name does not resolve yet; looking again every {}", section.resolve.as_deref().unwrap_or_default());
             }
             (Err(e), _) => {
@@ -675,10 +679,16 @@ fn compile_upstream(
             }
         }
     }
-    let health = section
-        .health
-        .as_ref()
-        .and_then(|health| compile_health(&format!("{field}.health"), health, errors));
+    // Apps that check Host (allow-lists) want the name they are known by, not an IP:
+    // the first instance's name, as written, unless it is an address.
+    let default_host = section
+        .instances
+        .first()
+        .filter(|text| text.parse::<SocketAddr>().is_err())
+        .cloned();
+    let health = section.health.as_ref().and_then(|health| {
+        compile_health(&format!("{field}.health"), health, default_host, errors)
+    });
     for (key, value) in [
         ("connect_timeout", section.connect_timeout),
         ("queue_timeout", section.queue_timeout),
@@ -710,6 +720,7 @@ fn compile_upstream(
     (!bad_instances && !section.instances.is_empty()).then(|| UpstreamSpec {
         tls,
         resolve,
+        unresolved,
         health,
         name: name.to_string(),
         instances,
@@ -727,7 +738,12 @@ fn compile_upstream(
     })
 }
 
-fn compile_health(field: &str, section: &HealthSection, errors: &mut Errors) -> Option<HealthSpec> {
+fn compile_health(
+    field: &str,
+    section: &HealthSection,
+    default_host: Option<String>,
+    errors: &mut Errors,
+) -> Option<HealthSpec> {
     let before = errors.0.len();
     if section.interval.is_zero() {
         errors.push(&format!("{field}.interval"), "must be longer than 0");
@@ -774,7 +790,7 @@ fn compile_health(field: &str, section: &HealthSection, errors: &mut Errors) -> 
             };
             HealthCheck::Http {
                 path,
-                host: section.host.clone(),
+                host: section.host.clone().or(default_host),
                 expect,
             }
         }

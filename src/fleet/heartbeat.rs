@@ -67,9 +67,9 @@ pub async fn run(fleet: Arc<Fleet>, state: StateHandle) {
         tick.tick().await;
         // The member list `/admin/fleet` shows is read every `VIEW_EVERY` beats: every
         // replica reading it every second would cost the store N² reads a second.
-        // While an instance is out of service somewhere, every beat: `drain --wait`
-        // waits on what the other replicas report.
-        let read_members = beats.is_multiple_of(VIEW_EVERY) || fleet.instances_out();
+        // While an instance is settling, every beat: `drain --wait` waits on what the
+        // other replicas report.
+        let read_members = beats.is_multiple_of(VIEW_EVERY) || fleet.instances_settling();
         beats += 1;
         let beat = beat(
             &fleet,

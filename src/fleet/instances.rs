@@ -16,7 +16,7 @@ use etcd_client::EventType;
 use serde::{Deserialize, Serialize};
 
 use super::Fleet;
-use crate::state::{ChangeError, Source, StateHandle};
+use crate::state::{ChangeError, InstanceOrigin, Source, StateHandle};
 use crate::upstream::InstanceState;
 
 const RETRY_FIRST: Duration = Duration::from_millis(200);
@@ -31,6 +31,10 @@ pub struct FleetInstance {
     pub by: String,
     #[serde(default)]
     pub source: String,
+    /// Unix ms when it was set: a state set long before an instance appeared on a
+    /// replica was about another instance at that address (see `state::writer`).
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 impl Fleet {
@@ -42,18 +46,19 @@ impl Fleet {
         format!("{}{upstream}/{addr}", self.instance_prefix())
     }
 
-    /// Writes an instance's state to the store; the revision it committed at.
+    /// Writes an instance's state to the store; where it now comes from.
     pub async fn put_instance_state(
         &self,
         upstream: &str,
         addr: SocketAddr,
         state: InstanceState,
         source: Source,
-    ) -> Result<i64, ChangeError> {
+    ) -> Result<InstanceOrigin, ChangeError> {
         let value = FleetInstance {
             state,
             by: self.settings.replica.clone(),
             source: source.as_str().to_string(),
+            at_ms: crate::timefmt::unix_ms(),
         };
         let bytes = serde_json::to_vec(&value).expect("an instance state serializes");
         let written = self
@@ -61,7 +66,13 @@ impl Fleet {
             .put(&self.instance_key(upstream, addr), &bytes)
             .await;
         self.store_answered(written.as_ref().map(|_| ()));
-        written.map_err(|e| ChangeError::StoreUnavailable(e.to_string()))
+        self.instance_changed();
+        let revision = written.map_err(|e| ChangeError::StoreUnavailable(e.to_string()))?;
+        Ok(InstanceOrigin {
+            by: value.by,
+            revision,
+            written_ms: value.at_ms,
+        })
     }
 }
 
@@ -83,7 +94,7 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
     let prefix = fleet.instance_prefix();
     let (kvs, listed_at) = fleet.store.list(&prefix).await.map_err(|e| e.to_string())?;
     for kv in &kvs {
-        apply(state, &prefix, kv).await;
+        apply(fleet, state, &prefix, kv).await;
     }
     // States set here before this replica joined the fleet (or while it was alone).
     let local: Vec<(String, SocketAddr, InstanceState)> = {
@@ -108,6 +119,7 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
             state: instance_state,
             by: fleet.settings.replica.clone(),
             source: Source::Start.as_str().to_string(),
+            at_ms: crate::timefmt::unix_ms(),
         };
         let bytes = serde_json::to_vec(&value).expect("an instance state serializes");
         fleet
@@ -132,7 +144,7 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
         }
         for event in response.events() {
             if let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) {
-                apply(state, &prefix, kv).await;
+                apply(fleet, state, &prefix, kv).await;
             }
         }
     }
@@ -140,7 +152,8 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
 
 /// Applies one instance's state. An instance this replica does not have (its DNS
 /// answer differs, or it has not resolved yet) is skipped.
-async fn apply(state: &StateHandle, prefix: &str, kv: &etcd_client::KeyValue) {
+async fn apply(fleet: &Fleet, state: &StateHandle, prefix: &str, kv: &etcd_client::KeyValue) {
+    fleet.instance_changed();
     let Some((upstream, addr)) = kv
         .key()
         .strip_prefix(prefix.as_bytes())
@@ -158,8 +171,13 @@ async fn apply(state: &StateHandle, prefix: &str, kv: &etcd_client::KeyValue) {
         }
     };
     let source = Source::from_name(&value.source).unwrap_or(Source::Fleet);
+    let origin = InstanceOrigin {
+        by: value.by,
+        revision: kv.mod_revision(),
+        written_ms: value.at_ms,
+    };
     match state
-        .apply_instance_state(&upstream, addr, value.state, source, &value.by)
+        .apply_instance_state(&upstream, addr, value.state, source, Some(origin))
         .await
     {
         Ok(_) => {}

@@ -284,12 +284,12 @@ struct Choice<'a> {
 }
 
 /// The upstream, side and instance that serve a request. When no canary instance
-/// takes requests, the route answers 503 at once or falls back to stable, as
-/// configured; the canary's SLO window records an error only when an instance failed
-/// (ejected, or failing its checks), not when the operator drained them or they are
-/// still pending their first checks. When no stable instance takes requests, one in
-/// service is tried anyway; with none in service (all drained, in maintenance, or none
-/// resolved), 503.
+/// takes requests because one failed (ejected, or failing its checks), the canary's
+/// SLO window records an error and the route answers 503 at once or falls back to
+/// stable, as configured; when they are only out of service (drained, in maintenance,
+/// waiting for their first checks, or none resolved) stable serves, and nothing is
+/// held against the canary. When no stable instance takes requests, one in service is
+/// tried anyway; with none in service, 503.
 fn choose_instance(
     route: &LiveRoute,
     wanted: Variant,
@@ -310,12 +310,23 @@ fn choose_instance(
             .map(|instance| chosen(upstream, variant, instance))
             .ok_or(ProxyError::NoHealthyInstance);
     }
-    let outcome = Outcome::Error(ErrorKind::Connect);
-    if upstream.has_failing() {
-        route
-            .windows
-            .record(Variant::Canary, outcome, Duration::ZERO);
+    let serve_stable = || {
+        let (upstream, variant) = route.upstream(Variant::Stable);
+        upstream
+            .pick()
+            .or_else(|| upstream.pick_any())
+            .map(|instance| chosen(upstream, variant, instance))
+            .ok_or(ProxyError::NoHealthyInstance)
+    };
+    // Drained, in maintenance or not yet checked: the canary is out of service, not
+    // failing. Its users get stable, whatever `canary_unavailable` says.
+    if !upstream.has_failing() {
+        return serve_stable();
     }
+    let outcome = Outcome::Error(ErrorKind::Connect);
+    route
+        .windows
+        .record(Variant::Canary, outcome, Duration::ZERO);
     match route.spec.canary_unavailable {
         CanaryUnavailable::Fail => {
             route
@@ -324,14 +335,7 @@ fn choose_instance(
                 .record(outcome, started.elapsed());
             Err(ProxyError::NoHealthyInstance)
         }
-        CanaryUnavailable::Stable => {
-            let (upstream, variant) = route.upstream(Variant::Stable);
-            upstream
-                .pick()
-                .or_else(|| upstream.pick_any())
-                .map(|instance| chosen(upstream, variant, instance))
-                .ok_or(ProxyError::NoHealthyInstance)
-        }
+        CanaryUnavailable::Stable => serve_stable(),
     }
 }
 

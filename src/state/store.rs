@@ -17,6 +17,8 @@ use crate::upstream::InstanceState;
 pub type InstanceStates = BTreeMap<String, BTreeMap<std::net::SocketAddr, InstanceState>>;
 
 const STATE_FILE: &str = "state.json";
+/// The operator's state of instances (drain, maint).
+const INSTANCES_FILE: &str = "instances.json";
 const AUDIT_FILE: &str = "audit.jsonl";
 /// Held with an exclusive lock for as long as the process runs; holds its PID.
 const LOCK_FILE: &str = "splitgate.lock";
@@ -122,8 +124,6 @@ impl FleetRoute {
 struct StateFile {
     version: u32,
     routes: BTreeMap<String, SavedRoute>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    instances: InstanceStates,
 }
 
 /// What `load` found.
@@ -131,12 +131,12 @@ struct StateFile {
 pub enum Loaded {
     /// No state yet (first start).
     Fresh,
-    Saved {
-        routes: BTreeMap<String, SavedRoute>,
-        instances: InstanceStates,
-    },
+    Routes(BTreeMap<String, SavedRoute>),
     /// The file could not be read as state. It was moved aside to `moved_to`.
-    Corrupt { reason: String, moved_to: PathBuf },
+    Corrupt {
+        reason: String,
+        moved_to: PathBuf,
+    },
 }
 
 /// One audit-log line.
@@ -250,12 +250,7 @@ impl Store {
             Err(e) => return Err(e),
         };
         let reason = match serde_json::from_slice::<StateFile>(&text) {
-            Ok(file) if file.version == FORMAT_VERSION => {
-                return Ok(Loaded::Saved {
-                    routes: file.routes,
-                    instances: file.instances,
-                })
-            }
+            Ok(file) if file.version == FORMAT_VERSION => return Ok(Loaded::Routes(file.routes)),
             Ok(file) => format!("unknown format version {}", file.version),
             Err(e) => e.to_string(),
         };
@@ -269,24 +264,54 @@ impl Store {
 
     /// Writes the state atomically: after this returns, a crash leaves either the old or
     /// the new file, never a torn one.
-    pub fn save(
-        &self,
-        routes: &BTreeMap<String, SavedRoute>,
-        instances: &InstanceStates,
-    ) -> std::io::Result<()> {
+    pub fn save(&self, routes: &BTreeMap<String, SavedRoute>) -> std::io::Result<()> {
         let file = StateFile {
             version: FORMAT_VERSION,
             routes: routes.clone(),
-            instances: instances.clone(),
         };
-        let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        self.write_atomically(STATE_FILE, &file)
+    }
+
+    /// Writes the instance states (in a file of their own: a splitgate from before them
+    /// still reads `state.json`).
+    pub fn save_instances(&self, instances: &InstanceStates) -> std::io::Result<()> {
+        self.write_atomically(INSTANCES_FILE, instances)
+    }
+
+    /// Reads `instances.json`; none yet is none set. A corrupt file is moved aside
+    /// (every instance is then ready, and the error is logged).
+    pub fn load_instances(&self) -> std::io::Result<InstanceStates> {
+        let path = self.dir.join(INSTANCES_FILE);
+        let text = match fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(e),
+        };
+        match serde_json::from_slice(&text) {
+            Ok(states) => Ok(states),
+            Err(error) => {
+                let moved_to = self.dir.join(format!(
+                    "{INSTANCES_FILE}.corrupt-{}",
+                    crate::timefmt::unix_ms()
+                ));
+                fs::rename(&path, &moved_to)?;
+                tracing::error!(%error, moved_to = %moved_to.display(), "instance states file is corrupt; every instance starts ready");
+                Ok(BTreeMap::new())
+            }
+        }
+    }
+
+    /// Temp file, fsync, rename, fsync of the directory: a crash leaves the old file or
+    /// the new one, never a torn one.
+    fn write_atomically(&self, name: &str, value: &impl Serialize) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+        let tmp = self.dir.join(format!("{name}.tmp"));
         {
             let mut out = File::create(&tmp)?;
             out.write_all(&bytes)?;
             out.sync_all()?;
         }
-        fs::rename(&tmp, self.dir.join(STATE_FILE))?;
+        fs::rename(&tmp, self.dir.join(name))?;
         File::open(&self.dir)?.sync_all()
     }
 
@@ -346,17 +371,14 @@ mod tests {
             "api".to_string(),
             BTreeMap::from([("127.0.0.1:9".parse().unwrap(), InstanceState::Maint)]),
         )]);
-        store.save(&routes, &instances).unwrap();
-        let text = fs::read_to_string(store.dir().join(STATE_FILE)).unwrap();
+        store.save(&routes).unwrap();
+        assert!(store.load_instances().unwrap().is_empty());
+        store.save_instances(&instances).unwrap();
+        let text = fs::read_to_string(store.dir().join(INSTANCES_FILE)).unwrap();
         assert!(text.contains("\"127.0.0.1:9\": \"maint\""), "{text}");
+        assert_eq!(store.load_instances().unwrap(), instances);
         match store.load().unwrap() {
-            Loaded::Saved {
-                routes: loaded,
-                instances: loaded_instances,
-            } => {
-                assert_eq!(loaded, routes);
-                assert_eq!(loaded_instances, instances);
-            }
+            Loaded::Routes(loaded) => assert_eq!(loaded, routes),
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 
 use super::{
     change, merge, AuditEntry, Change, ChangeError, Command, FleetRoute, InstanceAudit,
-    InstanceStates, LiveRoute, Loaded, SavedRoute, Shared, Snapshot, Source, StateHandle, Store,
-    Trip,
+    InstanceOrigin, InstanceStates, LiveRoute, Loaded, SavedRoute, Shared, Snapshot, Source,
+    StateHandle, Store, Trip,
 };
 use crate::config::Resolve;
 use crate::config::{self, bp_to_percent, RouteSpec, Settings};
@@ -55,7 +55,15 @@ struct Writer {
     workers: usize,
     /// Past the first install: instances added from now on are new to a running proxy.
     started: bool,
+    /// Instances with a saved state that left their upstream, and since when.
+    gone_since: BTreeMap<(String, SocketAddr), std::time::Instant>,
+    /// With a fleet: the store revision of each instance's state applied here.
+    instance_revisions: BTreeMap<(String, SocketAddr), i64>,
 }
+
+/// How long the state (drain, maint) of an instance that left its upstream is kept, in
+/// case it comes back.
+const FORGET_GONE_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Starts the writer: loads saved state, merges it with `settings`, persists the result
 /// and publishes the first snapshot. `config_path` is what reloads re-read.
@@ -71,9 +79,9 @@ pub async fn start(
             .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?
             .map_err(ChangeError::Persist)?
     };
-    let (saved, instance_states, corrupt) = match loaded {
-        Loaded::Fresh => (BTreeMap::new(), BTreeMap::new(), None),
-        Loaded::Saved { routes, instances } => (routes, instances, None),
+    let (saved, corrupt) = match loaded {
+        Loaded::Fresh => (BTreeMap::new(), None),
+        Loaded::Routes(routes) => (routes, None),
         Loaded::Corrupt { reason, moved_to } => {
             tracing::error!(
                 %reason,
@@ -88,8 +96,15 @@ pub async fn start(
                 ),
                 at: crate::timefmt::now_rfc3339(),
             };
-            (BTreeMap::new(), BTreeMap::new(), Some(trip))
+            (BTreeMap::new(), Some(trip))
         }
+    };
+    let instance_states = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.load_instances())
+            .await
+            .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?
+            .map_err(ChangeError::Persist)?
     };
     let certificates = match &settings.server.tls {
         Some(tls_settings) => {
@@ -141,6 +156,8 @@ pub async fn start(
         generation: 0,
         workers,
         started: false,
+        gone_since: BTreeMap::new(),
+        instance_revisions: BTreeMap::new(),
     };
     writer.install(writer.settings.clone());
     writer.started = true;
@@ -206,17 +223,21 @@ impl Writer {
                 Command::Reload { source, reply } => {
                     let _ = reply.send(self.reload(source).await);
                 }
-                Command::Members { upstream, addrs } => self.set_members(&upstream, addrs),
+                Command::Members {
+                    upstream,
+                    names,
+                    addrs,
+                } => self.set_members(&upstream, &names, addrs),
                 Command::InstanceState {
                     upstream,
                     addr,
                     state,
                     source,
-                    by,
+                    origin,
                     reply,
                 } => {
                     let _ = reply.send(
-                        self.set_instance_state(&upstream, addr, state, source, by.as_deref())
+                        self.set_instance_state(&upstream, addr, state, source, origin)
                             .await,
                     );
                 }
@@ -436,6 +457,11 @@ impl Writer {
         }
         let merged = merge::merge(&settings, &self.saved, None);
         let previous = self.settings.clone();
+        let kept = (
+            self.upstreams.clone(),
+            self.instance_states.clone(),
+            self.gone_since.clone(),
+        );
         self.install(Arc::new(settings));
         // A new canary version is judged on its own samples only.
         self.forget_canary_evidence(merged.notes.keys().map(String::as_str));
@@ -444,7 +470,9 @@ impl Writer {
             .commit_noted(merged.routes, Source::Reload, &merged.notes)
             .await
         {
-            // Put the old config back: a reload that cannot be persisted changes nothing.
+            // Put the old config back: a reload that cannot be persisted changes nothing
+            // (the instances, their states and pools are the ones requests still use).
+            (self.upstreams, self.instance_states, self.gone_since) = kept;
             self.install(previous);
             return Err(error);
         }
@@ -473,10 +501,11 @@ impl Writer {
         let mut upstreams = BTreeMap::new();
         for (name, spec) in &settings.upstreams {
             let previous = self.upstreams.get(name);
-            // A name that does not resolve now keeps the addresses it had.
+            // A name that does not resolve now: the upstream keeps the addresses it had
+            // (as the re-resolution does).
             let addrs = match previous {
                 Some(previous)
-                    if spec.instances.is_empty()
+                    if spec.unresolved
                         && matches!(spec.resolve, Resolve::Every(_))
                         && previous.spec.instance_names == spec.instance_names =>
                 {
@@ -546,12 +575,16 @@ impl Writer {
 
     /// A new address list for a re-resolved upstream: the instances that stay keep
     /// their pools, those that went are retired.
-    fn set_members(&mut self, name: &str, addrs: Vec<SocketAddr>) {
+    fn set_members(&mut self, name: &str, names: &[String], addrs: Vec<SocketAddr>) {
         let Some(current) = self.upstreams.get(name).cloned() else {
             return;
         };
+        if current.spec.instance_names != names {
+            return;
+        }
         let now: Vec<SocketAddr> = current.members().iter().map(|m| m.addr).collect();
-        if now == addrs {
+        // The same set in another order (DNS servers rotate answers) changes nothing.
+        if now.len() == addrs.len() && addrs.iter().all(|a| now.contains(a)) {
             return;
         }
         let next = self.build_upstream(current.spec.clone(), &addrs);
@@ -576,11 +609,27 @@ impl Writer {
     /// platform reuses later (a new pod, a new VM) must not inherit it. Written with
     /// the next save.
     fn forget_states_of_gone(&mut self, upstreams: &BTreeMap<String, Arc<Upstream>>) {
+        let now = std::time::Instant::now();
+        let gone_since = &mut self.gone_since;
         self.instance_states.retain(|name, states| {
-            let Some(upstream) = upstreams.get(name) else {
-                return false;
-            };
-            states.retain(|addr, _| upstream.member(*addr).is_some());
+            states.retain(|addr, _| {
+                let key = (name.clone(), *addr);
+                if upstreams
+                    .get(name)
+                    .is_some_and(|u| u.member(*addr).is_some())
+                {
+                    gone_since.remove(&key);
+                    return true;
+                }
+                // A DNS answer that leaves an address out for a while (a subset, a pod
+                // not ready) must not cost it its `maint`.
+                let since = *gone_since.entry(key.clone()).or_insert(now);
+                let keep = now.duration_since(since) < FORGET_GONE_AFTER;
+                if !keep {
+                    gone_since.remove(&key);
+                }
+                keep
+            });
             !states.is_empty()
         });
     }
@@ -592,7 +641,7 @@ impl Writer {
         addr: SocketAddr,
         state: InstanceState,
         source: Source,
-        by: Option<&str>,
+        origin: Option<InstanceOrigin>,
     ) -> Result<InstanceState, ChangeError> {
         let current = self
             .upstreams
@@ -612,6 +661,26 @@ impl Writer {
             });
         };
         let old = instance.state();
+        if let Some(origin) = &origin {
+            let key = (upstream.to_string(), addr);
+            // The watch and this replica's own commit race: the newer revision wins.
+            if self
+                .instance_revisions
+                .get(&key)
+                .is_some_and(|&applied| applied >= origin.revision)
+            {
+                return Ok(old);
+            }
+            // Set long before the instance appeared here: about another instance that
+            // had the address (a reused pod IP), as the local state would be forgotten.
+            let forgotten = FORGET_GONE_AFTER.as_millis() as u64;
+            if !instance.at_start() && origin.written_ms + forgotten < instance.added_ms() {
+                tracing::debug!(upstream, instance = %addr, "fleet: ignoring an instance state set before this instance appeared");
+                return Ok(old);
+            }
+            self.instance_revisions.insert(key, origin.revision);
+        }
+        let by = origin.as_ref().map(|o| o.by.as_str());
         let mut next = self.instance_states.clone();
         let entry = next.entry(upstream.to_string()).or_default();
         match state {
@@ -625,7 +694,6 @@ impl Writer {
             let Some(store) = self.store.clone() else {
                 return Err(ChangeError::HandedOver);
             };
-            let routes = self.saved.clone();
             let states = next.clone();
             let line = InstanceAudit {
                 time: crate::timefmt::now_rfc3339(),
@@ -640,7 +708,7 @@ impl Writer {
             let line = serde_json::to_value(&line)
                 .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?;
             let persisted = tokio::task::spawn_blocking(move || {
-                store.save(&routes, &states)?;
+                store.save_instances(&states)?;
                 store.audit(&[line])
             })
             .await
@@ -721,11 +789,10 @@ impl Writer {
             return Err(ChangeError::HandedOver);
         };
         let to_save = next.clone();
-        let instance_states = self.instance_states.clone();
         let audited = lines.clone();
         let audit_replica = replica.clone();
         let persisted = tokio::task::spawn_blocking(move || {
-            store.save(&to_save, &instance_states)?;
+            store.save(&to_save)?;
             let entries: Vec<AuditEntry<'_>> = audited
                 .iter()
                 .map(|(route, action, old, new, detail)| AuditEntry {

@@ -141,7 +141,9 @@ impl Resolver {
                 continue;
             }
             self.ok.increment(1);
-            self.state.set_members(&self.upstream, addrs).await;
+            self.state
+                .set_members(&self.upstream, self.names.clone(), addrs)
+                .await;
         }
     }
 }

@@ -5,7 +5,9 @@
 //! requests, open connections) live in each worker's `Pool`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst,
+};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -56,8 +58,8 @@ impl InstanceState {
 /// What the health checks say of an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checked {
-    /// Not passed `rise` checks since it was added (or came back from drain or maint):
-    /// gets no traffic, but is not counted as failing.
+    /// Not passed `rise` checks since it was added (or came back from drain or maint),
+    /// failing or not: gets no traffic, but is not counted as failing.
     Pending = 0,
     Up = 1,
     /// Failed `fall` checks in a row.
@@ -101,6 +103,8 @@ pub struct Instance {
     /// Present when the process started: as in Envoy, its first passing check is
     /// enough, so a restart does not keep every instance out for `rise` intervals.
     at_start: bool,
+    /// Unix ms when this process first had it.
+    added_ms: u64,
 }
 
 impl Instance {
@@ -118,22 +122,32 @@ impl Instance {
             last_error: Mutex::new(None),
             retired: AtomicBool::new(false),
             at_start,
+            added_ms: crate::timefmt::unix_ms(),
         }
     }
 
     pub fn state(&self) -> InstanceState {
-        InstanceState::from_u8(self.state.load(Relaxed))
+        InstanceState::from_u8(self.state.load(SeqCst))
     }
 
     /// Sets the operator's state. Back to ready from drain or maint, an instance with
     /// health checks waits for `rise` passing checks again: what is behind the address
     /// may have been replaced meanwhile.
     pub fn set_state(&self, state: InstanceState, checks: bool) {
-        let old = InstanceState::from_u8(self.state.swap(state as u8, Relaxed));
+        // SeqCst with `InFlight::new`'s increment: see `Upstream::send`.
+        let old = InstanceState::from_u8(self.state.swap(state as u8, SeqCst));
         if checks && state == InstanceState::Ready && old != InstanceState::Ready {
             self.checked.store(Checked::Pending as u8, Relaxed);
             self.streak.store(0, Relaxed);
         }
+    }
+
+    pub fn at_start(&self) -> bool {
+        self.at_start
+    }
+
+    pub fn added_ms(&self) -> u64 {
+        self.added_ms
     }
 
     pub fn checked(&self) -> Checked {
@@ -198,7 +212,9 @@ impl Instance {
             }
             Err(_) => {
                 self.failures.fetch_add(1, Relaxed);
-                if before != Checked::Down && streak >= fall {
+                // A pending instance stays pending until it first passes: one still
+                // starting is not failing (its canary is not charged for it).
+                if before == Checked::Up && streak >= fall {
                     Checked::Down
                 } else {
                     before
@@ -287,6 +303,18 @@ mod tests {
             true,
         );
         assert_eq!(i.record_check(Ok(()), 3, 3, 1), Some(Checked::Up));
+    }
+
+    #[test]
+    fn a_pending_instance_that_fails_stays_pending() {
+        let i = instance(Checked::Pending);
+        for t in 1..10 {
+            assert_eq!(i.record_check(Err("refused".into()), 2, 3, t), None);
+        }
+        assert_eq!(i.checked(), Checked::Pending);
+        assert!(!i.is_failing(true));
+        assert_eq!(i.record_check(Ok(()), 2, 3, 10), None);
+        assert_eq!(i.record_check(Ok(()), 2, 3, 11), Some(Checked::Up));
     }
 
     #[test]

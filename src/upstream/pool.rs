@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -89,7 +89,7 @@ impl Pool {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Relaxed)
+        self.in_flight.load(SeqCst)
     }
 
     /// Open connections, busy or idle.
@@ -403,7 +403,7 @@ pub struct InFlight(Arc<Pool>);
 
 impl InFlight {
     pub fn new(pool: Arc<Pool>) -> Self {
-        pool.in_flight.fetch_add(1, Relaxed);
+        pool.in_flight.fetch_add(1, SeqCst);
         Self(pool)
     }
 }
