@@ -925,3 +925,144 @@ async fn wait_instance_in(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A DNS server on 127.0.0.1 (UDP) that answers A queries for `name` with the addresses
+/// in `answers` and a TTL of `ttl` seconds (AAAA: no records), counting the queries.
+async fn dns_server(
+    name: &'static str,
+    answers: Arc<Mutex<Vec<std::net::Ipv4Addr>>>,
+    ttl: u32,
+    queries: Arc<AtomicUsize>,
+) -> SocketAddr {
+    use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
+    use hickory_resolver::proto::rr::{rdata::A, RData, Record, RecordType};
+    use hickory_resolver::proto::serialize::binary::BinEncodable;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 1500];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            queries.fetch_add(1, Ordering::SeqCst);
+            let mut reply = Message::new();
+            reply
+                .set_id(query.id())
+                .set_message_type(MessageType::Response)
+                .set_op_code(query.op_code())
+                .set_recursion_desired(query.recursion_desired())
+                .set_recursion_available(true)
+                .set_response_code(ResponseCode::NoError);
+            for q in query.queries() {
+                reply.add_query(q.clone());
+                let ours = q
+                    .name()
+                    .to_ascii()
+                    .trim_end_matches('.')
+                    .eq_ignore_ascii_case(name);
+                if ours && q.query_type() == RecordType::A {
+                    for ip in answers.lock().unwrap().iter() {
+                        reply.add_answer(Record::from_rdata(
+                            q.name().clone(),
+                            ttl,
+                            RData::A(A(*ip)),
+                        ));
+                    }
+                }
+            }
+            let _ = socket.send_to(&reply.to_bytes().unwrap(), peer).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_ttl_follows_the_dns_answer_when_its_ttl_runs_out() {
+    let a = Backend::start(localhost(), "a", Duration::ZERO).await;
+    let b = sibling(a.addr, 2, "b", Duration::ZERO).await;
+    let answers = Arc::new(Mutex::new(vec![std::net::Ipv4Addr::new(127, 0, 0, 1)]));
+    let queries = Arc::new(AtomicUsize::new(0));
+    let dns = dns_server("app.test", answers.clone(), 1, queries.clone()).await;
+    let dir = Arc::new(TempDir::new("dns-ttl"));
+    let text = proxy_config(
+        dir.path(),
+        &format!("\"app.test:{}\"", a.addr.port()),
+        "resolve = \"ttl\"",
+        &format!("[resolver]\nnameservers = [\"{dns}\"]\n"),
+    );
+    let mut proxy = start_proxy(dir, &text).await;
+    wait_members(proxy.admin, &[a.addr], Duration::from_secs(5)).await;
+    let load = Load::start(proxy.addr, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = queries.load(Ordering::SeqCst);
+    *answers.lock().unwrap() = vec![std::net::Ipv4Addr::new(127, 0, 0, 2)];
+    wait_members(proxy.admin, &[b.addr], Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.hits() > 0, "the new address gets the traffic");
+    // A TTL of 1 s: a lookup (A and AAAA) about once a second, not a flood.
+    let before = queries.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = queries.load(Ordering::SeqCst) - before;
+    assert!(
+        (2..=16).contains(&during),
+        "{during} queries in 3 s (and {asked} at start)"
+    );
+    let (ok, failed) = load.finish().await;
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 100, "only {ok} requests");
+    let (_, upstream) = common::admin(proxy.admin, "GET", "/admin/upstreams/app", "", None).await;
+    assert_eq!(upstream["resolve"], "ttl");
+    proxy.shutdown().await;
+}
+
+#[test]
+fn a_bad_health_or_resolve_section_is_refused_with_the_field_named() {
+    let dir = TempDir::new("bad-health");
+    let cases = [
+        ("interval = \"0s\"", "upstreams.app.health.interval"),
+        ("rise = 0", "upstreams.app.health.rise"),
+        ("fall = 0", "upstreams.app.health.fall"),
+        ("path = \"healthz\"", "upstreams.app.health.path"),
+        ("expect = \"200-99\"", "upstreams.app.health.expect"),
+        ("expect = \"600\"", "upstreams.app.health.expect"),
+        ("timeout = \"10s\"", "upstreams.app.health.timeout"),
+        ("check = \"icmp\"", "upstreams.app.health.check"),
+        (
+            "check = \"tcp\"\npath = \"/x\"",
+            "upstreams.app.health.path",
+        ),
+    ];
+    for (line, field) in cases {
+        let text = proxy_config(
+            dir.path(),
+            "\"127.0.0.1:1\"",
+            &format!("[upstreams.app.health]\n{line}\n"),
+            "",
+        );
+        let error = splitgate::config::parse(Path::new("x.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(field), "{line}: {error}");
+    }
+    for (extra, upstream_extra, field) in [
+        ("", "resolve = \"sometimes\"", "upstreams.app.resolve"),
+        ("", "resolve = \"10ms\"", "upstreams.app.resolve"),
+        (
+            "[resolver]\nnameservers = [\"dns.example\"]\n",
+            "",
+            "resolver.nameservers[0]",
+        ),
+    ] {
+        let text = proxy_config(dir.path(), "\"127.0.0.1:1\"", upstream_extra, extra);
+        let error = splitgate::config::parse(Path::new("x.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(field), "{upstream_extra}{extra}: {error}");
+    }
+}

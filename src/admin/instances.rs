@@ -58,6 +58,7 @@ pub fn upstream_view(upstream: &Upstream) -> UpstreamView {
         resolve: match spec.resolve {
             Resolve::Once => "once".into(),
             Resolve::Every(interval) => format!("{}ms", interval.as_millis()),
+            Resolve::Ttl => "ttl".into(),
         },
         configured: spec.instance_names.clone(),
         health_checks: spec.health.as_ref().map(|h| {

@@ -23,8 +23,11 @@ pub struct Settings {
     pub routes: Vec<RouteSpec>,
     /// `None`: a single node (`[fleet]` absent or `backend = "none"`).
     pub fleet: Option<FleetSettings>,
-    /// `resolver.hosts_file`: read before the system resolver for instance names.
+    /// `resolver.hosts_file`: replaces DNS for instance names.
     pub hosts_file: Option<PathBuf>,
+    /// `resolver.nameservers`: the DNS servers `resolve = "ttl"` asks (else the
+    /// system's).
+    pub nameservers: Vec<SocketAddr>,
 }
 
 /// `[fleet]` with `backend = "etcd"`.
@@ -135,6 +138,9 @@ pub enum Resolve {
     Once,
     /// Again at this interval, every address of every name an instance.
     Every(Duration),
+    /// Again when the answers' TTL runs out (asking DNS directly), every address an
+    /// instance.
+    Ttl,
 }
 
 /// Active health checks of an upstream's instances.
@@ -303,6 +309,26 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
     if let Some(server) = &server {
         check_listeners_apart(server, &admin, &mut errors);
     }
+    let nameservers: Vec<SocketAddr> = file
+        .resolver
+        .nameservers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            text.parse::<SocketAddr>()
+                .or_else(|_| {
+                    text.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| {
+                    errors.push(
+                        &format!("resolver.nameservers[{i}]"),
+                        format!("{text:?} is not an IP address (with an optional :port)"),
+                    )
+                })
+                .ok()
+        })
+        .collect();
     let upstreams = file
         .upstreams
         .iter()
@@ -312,6 +338,7 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
                 section,
                 names,
                 file.resolver.hosts_file.as_deref(),
+                !nameservers.is_empty(),
                 &mut errors,
             )
             .map(|spec| (name.clone(), spec))
@@ -357,6 +384,7 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
             routes,
             fleet,
             hosts_file: file.resolver.hosts_file.clone(),
+            nameservers,
         })
     } else {
         Err(errors.0)
@@ -629,6 +657,7 @@ fn compile_upstream(
     section: &UpstreamSection,
     names: Names,
     hosts_file: Option<&std::path::Path>,
+    own_nameservers: bool,
     errors: &mut Errors,
 ) -> Option<UpstreamSpec> {
     let field = format!("upstreams.{name}");
@@ -640,6 +669,7 @@ fn compile_upstream(
     }
     let resolve = match section.resolve.as_deref() {
         None | Some("once") => Resolve::Once,
+        Some("ttl") => Resolve::Ttl,
         Some(text) => match super::duration::parse(text) {
             Ok(interval) if interval >= Duration::from_millis(100) => Resolve::Every(interval),
             Ok(_) => {
@@ -649,7 +679,7 @@ fn compile_upstream(
             Err(e) => {
                 errors.push(
                     &format!("{field}.resolve"),
-                    format!("{e}; use \"once\" or an interval such as \"10s\""),
+                    format!("{e}; use \"once\", \"ttl\" or an interval such as \"10s\""),
                 );
                 Resolve::Once
             }
@@ -659,9 +689,23 @@ fn compile_upstream(
     let mut bad_instances = false;
     let mut unresolved = false;
     for (i, text) in section.instances.iter().enumerate() {
+        // With `ttl` and nameservers of its own, the system resolver would ask other
+        // servers: names are first looked up by the re-resolution, at start.
+        let host_port = text
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if resolve == Resolve::Ttl
+            && own_nameservers
+            && hosts_file.is_none()
+            && host_port
+            && text.parse::<SocketAddr>().is_err()
+        {
+            unresolved = true;
+            continue;
+        }
         match (net::instance_addrs(text, names, hosts_file), resolve) {
             (Ok(addrs), Resolve::Once) => instances.push(addrs[0]),
-            (Ok(addrs), Resolve::Every(_)) => {
+            (Ok(addrs), Resolve::Every(_) | Resolve::Ttl) => {
                 for addr in addrs {
                     if !instances.contains(&addr) {
                         instances.push(addr);
@@ -669,7 +713,7 @@ fn compile_upstream(
                 }
             }
             // It may resolve later: the upstream starts without it (503 while empty).
-            (Err(net::LookupError::Unresolved(e)), Resolve::Every(_)) => {
+            (Err(net::LookupError::Unresolved(e)), Resolve::Every(_) | Resolve::Ttl) => {
                 unresolved = true;
                 tracing::warn!(upstream = name, instance = %text, error = %e, "instance name does not resolve yet; looking again every {}", section.resolve.as_deref().unwrap_or_default());
             }

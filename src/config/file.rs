@@ -37,6 +37,10 @@ pub struct ResolverSection {
     /// names: read at every lookup, a name takes every address it lists.
     #[serde(default)]
     pub hosts_file: Option<PathBuf>,
+    /// DNS servers (`ip` or `ip:port`) that `resolve = "ttl"` asks instead of the
+    /// system's (e.g. Consul's `127.0.0.1:8600`).
+    #[serde(default)]
+    pub nameservers: Vec<String>,
 }
 
 /// `[upstreams.X.health]`: active health checks of every instance.
@@ -262,8 +266,9 @@ pub struct UpstreamSection {
     #[serde(default)]
     pub ca: Option<PathBuf>,
     /// `"once"` (the default: names are resolved when the config loads, first address
-    /// only) or an interval such as `"10s"`: every address of every name is an
-    /// instance, and names are looked up again at that interval.
+    /// only), an interval such as `"10s"`, or `"ttl"`: every address of every name is
+    /// an instance, and names are looked up again at that interval (or when the DNS
+    /// answer's TTL runs out).
     #[serde(default)]
     pub resolve: Option<String>,
     #[serde(default)]

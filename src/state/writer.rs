@@ -506,7 +506,7 @@ impl Writer {
             let addrs = match previous {
                 Some(previous)
                     if spec.unresolved
-                        && matches!(spec.resolve, Resolve::Every(_))
+                        && spec.resolve != Resolve::Once
                         && previous.spec.instance_names == spec.instance_names =>
                 {
                     previous.members().iter().map(|m| m.addr).collect()
