@@ -191,6 +191,10 @@ pub async fn start_with(
                 .zip(acceptor.clone()),
         })
         .collect();
+    // `resolve = "ttl"` names the config's load could not look up: asked before the
+    // first request (a round trip to the writer then sees the answers applied).
+    crate::upstream::discovery::prime(&state, std::time::Duration::from_secs(5)).await;
+    let _ = state.saved().await;
     let (shutdown, stop) = watch::channel(false);
     let (stop_admin, admin_stop) = watch::channel(false);
     let workers = crate::worker::start(state.shared.clone(), assignments, limits, pin, stop)

@@ -265,22 +265,29 @@ impl Fleet {
 
     /// Whether `drain --wait` may be waiting on the member list: an instance state
     /// changed in the last few seconds, or a member (as last read) still has requests in
-    /// flight to an instance out of service. (An instance kept in `maint` for days
-    /// does not make every replica read the list every second.)
+    /// flight to an instance out of service (for at most 10 minutes after the change).
     fn instances_settling(&self) -> bool {
         let recent = self
             .instance_changed
             .lock()
             .expect("not poisoned")
             .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(15));
+        // Requests still in flight keep it going for a while, not forever (one open
+        // WebSocket to an instance in `maint` for days).
+        let lately = self
+            .instance_changed
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(600));
         recent
-            || self
-                .status
-                .members
-                .lock()
-                .expect("not poisoned")
-                .iter()
-                .any(|m| m.instances.values().any(|i| i.in_flight > 0))
+            || (lately
+                && self
+                    .status
+                    .members
+                    .lock()
+                    .expect("not poisoned")
+                    .iter()
+                    .any(|m| m.instances.values().any(|i| i.in_flight > 0)))
     }
 
     /// An instance state changed (here or through another replica).

@@ -483,7 +483,7 @@ fn instance(
         let value = expect_ok(status, &text)?;
         println!(
             "{upstream} {addr}: {} ({} in flight, health {})",
-            state.as_str(),
+            value["state"].as_str().unwrap_or("?"),
             value["in_flight"],
             value["health"].as_str().unwrap_or("?")
         );
@@ -565,8 +565,8 @@ fn instance(
             ExitCode::SUCCESS
         }
         Ok(Waited::Removed) => {
-            println!("{upstream} {addr}: removed from the upstream (DNS or a reload) while waiting: it gets no new request, and its requests in flight finish on their own");
-            ExitCode::SUCCESS
+            eprintln!("splitgate: {upstream} {addr} was removed from the upstream (DNS or a reload) while waiting: it gets no new request, but its requests in flight are no longer counted");
+            ExitCode::FAILURE
         }
         Ok(Waited::TimedOut(timed_out)) => {
             eprintln!("splitgate: {timed_out}");

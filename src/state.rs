@@ -20,7 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use change::Change;
 pub use snapshot::{LiveRoute, RolloutProgress, Snapshot, Trip};
 pub use store::{
-    AuditEntry, FleetRoute, InstanceAudit, InstanceStates, Loaded, SavedRoute, StateDirError, Store,
+    AuditEntry, FleetRoute, InstanceAudit, InstanceStates, Loaded, SavedInstance, SavedRoute,
+    StateDirError, Store,
 };
 pub use writer::start;
 
@@ -179,6 +180,8 @@ pub(crate) enum Command {
     Saved {
         reply: Reply<BTreeMap<String, SavedRoute>>,
     },
+    /// The saved instance states (the fleet's first listing reads them).
+    SavedInstances { reply: Reply<InstanceStates> },
     Reload {
         source: Source,
         reply: Reply<Vec<String>>,
@@ -216,10 +219,10 @@ pub(crate) enum Command {
 pub struct InstanceOrigin {
     /// The replica it was set through.
     pub by: String,
-    /// The store's revision of it: an older one than this replica applied is ignored.
+    /// The store's revision of it: from the watch, one older than this replica applied
+    /// is ignored.
     pub revision: i64,
-    /// Unix ms when it was set.
-    pub written_ms: u64,
+    pub how: crate::fleet::Applied,
 }
 
 /// The handle the admin API, signal handlers and the SLO guard use to ask for changes.
@@ -336,6 +339,10 @@ impl StateHandle {
 
     pub(crate) async fn saved(&self) -> Result<BTreeMap<String, SavedRoute>, ChangeError> {
         self.ask(|reply| Command::Saved { reply }).await
+    }
+
+    pub(crate) async fn saved_instances(&self) -> Result<InstanceStates, ChangeError> {
+        self.ask(|reply| Command::SavedInstances { reply }).await
     }
 
     /// Re-reads the config file. Returns warnings (e.g. a listen address that needs a

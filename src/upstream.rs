@@ -184,7 +184,7 @@ impl Upstream {
                     .cloned()
                     .unwrap_or_else(|| {
                         let state = states.get(&addr).copied().unwrap_or_default();
-                        Arc::new(Instance::new(addr, state, checked, at_start))
+                        Arc::new(Instance::new(addr, state, checked, at_start, workers))
                     })
             })
             .collect();
@@ -318,7 +318,7 @@ impl Upstream {
     /// stores the state first and `drain --wait` reads the counts after: so the wait
     /// never sees 0 while a request is on its way to the instance.
     fn claim(&self, mut instance: Arc<Pool>) -> (Arc<Pool>, InFlight) {
-        let mut in_flight = InFlight::new(instance.clone());
+        let mut in_flight = InFlight::new(&instance);
         for _ in 0..2 {
             if instance.instance.in_rotation() {
                 break;
@@ -326,7 +326,7 @@ impl Upstream {
             match self.pick().or_else(|| self.pick_any()) {
                 Some(other) if other.instance.in_rotation() => {
                     instance = other.clone();
-                    in_flight = InFlight::new(instance.clone());
+                    in_flight = InFlight::new(&instance);
                 }
                 _ => break,
             }

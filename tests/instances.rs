@@ -830,13 +830,15 @@ fn first_addr(port: u16) -> SocketAddr {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_canary_drained_or_pending_serves_its_users_from_stable_and_is_not_charged() {
+async fn a_canary_drained_or_pending_is_not_charged_to_the_judge() {
     let stable = Backend::start(localhost(), "stable", Duration::ZERO).await;
     let canary = Backend::start(localhost(), "canary", Duration::ZERO).await;
-    canary.healthy.store(false, Ordering::SeqCst);
+    let next = Backend::start(localhost(), "next", Duration::ZERO).await;
+    next.healthy.store(false, Ordering::SeqCst);
     let dir = Arc::new(TempDir::new("canary-out"));
-    let text = format!(
-        r#"[server]
+    let config = |canary: SocketAddr| {
+        format!(
+            r#"[server]
 listen = "127.0.0.1:0"
 access_log = false
 [admin]
@@ -846,7 +848,7 @@ dir = "{}"
 [upstreams.app]
 instances = ["{}"]
 [upstreams.next]
-instances = ["{}"]
+instances = ["{canary}"]
 [upstreams.next.health]
 path = "/healthz"
 interval = "100ms"
@@ -856,24 +858,17 @@ name = "main"
 stable = "app"
 canary = "next"
 canary_weight = 50
+canary_unavailable = "stable"
 split_key = ["header:x-user-id"]
 [routes.slo]
 max_error_rate = 0.01
 min_requests = 5
 "#,
-        dir.path().display(),
-        stable.addr,
-        canary.addr
-    );
-    let mut proxy = start_proxy(dir, &text).await;
-    // Pending (its checks fail from the start): stable serves everyone.
-    for i in 0..40 {
-        let reply = get(proxy.addr, "/", &[("x-user-id", &format!("p{i}"))]).await;
-        assert_eq!(reply.status, StatusCode::OK);
-        assert_eq!(reply.text(), "stable");
-    }
-    // Passing, then drained: still stable, and never an error held against the canary.
-    canary.healthy.store(true, Ordering::SeqCst);
+            dir.path().display(),
+            stable.addr,
+        )
+    };
+    let mut proxy = start_proxy(dir.clone(), &config(canary.addr)).await;
     wait_instance_in(proxy.admin, "next", canary.addr, "canary up", |i| {
         i["serving"] == true
     })
@@ -891,9 +886,27 @@ min_requests = 5
         let reply = get(proxy.addr, "/", &[("x-user-id", &format!("d{i}"))]).await;
         assert_eq!(reply.text(), "stable");
     }
+    // A new canary instance that fails its first checks (still starting) is pending,
+    // not failing.
+    std::fs::write(&proxy.config_path, config(next.addr)).unwrap();
+    let (status, value) = common::admin(proxy.admin, "POST", "/admin/reload", "", None).await;
+    assert_eq!(status, StatusCode::OK, "{value}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, pending) = common::admin(
+        proxy.admin,
+        "GET",
+        &format!("/admin/upstreams/next/instances/{}", next.addr),
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(pending["health"], "pending", "{pending}");
+    for i in 0..40 {
+        let reply = get(proxy.addr, "/", &[("x-user-id", &format!("p{i}"))]).await;
+        assert_eq!(reply.text(), "stable");
+    }
     let (_, route) = common::admin(proxy.admin, "GET", "/admin/routes/main", "", None).await;
     assert_eq!(route["slo"]["state"], "ok", "{route}");
-    assert_eq!(route["canary_weight"], 50.0, "{route}");
     assert_eq!(route["window"]["canary"]["errors"], 0, "{route}");
     proxy.shutdown().await;
 }

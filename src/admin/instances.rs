@@ -85,11 +85,11 @@ pub fn upstream_view(upstream: &Upstream) -> UpstreamView {
 pub fn instance_view(upstream: &Upstream, instance: &Instance) -> InstanceView {
     let checks = upstream.checks();
     let report = instance.check_report();
-    let (in_flight, connections) = upstream
+    let in_flight = instance.in_flight();
+    let connections = upstream
         .pools_of(instance.addr)
-        .fold((0, 0), |(f, c), pool| {
-            (f + pool.in_flight(), c + pool.connections())
-        });
+        .map(|pool| pool.connections())
+        .sum();
     InstanceView {
         addr: instance.addr,
         state: instance.state(),

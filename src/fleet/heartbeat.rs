@@ -130,7 +130,7 @@ async fn beat(
                 .iter()
                 .filter(|m| m.state() != crate::upstream::InstanceState::Ready)
                 .map(|m| {
-                    let in_flight = u.pools_of(m.addr).map(|p| p.in_flight()).sum();
+                    let in_flight = m.in_flight();
                     (
                         format!("{}/{}", u.name(), m.addr),
                         InstanceLoad {

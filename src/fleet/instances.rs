@@ -3,7 +3,9 @@
 //! [`FleetInstance`]. A change through any replica is written to the store (the
 //! operator's latest word wins) and applied there once committed; every replica watches
 //! the prefix and applies what it sees through its state writer, which persists it.
-//! States set on a replica before it joined a fleet seed the store if it has none.
+//! `ready` deletes the key. States set on a replica before it joined a fleet seed the
+//! store if it has none; a state this replica applied from the store that the store no
+//! longer has was set ready meanwhile.
 //!
 //! While the store is unreachable, state changes are refused: one applied only here
 //! would be overwritten by the store's when it comes back.
@@ -15,7 +17,7 @@ use std::time::Duration;
 use etcd_client::EventType;
 use serde::{Deserialize, Serialize};
 
-use super::Fleet;
+use super::{Applied, Fleet};
 use crate::state::{ChangeError, InstanceOrigin, Source, StateHandle};
 use crate::upstream::InstanceState;
 
@@ -31,8 +33,7 @@ pub struct FleetInstance {
     pub by: String,
     #[serde(default)]
     pub source: String,
-    /// Unix ms when it was set: a state set long before an instance appeared on a
-    /// replica was about another instance at that address (see `state::writer`).
+    /// Unix ms when it was set, for people reading the store.
     #[serde(default)]
     pub at_ms: u64,
 }
@@ -46,7 +47,8 @@ impl Fleet {
         format!("{}{upstream}/{addr}", self.instance_prefix())
     }
 
-    /// Writes an instance's state to the store; where it now comes from.
+    /// Writes an instance's state to the store (`ready` removes its key); where it now
+    /// comes from.
     pub async fn put_instance_state(
         &self,
         upstream: &str,
@@ -54,24 +56,27 @@ impl Fleet {
         state: InstanceState,
         source: Source,
     ) -> Result<InstanceOrigin, ChangeError> {
-        let value = FleetInstance {
-            state,
-            by: self.settings.replica.clone(),
-            source: source.as_str().to_string(),
-            at_ms: crate::timefmt::unix_ms(),
+        let key = self.instance_key(upstream, addr);
+        let written = match state {
+            InstanceState::Ready => self.store.delete(&key).await,
+            _ => {
+                let value = FleetInstance {
+                    state,
+                    by: self.settings.replica.clone(),
+                    source: source.as_str().to_string(),
+                    at_ms: crate::timefmt::unix_ms(),
+                };
+                let bytes = serde_json::to_vec(&value).expect("an instance state serializes");
+                self.store.put(&key, &bytes).await
+            }
         };
-        let bytes = serde_json::to_vec(&value).expect("an instance state serializes");
-        let written = self
-            .store
-            .put(&self.instance_key(upstream, addr), &bytes)
-            .await;
         self.store_answered(written.as_ref().map(|_| ()));
         self.instance_changed();
         let revision = written.map_err(|e| ChangeError::StoreUnavailable(e.to_string()))?;
         Ok(InstanceOrigin {
-            by: value.by,
+            by: self.settings.replica.clone(),
             revision,
-            written_ms: value.at_ms,
+            how: Applied::Committed,
         })
     }
 }
@@ -94,39 +99,47 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
     let prefix = fleet.instance_prefix();
     let (kvs, listed_at) = fleet.store.list(&prefix).await.map_err(|e| e.to_string())?;
     for kv in &kvs {
-        apply(fleet, state, &prefix, kv).await;
+        apply(fleet, state, &prefix, kv, Applied::Listed).await;
     }
-    // States set here before this replica joined the fleet (or while it was alone).
-    let local: Vec<(String, SocketAddr, InstanceState)> = {
-        let snapshot = state.shared.snapshot.load();
-        snapshot
-            .upstreams
-            .iter()
-            .flat_map(|u| {
-                u.members()
-                    .iter()
-                    .filter(|m| m.state() != InstanceState::Ready)
-                    .map(|m| (u.name().to_string(), m.addr, m.state()))
-            })
-            .collect()
-    };
-    for (upstream, addr, instance_state) in local {
-        let key = fleet.instance_key(&upstream, addr);
-        if kvs.iter().any(|kv| kv.key() == key.as_bytes()) {
-            continue;
+    let saved = state.saved_instances().await.map_err(|e| e.to_string())?;
+    for (upstream, states) in saved {
+        for (addr, saved) in states {
+            let key = fleet.instance_key(&upstream, addr);
+            if kvs.iter().any(|kv| kv.key() == key.as_bytes()) {
+                continue;
+            }
+            if saved.revision > 0 {
+                // Applied from the store once, gone from it since: set ready meanwhile.
+                let origin = InstanceOrigin {
+                    by: String::new(),
+                    revision: listed_at,
+                    how: Applied::Listed,
+                };
+                let _ = state
+                    .apply_instance_state(
+                        &upstream,
+                        addr,
+                        InstanceState::Ready,
+                        Source::Fleet,
+                        Some(origin),
+                    )
+                    .await;
+                continue;
+            }
+            // Set here before this replica joined a fleet: it seeds the store.
+            let value = FleetInstance {
+                state: saved.state,
+                by: fleet.settings.replica.clone(),
+                source: Source::Start.as_str().to_string(),
+                at_ms: crate::timefmt::unix_ms(),
+            };
+            let bytes = serde_json::to_vec(&value).expect("an instance state serializes");
+            fleet
+                .store
+                .put_if(&key, &bytes, 0)
+                .await
+                .map_err(|e| e.to_string())?;
         }
-        let value = FleetInstance {
-            state: instance_state,
-            by: fleet.settings.replica.clone(),
-            source: Source::Start.as_str().to_string(),
-            at_ms: crate::timefmt::unix_ms(),
-        };
-        let bytes = serde_json::to_vec(&value).expect("an instance state serializes");
-        fleet
-            .store
-            .put_if(&key, &bytes, 0)
-            .await
-            .map_err(|e| e.to_string())?;
     }
     let mut watch = fleet
         .store
@@ -143,24 +156,61 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
             return Ok(());
         }
         for event in response.events() {
-            if let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) {
-                apply(fleet, state, &prefix, kv).await;
+            if let Some(kv) = event.kv() {
+                match event.event_type() {
+                    EventType::Put => apply(fleet, state, &prefix, kv, Applied::Watched).await,
+                    EventType::Delete => {
+                        cleared(fleet, state, &prefix, kv).await;
+                    }
+                }
             }
         }
     }
 }
 
-/// Applies one instance's state. An instance this replica does not have (its DNS
-/// answer differs, or it has not resolved yet) is skipped.
-async fn apply(fleet: &Fleet, state: &StateHandle, prefix: &str, kv: &etcd_client::KeyValue) {
+/// The upstream and address of an instance key.
+fn parse_key(prefix: &str, key: &[u8]) -> Option<(String, SocketAddr)> {
+    let rest = std::str::from_utf8(key.strip_prefix(prefix.as_bytes())?).ok()?;
+    let (upstream, addr) = rest.split_once('/')?;
+    Some((upstream.to_string(), addr.parse().ok()?))
+}
+
+/// A deleted key: the instance is ready again.
+async fn cleared(fleet: &Fleet, state: &StateHandle, prefix: &str, kv: &etcd_client::KeyValue) {
     fleet.instance_changed();
-    let Some((upstream, addr)) = kv
-        .key()
-        .strip_prefix(prefix.as_bytes())
-        .and_then(|k| std::str::from_utf8(k).ok())
-        .and_then(|k| k.split_once('/'))
-        .and_then(|(u, a)| Some((u.to_string(), a.parse::<SocketAddr>().ok()?)))
-    else {
+    let Some((upstream, addr)) = parse_key(prefix, kv.key()) else {
+        return;
+    };
+    let origin = InstanceOrigin {
+        by: String::new(),
+        revision: kv.mod_revision(),
+        how: Applied::Watched,
+    };
+    if let Err(error) = state
+        .apply_instance_state(
+            &upstream,
+            addr,
+            InstanceState::Ready,
+            Source::Fleet,
+            Some(origin),
+        )
+        .await
+    {
+        tracing::error!(upstream, instance = %addr, %error, "fleet: could not apply an instance set ready");
+    }
+}
+
+/// Applies one instance's state (also for an instance this replica does not have yet:
+/// kept for when it appears).
+async fn apply(
+    fleet: &Fleet,
+    state: &StateHandle,
+    prefix: &str,
+    kv: &etcd_client::KeyValue,
+    how: Applied,
+) {
+    fleet.instance_changed();
+    let Some((upstream, addr)) = parse_key(prefix, kv.key()) else {
         return;
     };
     let value: FleetInstance = match serde_json::from_slice(kv.value()) {
@@ -174,15 +224,15 @@ async fn apply(fleet: &Fleet, state: &StateHandle, prefix: &str, kv: &etcd_clien
     let origin = InstanceOrigin {
         by: value.by,
         revision: kv.mod_revision(),
-        written_ms: value.at_ms,
+        how,
     };
     match state
         .apply_instance_state(&upstream, addr, value.state, source, Some(origin))
         .await
     {
         Ok(_) => {}
-        Err(error @ (ChangeError::UnknownUpstream(_) | ChangeError::UnknownInstance { .. })) => {
-            tracing::debug!(%error, "fleet: instance state for an instance this replica does not have");
+        Err(error @ ChangeError::UnknownUpstream(_)) => {
+            tracing::debug!(%error, "fleet: instance state for an upstream this replica does not have");
         }
         Err(error) => {
             tracing::error!(upstream, instance = %addr, %error, "fleet: could not apply the store's instance state");

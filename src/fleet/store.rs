@@ -211,6 +211,14 @@ impl Store {
         Ok(response.header().map_or(0, |h| h.revision()))
     }
 
+    /// Deletes `key`; the revision it committed at.
+    pub async fn delete(&self, key: &str) -> Result<i64, StoreError> {
+        let response = self
+            .run(|mut client| async move { client.delete(key, None).await })
+            .await?;
+        Ok(response.header().map_or(0, |h| h.revision()))
+    }
+
     /// Writes `value` to `key`, bound to `lease`.
     pub async fn put_with_lease(
         &self,

@@ -284,12 +284,11 @@ struct Choice<'a> {
 }
 
 /// The upstream, side and instance that serve a request. When no canary instance
-/// takes requests because one failed (ejected, or failing its checks), the canary's
-/// SLO window records an error and the route answers 503 at once or falls back to
-/// stable, as configured; when they are only out of service (drained, in maintenance,
-/// waiting for their first checks, or none resolved) stable serves, and nothing is
-/// held against the canary. When no stable instance takes requests, one in service is
-/// tried anyway; with none in service, 503.
+/// takes requests, the route answers 503 at once or falls back to stable, as
+/// configured; the canary's SLO window records an error only when one failed (ejected,
+/// or failing its checks), not when they are only out of service (drained, in
+/// maintenance, waiting for their first checks, or none resolved). When no stable
+/// instance takes requests, one in service is tried anyway; with none in service, 503.
 fn choose_instance(
     route: &LiveRoute,
     wanted: Variant,
@@ -319,14 +318,13 @@ fn choose_instance(
             .ok_or(ProxyError::NoHealthyInstance)
     };
     // Drained, in maintenance or not yet checked: the canary is out of service, not
-    // failing. Its users get stable, whatever `canary_unavailable` says.
-    if !upstream.has_failing() {
-        return serve_stable();
-    }
+    // failing, and nothing is held against it.
     let outcome = Outcome::Error(ErrorKind::Connect);
-    route
-        .windows
-        .record(Variant::Canary, outcome, Duration::ZERO);
+    if upstream.has_failing() {
+        route
+            .windows
+            .record(Variant::Canary, outcome, Duration::ZERO);
+    }
     match route.spec.canary_unavailable {
         CanaryUnavailable::Fail => {
             route

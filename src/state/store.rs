@@ -14,7 +14,18 @@ use super::snapshot::{RolloutProgress, Trip};
 use crate::upstream::InstanceState;
 
 /// The operator's state of instances that are not `ready`, by upstream and address.
-pub type InstanceStates = BTreeMap<String, BTreeMap<std::net::SocketAddr, InstanceState>>;
+pub type InstanceStates = BTreeMap<String, BTreeMap<std::net::SocketAddr, SavedInstance>>;
+
+/// One instance's saved state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedInstance {
+    pub state: InstanceState,
+    /// With a fleet: the store revision it was applied from; 0 when set on this replica
+    /// alone (then it seeds the store when the replica joins a fleet).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: i64,
+}
 
 const STATE_FILE: &str = "state.json";
 /// The operator's state of instances (drain, maint).
@@ -369,13 +380,19 @@ mod tests {
         );
         let instances = BTreeMap::from([(
             "api".to_string(),
-            BTreeMap::from([("127.0.0.1:9".parse().unwrap(), InstanceState::Maint)]),
+            BTreeMap::from([(
+                "127.0.0.1:9".parse().unwrap(),
+                SavedInstance {
+                    state: InstanceState::Maint,
+                    revision: 0,
+                },
+            )]),
         )]);
         store.save(&routes).unwrap();
         assert!(store.load_instances().unwrap().is_empty());
         store.save_instances(&instances).unwrap();
         let text = fs::read_to_string(store.dir().join(INSTANCES_FILE)).unwrap();
-        assert!(text.contains("\"127.0.0.1:9\": \"maint\""), "{text}");
+        assert!(text.contains("\"state\": \"maint\""), "{text}");
         assert_eq!(store.load_instances().unwrap(), instances);
         match store.load().unwrap() {
             Loaded::Routes(loaded) => assert_eq!(loaded, routes),

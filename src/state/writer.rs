@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 
 use super::{
     change, merge, AuditEntry, Change, ChangeError, Command, FleetRoute, InstanceAudit,
-    InstanceOrigin, InstanceStates, LiveRoute, Loaded, SavedRoute, Shared, Snapshot, Source,
-    StateHandle, Store, Trip,
+    InstanceOrigin, InstanceStates, LiveRoute, Loaded, SavedInstance, SavedRoute, Shared, Snapshot,
+    Source, StateHandle, Store, Trip,
 };
 use crate::config::Resolve;
 use crate::config::{self, bp_to_percent, RouteSpec, Settings};
@@ -57,8 +57,6 @@ struct Writer {
     started: bool,
     /// Instances with a saved state that left their upstream, and since when.
     gone_since: BTreeMap<(String, SocketAddr), std::time::Instant>,
-    /// With a fleet: the store revision of each instance's state applied here.
-    instance_revisions: BTreeMap<(String, SocketAddr), i64>,
 }
 
 /// How long the state (drain, maint) of an instance that left its upstream is kept, in
@@ -157,7 +155,6 @@ pub async fn start(
         workers,
         started: false,
         gone_since: BTreeMap::new(),
-        instance_revisions: BTreeMap::new(),
     };
     writer.install(writer.settings.clone());
     writer.started = true;
@@ -219,6 +216,9 @@ impl Writer {
                 }
                 Command::Saved { reply } => {
                     let _ = reply.send(Ok(self.saved.clone()));
+                }
+                Command::SavedInstances { reply } => {
+                    let _ = reply.send(Ok(self.saved_instances()));
                 }
                 Command::Reload { source, reply } => {
                     let _ = reply.send(self.reload(source).await);
@@ -515,9 +515,7 @@ impl Writer {
             };
             upstreams.insert(name.clone(), self.build_upstream(spec.clone(), &addrs));
         }
-        if self.started {
-            self.forget_states_of_gone(&upstreams);
-        }
+        self.forget_states_of_gone(&upstreams);
         let mut parts = BTreeMap::new();
         for spec in &settings.routes {
             let key = (spec.stable.clone(), spec.canary.clone(), spec.slo.clone());
@@ -560,7 +558,12 @@ impl Writer {
         let states = self
             .instance_states
             .get(&spec.name)
-            .cloned()
+            .map(|states| {
+                states
+                    .iter()
+                    .map(|(addr, saved)| (*addr, saved.state))
+                    .collect()
+            })
             .unwrap_or_default();
         let previous = self.upstreams.get(&spec.name).map(|u| &**u);
         Arc::new(Upstream::build(
@@ -585,6 +588,8 @@ impl Writer {
         let now: Vec<SocketAddr> = current.members().iter().map(|m| m.addr).collect();
         // The same set in another order (DNS servers rotate answers) changes nothing.
         if now.len() == addrs.len() && addrs.iter().all(|a| now.contains(a)) {
+            let upstreams = self.upstreams.clone();
+            self.forget_states_of_gone(&upstreams);
             return;
         }
         let next = self.build_upstream(current.spec.clone(), &addrs);
@@ -605,24 +610,24 @@ impl Writer {
         self.publish();
     }
 
-    /// Drops the saved state (drain, maint) of instances that are gone: an address a
-    /// platform reuses later (a new pod, a new VM) must not inherit it. Written with
-    /// the next save.
+    /// Drops the saved state (drain, maint) of instances gone for `FORGET_GONE_AFTER`:
+    /// an address a platform reuses later (a new pod, a new VM) must not inherit it,
+    /// while one a DNS answer leaves out for a while (a subset, a pod not ready) keeps
+    /// it. Written with the next save. A fleet's states (revision > 0) stay: the store
+    /// holds them, and `ready` removes them.
     fn forget_states_of_gone(&mut self, upstreams: &BTreeMap<String, Arc<Upstream>>) {
         let now = std::time::Instant::now();
         let gone_since = &mut self.gone_since;
         self.instance_states.retain(|name, states| {
-            states.retain(|addr, _| {
+            states.retain(|addr, saved| {
                 let key = (name.clone(), *addr);
-                if upstreams
+                let present = upstreams
                     .get(name)
-                    .is_some_and(|u| u.member(*addr).is_some())
-                {
+                    .is_some_and(|u| u.member(*addr).is_some());
+                if present || saved.revision > 0 {
                     gone_since.remove(&key);
                     return true;
                 }
-                // A DNS answer that leaves an address out for a while (a subset, a pod
-                // not ready) must not cost it its `maint`.
                 let since = *gone_since.entry(key.clone()).or_insert(now);
                 let keep = now.duration_since(since) < FORGET_GONE_AFTER;
                 if !keep {
@@ -634,7 +639,9 @@ impl Writer {
         });
     }
 
-    /// Sets the operator's state of one instance, persisted first (and audited).
+    /// Sets the operator's state of one instance, persisted first (and audited). With a
+    /// fleet (`origin`), the state of an instance this replica does not have is kept
+    /// too, for when it appears (its DNS answer may differ or lag).
     async fn set_instance_state(
         &mut self,
         upstream: &str,
@@ -648,7 +655,8 @@ impl Writer {
             .get(upstream)
             .cloned()
             .ok_or_else(|| ChangeError::UnknownUpstream(upstream.to_string()))?;
-        let Some(instance) = current.member(addr).cloned() else {
+        let instance = current.member(addr).cloned();
+        if instance.is_none() && origin.is_none() {
             let known: Vec<String> = current
                 .members()
                 .iter()
@@ -659,57 +667,68 @@ impl Writer {
                 addr,
                 known: known.join(", "),
             });
-        };
-        let old = instance.state();
+        }
+        let saved_old = self
+            .instance_states
+            .get(upstream)
+            .and_then(|states| states.get(&addr))
+            .copied();
+        let old = instance
+            .as_ref()
+            .map(|i| i.state())
+            .or(saved_old.map(|s| s.state))
+            .unwrap_or_default();
+        let revision = origin.as_ref().map_or(0, |o| o.revision);
         if let Some(origin) = &origin {
-            let key = (upstream.to_string(), addr);
-            // The watch and this replica's own commit race: the newer revision wins.
-            if self
-                .instance_revisions
-                .get(&key)
-                .is_some_and(|&applied| applied >= origin.revision)
-            {
+            // The watch and this replica's own commit race: from the watch, only a newer
+            // revision applies. A listing is the store's truth (etcd may have been
+            // restored), and so is what this replica just committed.
+            let applied = saved_old.map_or(0, |s| s.revision);
+            if origin.how == Applied::Watched && applied >= origin.revision {
                 return Ok(old);
             }
-            // Set long before the instance appeared here: about another instance that
-            // had the address (a reused pod IP), as the local state would be forgotten.
-            let forgotten = FORGET_GONE_AFTER.as_millis() as u64;
-            if !instance.at_start() && origin.written_ms + forgotten < instance.added_ms() {
-                tracing::debug!(upstream, instance = %addr, "fleet: ignoring an instance state set before this instance appeared");
-                return Ok(old);
-            }
-            self.instance_revisions.insert(key, origin.revision);
         }
         let by = origin.as_ref().map(|o| o.by.as_str());
         let mut next = self.instance_states.clone();
         let entry = next.entry(upstream.to_string()).or_default();
         match state {
             InstanceState::Ready => entry.remove(&addr),
-            other => entry.insert(addr, other),
+            other => entry.insert(
+                addr,
+                SavedInstance {
+                    state: other,
+                    revision,
+                },
+            ),
         };
         if entry.is_empty() {
             next.remove(upstream);
         }
-        if old != state {
+        if next != self.instance_states {
             let Some(store) = self.store.clone() else {
                 return Err(ChangeError::HandedOver);
             };
             let states = next.clone();
-            let line = InstanceAudit {
-                time: crate::timefmt::now_rfc3339(),
-                upstream,
-                instance: addr,
-                action: "instance_state",
-                old_state: old.as_str(),
-                new_state: state.as_str(),
-                source: source.as_str(),
-                replica: by.or(self.settings.fleet.as_ref().map(|f| f.replica.as_str())),
-            };
-            let line = serde_json::to_value(&line)
+            let line = (old != state)
+                .then(|| InstanceAudit {
+                    time: crate::timefmt::now_rfc3339(),
+                    upstream,
+                    instance: addr,
+                    action: "instance_state",
+                    old_state: old.as_str(),
+                    new_state: state.as_str(),
+                    source: source.as_str(),
+                    replica: by.or(self.settings.fleet.as_ref().map(|f| f.replica.as_str())),
+                })
+                .map(|line| serde_json::to_value(&line))
+                .transpose()
                 .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?;
             let persisted = tokio::task::spawn_blocking(move || {
                 store.save_instances(&states)?;
-                store.audit(&[line])
+                match line {
+                    Some(line) => store.audit(&[line]),
+                    None => Ok(()),
+                }
             })
             .await
             .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
@@ -719,14 +738,24 @@ impl Writer {
                 tracing::error!(upstream, instance = %addr, %error, "could not write state; the instance state change was refused");
                 return Err(error);
             }
-            tracing::info!(upstream, instance = %addr, old_state = old.as_str(), new_state = state.as_str(), by = source.as_str(), "instance state changed");
+            if old != state {
+                tracing::info!(upstream, instance = %addr, old_state = old.as_str(), new_state = state.as_str(), by = source.as_str(), replica = by, "instance state changed");
+            }
         }
         self.instance_states = next;
-        instance.set_state(state, current.checks());
-        if state != InstanceState::Ready {
-            current.close_idle(addr);
+        if let Some(instance) = instance {
+            instance.set_state(state, current.checks());
+            if state != InstanceState::Ready {
+                current.close_idle(addr);
+            }
         }
         Ok(old)
+    }
+
+    /// This replica's saved instance states (the fleet's first listing seeds the store
+    /// with those set here alone, and clears those the store no longer has).
+    fn saved_instances(&self) -> InstanceStates {
+        self.instance_states.clone()
     }
 
     /// Persists `next` and the audit lines for what it changes, then publishes it.

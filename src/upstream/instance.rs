@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{
-    AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst,
+    AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
 };
 use std::sync::Mutex;
 
@@ -103,14 +103,26 @@ pub struct Instance {
     /// Present when the process started: as in Envoy, its first passing check is
     /// enough, so a restart does not keep every instance out for `rise` intervals.
     at_start: bool,
-    /// Unix ms when this process first had it.
-    added_ms: u64,
+    /// Requests in flight to it (an open upgrade tunnel counts until it closes), one
+    /// counter per worker: each worker writes only its own cache line, and a reload that
+    /// rebuilds the pools keeps the count.
+    in_flight: Box<[WorkerCount]>,
 }
+
+#[repr(align(128))]
+#[derive(Default)]
+struct WorkerCount(AtomicUsize);
 
 impl Instance {
     /// A new instance; `checked` is where its health checks start (`Up` when the
     /// upstream has none).
-    pub fn new(addr: SocketAddr, state: InstanceState, checked: Checked, at_start: bool) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        state: InstanceState,
+        checked: Checked,
+        at_start: bool,
+        workers: usize,
+    ) -> Self {
         Self {
             addr,
             passive: Health::new(),
@@ -122,7 +134,9 @@ impl Instance {
             last_error: Mutex::new(None),
             retired: AtomicBool::new(false),
             at_start,
-            added_ms: crate::timefmt::unix_ms(),
+            in_flight: (0..workers.max(1))
+                .map(|_| WorkerCount::default())
+                .collect(),
         }
     }
 
@@ -142,12 +156,21 @@ impl Instance {
         }
     }
 
-    pub fn at_start(&self) -> bool {
-        self.at_start
+    /// Requests in flight to it on every worker.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.iter().map(|c| c.0.load(SeqCst)).sum()
     }
 
-    pub fn added_ms(&self) -> u64 {
-        self.added_ms
+    /// Counts one more request in flight on the calling worker; returns the counter's
+    /// index for [`Instance::finished`]. SeqCst: see `Upstream::claim`.
+    pub fn started(&self) -> usize {
+        let slot = crate::worker::index() % self.in_flight.len();
+        self.in_flight[slot].0.fetch_add(1, SeqCst);
+        slot
+    }
+
+    pub fn finished(&self, slot: usize) {
+        self.in_flight[slot].0.fetch_sub(1, SeqCst);
     }
 
     pub fn checked(&self) -> Checked {
@@ -212,9 +235,12 @@ impl Instance {
             }
             Err(_) => {
                 self.failures.fetch_add(1, Relaxed);
-                // A pending instance stays pending until it first passes: one still
-                // starting is not failing (its canary is not charged for it).
-                if before == Checked::Up && streak >= fall {
+                // An instance added to a running proxy stays pending until it first
+                // passes: one still starting is not failing (its canary is not charged
+                // for it). One there at start is judged at once: the proxy restarted,
+                // not the instance.
+                let judged = before == Checked::Up || (before == Checked::Pending && self.at_start);
+                if judged && streak >= fall {
                     Checked::Down
                 } else {
                     before
@@ -267,6 +293,7 @@ mod tests {
             InstanceState::Ready,
             checked,
             false,
+            1,
         )
     }
 
@@ -301,8 +328,24 @@ mod tests {
             InstanceState::Ready,
             Checked::Pending,
             true,
+            1,
         );
         assert_eq!(i.record_check(Ok(()), 3, 3, 1), Some(Checked::Up));
+        let dead = Instance::new(
+            "127.0.0.1:1".parse().unwrap(),
+            InstanceState::Ready,
+            Checked::Pending,
+            true,
+            1,
+        );
+        for t in 1..3 {
+            assert_eq!(dead.record_check(Err("refused".into()), 2, 3, t), None);
+        }
+        assert_eq!(
+            dead.record_check(Err("refused".into()), 2, 3, 3),
+            Some(Checked::Down),
+            "one dead at start is down, not pending"
+        );
     }
 
     #[test]

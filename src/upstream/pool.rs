@@ -8,7 +8,6 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,9 +44,6 @@ pub struct Pool {
     tls: Option<UpstreamConnector>,
     /// The instance as every worker shares it: its state and health.
     pub instance: Arc<Instance>,
-    /// Requests sent to the instance through this pool whose response has not ended
-    /// (an open upgrade tunnel counts until it closes). Written by this worker only.
-    in_flight: AtomicUsize,
     /// Connection slots: at most this many connections to the instance at once.
     slots: Arc<Semaphore>,
     /// Idle senders, and the requests queued for one at the connection cap.
@@ -79,17 +75,12 @@ impl Pool {
             max_connections,
             tls,
             instance,
-            in_flight: AtomicUsize::new(0),
             idle: Mutex::new(Idle::default()),
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(SeqCst)
     }
 
     /// Open connections, busy or idle.
@@ -397,20 +388,24 @@ where
     Ok(sender)
 }
 
-/// One request in flight to a pool's instance, from the moment it is sent there until
-/// its response ends (or its upgrade tunnel closes): what `drain --wait` waits for.
-pub struct InFlight(Arc<Pool>);
+/// One request in flight to an instance, from the moment it is sent there until its
+/// response ends (or its upgrade tunnel closes): what `drain --wait` waits for.
+pub struct InFlight {
+    instance: Arc<Instance>,
+    slot: usize,
+}
 
 impl InFlight {
-    pub fn new(pool: Arc<Pool>) -> Self {
-        pool.in_flight.fetch_add(1, SeqCst);
-        Self(pool)
+    pub fn new(pool: &Pool) -> Self {
+        let instance = pool.instance.clone();
+        let slot = instance.started();
+        Self { instance, slot }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.instance.finished(self.slot);
     }
 }
 
