@@ -126,8 +126,10 @@ fn schema_errors(text: &str) -> Option<Vec<String>> {
                 }
                 _ => errors.push("routes: must be an array of [[routes]]".into()),
             },
+            "fleet" => check_section::<file::FleetSection>("fleet", value, &mut errors),
+            "resolver" => check_section::<file::ResolverSection>("resolver", value, &mut errors),
             other => errors.push(format!(
-                "{other}: unknown section (expected server, admin, state, upstreams, routes)"
+                "{other}: unknown section (expected server, admin, state, upstreams, routes, fleet, resolver)"
             )),
         }
     }

@@ -481,6 +481,9 @@ fn instance(
             .call(Method::PUT, &format!("{path}/state"), Some(body))
             .await?;
         let value = expect_ok(status, &text)?;
+        if let Some(warning) = value["warning"].as_str() {
+            eprintln!("splitgate: warning: {warning}");
+        }
         println!(
             "{upstream} {addr}: {} ({} in flight, health {})",
             value["state"].as_str().unwrap_or("?"),

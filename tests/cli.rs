@@ -934,3 +934,14 @@ async fn pinned_workers_each_run_on_a_cpu_of_their_own() {
         assert_eq!(reply.status, StatusCode::OK);
     }
 }
+
+/// The README shows `examples/rolling-deploy.sh` as shipped.
+#[test]
+fn the_readme_shows_the_rolling_deploy_script_as_shipped() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let script = std::fs::read_to_string("examples/rolling-deploy.sh").unwrap();
+    assert!(
+        readme.contains(&format!("```sh\n{script}```")),
+        "README and examples/rolling-deploy.sh differ"
+    );
+}

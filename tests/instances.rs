@@ -343,7 +343,7 @@ async fn a_failing_health_check_takes_an_instance_out_and_rise_brings_it_back() 
     };
     assert!(
         metrics.contains(&format!(
-            "splitgate_instance_up{{upstream=\"app\",instance=\"{}\"}} 0",
+            "splitgate_instance_up{{upstream=\"app\",address=\"{}\"}} 0",
             a.addr
         )),
         "{metrics}"
@@ -555,6 +555,32 @@ async fn maint_survives_a_restart_and_bad_requests_change_nothing() {
         );
     }
     assert_eq!(a.hits(), before);
+    // Taking out the last serving instance is allowed, and the answer says what follows.
+    let (_, last) = common::admin(
+        proxy.admin,
+        "PUT",
+        &format!("/admin/upstreams/app/instances/{}/state", b.addr),
+        r#"{"state": "drain"}"#,
+        None,
+    )
+    .await;
+    assert!(
+        last["warning"].as_str().unwrap_or_default().contains("503"),
+        "{last}"
+    );
+    let (_, back) = common::admin(
+        proxy.admin,
+        "PUT",
+        &format!("/admin/upstreams/app/instances/{}/state", b.addr),
+        r#"{"state": "ready"}"#,
+        None,
+    )
+    .await;
+    assert!(back["warning"].is_null(), "{back}");
+    wait_instance(proxy.admin, b.addr, Duration::from_secs(5), "b back", |i| {
+        i["serving"] == true
+    })
+    .await;
     let (code, table) = cli(proxy.admin, &["upstreams"]).await;
     assert_eq!(code, 0, "{table}");
     assert!(
@@ -675,7 +701,7 @@ async fn dns_changes_move_traffic_without_a_failed_request_and_an_empty_answer_k
         "{metrics}"
     );
     assert!(
-        !metrics.contains(&format!("instance=\"{}\"", a.addr)),
+        !metrics.contains(&format!("address=\"{}\"", a.addr)),
         "no stale series for a removed instance"
     );
     let (ok, failed) = load.finish().await;

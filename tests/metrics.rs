@@ -247,7 +247,7 @@ stable = "slow"
         .map(|a| a.to_string())
         .collect();
     let allowed: HashMap<&str, Vec<&str>> = HashMap::from([
-        ("instance", instances.iter().map(String::as_str).collect()),
+        ("address", instances.iter().map(String::as_str).collect()),
         ("route", vec!["main", "broken", "sluggish"]),
         ("upstream", vec!["v1", "v2", "gone", "slow"]),
         ("variant", vec!["stable", "canary"]),

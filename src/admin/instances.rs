@@ -32,7 +32,7 @@ pub struct InstanceView {
     /// The operator's state: `ready`, `drain` or `maint`.
     pub state: InstanceState,
     /// `up`, `down` or `pending` (not yet passed its checks); `unchecked` without
-    /// active checks.
+    /// active checks or in maintenance.
     pub health: &'static str,
     /// Whether it gets new requests now.
     pub serving: bool,
@@ -93,7 +93,8 @@ pub fn instance_view(upstream: &Upstream, instance: &Instance) -> InstanceView {
     InstanceView {
         addr: instance.addr,
         state: instance.state(),
-        health: if checks {
+        // In maintenance nothing is checked: the last result would be stale.
+        health: if checks && instance.state() != InstanceState::Maint {
             report.checked.as_str()
         } else {
             "unchecked"
@@ -177,10 +178,34 @@ pub async fn set_state(
         Ok(wanted) => wanted,
         Err(reason) => return json_error(StatusCode::BAD_REQUEST, &reason),
     };
-    match state.set_instance_state(name, addr, wanted, source).await {
-        Ok(_) => show_instance(state, name, &addr.to_string()),
-        Err(error) => change_error(error),
+    if let Err(error) = state.set_instance_state(name, addr, wanted, source).await {
+        return change_error(error);
     }
+    let snapshot = state.shared.snapshot.load();
+    let Some(upstream) = snapshot.upstream(name) else {
+        return show_instance(state, name, &addr.to_string());
+    };
+    let Some(instance) = upstream.member(addr) else {
+        return show_instance(state, name, &addr.to_string());
+    };
+    let mut view = instance_view(upstream, instance);
+    view.fleet = state
+        .shared
+        .fleet
+        .get()
+        .map(|f| f.instance_report(name, addr));
+    let checks = upstream.checks();
+    let others_serve = upstream
+        .members()
+        .iter()
+        .any(|m| m.addr != addr && m.takes_requests(checks));
+    let mut value = serde_json::to_value(&view).unwrap_or_default();
+    if wanted != InstanceState::Ready && !others_serve {
+        value["warning"] = json!(format!(
+            "no other instance of {name} is serving: new requests to it get 503 until one is"
+        ));
+    }
+    json_response(StatusCode::OK, &value)
 }
 
 /// An instance address from a path segment (`10.0.0.1:8080`, `[::1]:8080`, either

@@ -715,7 +715,7 @@ fn compile_upstream(
             // It may resolve later: the upstream starts without it (503 while empty).
             (Err(net::LookupError::Unresolved(e)), Resolve::Every(_) | Resolve::Ttl) => {
                 unresolved = true;
-                tracing::warn!(upstream = name, instance = %text, error = %e, "instance name does not resolve yet; looking again every {}", section.resolve.as_deref().unwrap_or_default());
+                tracing::warn!(upstream = name, instance = %text, error = %e, resolve = section.resolve.as_deref().unwrap_or_default(), "instance name does not resolve yet; the upstream starts without it and looks again");
             }
             (Err(e), _) => {
                 bad_instances = true;
@@ -789,20 +789,24 @@ fn compile_health(
     errors: &mut Errors,
 ) -> Option<HealthSpec> {
     let before = errors.0.len();
-    if section.interval.is_zero() {
-        errors.push(&format!("{field}.interval"), "must be longer than 0");
+    if section.interval < Duration::from_millis(100) {
+        errors.push(&format!("{field}.interval"), "must be at least 100ms");
     }
     if section.timeout.is_zero() {
         errors.push(&format!("{field}.timeout"), "must be longer than 0");
     } else if section.timeout > section.interval && !section.interval.is_zero() {
         errors.push(
             &format!("{field}.timeout"),
-            "must not be longer than interval (checks of one instance never overlap)",
+            format!(
+                "{}ms must not be longer than interval ({}ms; default 5s): checks of one instance never overlap",
+                section.timeout.as_millis(),
+                section.interval.as_millis()
+            ),
         );
     }
     for (key, value) in [("rise", section.rise), ("fall", section.fall)] {
-        if value == 0 {
-            errors.push(&format!("{field}.{key}"), "must be at least 1");
+        if !(1..=1000).contains(&value) {
+            errors.push(&format!("{field}.{key}"), "must be from 1 to 1000");
         }
     }
     let check = match section.check.as_deref() {
@@ -815,7 +819,7 @@ fn compile_health(
                 );
             }
             if let Some(host) = &section.host {
-                if host.is_empty() || http::HeaderValue::from_str(host).is_err() {
+                if host.parse::<http::uri::Authority>().is_err() || host.contains('@') {
                     errors.push(
                         &format!("{field}.host"),
                         format!("{host:?} is not a valid Host header"),

@@ -20,7 +20,7 @@ pub enum ProxyError {
     #[error("no route matches this host and path")]
     NoRoute,
     /// Every instance of the chosen pool is ejected and the route fails fast.
-    #[error("no healthy instance to serve this request")]
+    #[error("no instance in service to serve this request (failing, drained or in maintenance)")]
     NoHealthyInstance,
     /// Upstream's fault.
     #[error("upstream {upstream}: {source}")]

@@ -158,6 +158,13 @@ pub async fn start(
     };
     writer.install(writer.settings.clone());
     writer.started = true;
+    for upstream in writer.upstreams.values() {
+        for instance in upstream.members() {
+            if instance.state() != InstanceState::Ready {
+                tracing::info!(upstream = upstream.name(), instance = %instance.addr, state = instance.state().as_str(), "instance restored out of service (splitgate instance ready … puts it back)");
+            }
+        }
+    }
     writer.forget_canary_evidence(merged.notes.keys().map(String::as_str));
     writer
         .commit_noted(merged.routes, Source::Start, &merged.notes)

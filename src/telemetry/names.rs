@@ -30,7 +30,9 @@ pub const FLEET_APPLIED_REVISION: &str = "splitgate_fleet_applied_revision";
 pub const INSTANCE_UP: &str = "splitgate_instance_up";
 pub const HEALTH_CHECKS_TOTAL: &str = "splitgate_health_checks_total";
 pub const DNS_RESOLUTIONS_TOTAL: &str = "splitgate_dns_resolutions_total";
-pub const LABEL_INSTANCE: &str = "instance";
+/// An upstream instance's `ip:port`. Not `instance`: Prometheus sets that label on every
+/// series to the scrape target, and renames a scraped one to `exported_instance`.
+pub const LABEL_ADDRESS: &str = "address";
 
 /// The type of a metric family, for its `# TYPE` line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

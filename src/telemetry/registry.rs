@@ -141,7 +141,7 @@ impl Registry {
             for instance in upstream.members() {
                 let labels = super::sharded::label_text(&[
                     (names::LABEL_UPSTREAM, upstream.name()),
-                    (names::LABEL_INSTANCE, &instance.addr.to_string()),
+                    (names::LABEL_ADDRESS, &instance.addr.to_string()),
                 ]);
                 let up = u8::from(instance.takes_requests(checks));
                 out.push_str(&format!("{name}{{{labels}}} {up}\n"));

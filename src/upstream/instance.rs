@@ -100,9 +100,10 @@ pub struct Instance {
     last_error: Mutex<Option<String>>,
     /// Gone from the upstream (by reload or DNS): like a drain, for good.
     retired: AtomicBool,
-    /// Present when the process started: as in Envoy, its first passing check is
-    /// enough, so a restart does not keep every instance out for `rise` intervals.
-    at_start: bool,
+    /// Present when the process started (and in service since): as in Envoy, its first
+    /// passing check is enough, so a restart does not keep every instance out for
+    /// `rise` intervals.
+    at_start: AtomicBool,
     /// Requests in flight to it (an open upgrade tunnel counts until it closes), one
     /// counter per worker: each worker writes only its own cache line, and a reload that
     /// rebuilds the pools keeps the count.
@@ -133,7 +134,7 @@ impl Instance {
             last_check_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
             retired: AtomicBool::new(false),
-            at_start,
+            at_start: AtomicBool::new(at_start),
             in_flight: (0..workers.max(1))
                 .map(|_| WorkerCount::default())
                 .collect(),
@@ -150,9 +151,13 @@ impl Instance {
     pub fn set_state(&self, state: InstanceState, checks: bool) {
         // SeqCst with `InFlight::new`'s increment: see `Upstream::send`.
         let old = InstanceState::from_u8(self.state.swap(state as u8, SeqCst));
-        if checks && state == InstanceState::Ready && old != InstanceState::Ready {
-            self.checked.store(Checked::Pending as u8, Relaxed);
-            self.streak.store(0, Relaxed);
+        if state == InstanceState::Ready && old != InstanceState::Ready {
+            // Whatever is there now is new to this process: `rise` passes.
+            self.at_start.store(false, Relaxed);
+            if checks {
+                self.checked.store(Checked::Pending as u8, Relaxed);
+                self.streak.store(0, Relaxed);
+            }
         }
     }
 
@@ -214,7 +219,8 @@ impl Instance {
         now_ms: u64,
     ) -> Option<Checked> {
         let first = self.last_check_ms.swap(now_ms, Relaxed) == 0;
-        let rise = if first && self.at_start { 1 } else { rise };
+        let at_start = self.at_start.load(Relaxed);
+        let rise = if first && at_start { 1 } else { rise };
         let before = self.checked();
         let was_passing = self.last_error_is_none();
         let same = passed.is_ok() == was_passing;
@@ -239,7 +245,7 @@ impl Instance {
                 // passes: one still starting is not failing (its canary is not charged
                 // for it). One there at start is judged at once: the proxy restarted,
                 // not the instance.
-                let judged = before == Checked::Up || (before == Checked::Pending && self.at_start);
+                let judged = before == Checked::Up || (before == Checked::Pending && at_start);
                 if judged && streak >= fall {
                     Checked::Down
                 } else {
