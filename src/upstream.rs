@@ -109,6 +109,28 @@ impl ErrorKind {
     }
 }
 
+/// Runs `reconcile` at start and whenever the snapshot changes (checked every 500 ms),
+/// until `shutdown`: the control tasks that keep one task per upstream or instance
+/// (health checks, DNS) follow the snapshot this way.
+pub(crate) async fn follow_snapshot(
+    state: &crate::state::StateHandle,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut reconcile: impl FnMut(&crate::state::StateHandle),
+) {
+    let mut seen = u64::MAX;
+    loop {
+        let generation = state.shared.generation.load(Ordering::Acquire);
+        if generation != seen {
+            seen = generation;
+            reconcile(state);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = crate::server::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
 /// Instances a request may try when connects fail (nothing sent yet). Three keep the
 /// worst case (every connect timing out) bounded while one or two dead instances among
 /// healthy ones never reach a user.

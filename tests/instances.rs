@@ -218,7 +218,7 @@ async fn instance(admin: SocketAddr, addr: SocketAddr) -> serde_json::Value {
     value
 }
 
-/// Polls the instance every 20 ms until `check` holds, or panics after `within`.
+/// Polls `app`'s instance every 20 ms until `check` holds, or panics after `within`.
 async fn wait_instance(
     admin: SocketAddr,
     addr: SocketAddr,
@@ -226,18 +226,7 @@ async fn wait_instance(
     what: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) {
-    let deadline = Instant::now() + within;
-    loop {
-        let value = instance(admin, addr).await;
-        if check(&value) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_instance_in(admin, "app", addr, within, what, check).await
 }
 
 /// The addresses `GET /admin/upstreams/app` lists.
@@ -287,6 +276,46 @@ fn cli(
         );
         (out.status.code().unwrap_or(-1), text)
     }
+}
+
+/// `splitgate instance STATE app ADDR --wait --timeout TIMEOUT`.
+fn cli_wait(
+    admin: SocketAddr,
+    state: &str,
+    addr: SocketAddr,
+    timeout: &str,
+) -> impl std::future::Future<Output = (i32, String)> + Send + 'static {
+    cli(
+        admin,
+        &[
+            "instance",
+            state,
+            "app",
+            &addr.to_string(),
+            "--wait",
+            "--timeout",
+            timeout,
+        ],
+    )
+}
+
+/// `PUT /admin/upstreams/{upstream}/instances/{addr}/state`; asserts 200, returns the body.
+async fn set_state(
+    admin: SocketAddr,
+    upstream: &str,
+    addr: SocketAddr,
+    to: &str,
+) -> serde_json::Value {
+    let (status, value) = common::admin(
+        admin,
+        "PUT",
+        &format!("/admin/upstreams/{upstream}/instances/{addr}/state"),
+        &format!("{{\"state\": \"{to}\"}}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{value}");
+    value
 }
 
 fn list(addrs: &[SocketAddr]) -> String {
@@ -383,17 +412,8 @@ async fn drain_wait_returns_after_the_last_request_in_flight_and_nothing_new_arr
     let dir = Arc::new(TempDir::new("drain-wait"));
     let text = proxy_config(dir.path(), &list(&[a.addr, b.addr]), "", "");
     let mut proxy = start_proxy(dir, &text).await;
-    let state = |addr: SocketAddr, to: &str| {
-        let path = format!("/admin/upstreams/app/instances/{addr}/state");
-        let body = format!("{{\"state\": \"{to}\"}}");
-        let admin = proxy.admin;
-        async move {
-            let (status, value) = common::admin(admin, "PUT", &path, &body, None).await;
-            assert_eq!(status, StatusCode::OK, "{value}");
-        }
-    };
     // Everything to a: 50 slow requests in flight there.
-    state(b.addr, "drain").await;
+    set_state(proxy.admin, "app", b.addr, "drain").await;
     let slow: Vec<_> = (0..50)
         .map(|i| {
             let proxy = proxy.addr;
@@ -412,21 +432,10 @@ async fn drain_wait_returns_after_the_last_request_in_flight_and_nothing_new_arr
         |i| i["in_flight"] == 50,
     )
     .await;
-    state(b.addr, "ready").await;
+    set_state(proxy.admin, "app", b.addr, "ready").await;
 
     let started = Instant::now();
-    let drain = tokio::spawn(cli(
-        proxy.admin,
-        &[
-            "instance",
-            "drain",
-            "app",
-            &a.addr.to_string(),
-            "--wait",
-            "--timeout",
-            "30s",
-        ],
-    ));
+    let drain = tokio::spawn(cli_wait(proxy.admin, "drain", a.addr, "30s"));
     // New requests while a drains go to b.
     tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 0..20 {
@@ -457,8 +466,8 @@ async fn drain_wait_returns_after_the_last_request_in_flight_and_nothing_new_arr
     .await;
 
     // A wait that cannot finish times out with exit 2 and says why.
-    state(a.addr, "ready").await;
-    state(b.addr, "drain").await;
+    set_state(proxy.admin, "app", a.addr, "ready").await;
+    set_state(proxy.admin, "app", b.addr, "drain").await;
     let hung = tokio::spawn(get(proxy.addr, "/", &[]));
     wait_instance(
         proxy.admin,
@@ -468,19 +477,7 @@ async fn drain_wait_returns_after_the_last_request_in_flight_and_nothing_new_arr
         |i| i["in_flight"] == 1,
     )
     .await;
-    let (code, output) = cli(
-        proxy.admin,
-        &[
-            "instance",
-            "drain",
-            "app",
-            &a.addr.to_string(),
-            "--wait",
-            "--timeout",
-            "200ms",
-        ],
-    )
-    .await;
+    let (code, output) = cli_wait(proxy.admin, "drain", a.addr, "200ms").await;
     assert_eq!(code, 2, "{output}");
     assert!(output.contains("1 requests still in flight"), "{output}");
     assert_eq!(hung.await.unwrap().status, StatusCode::OK);
@@ -556,26 +553,12 @@ async fn maint_survives_a_restart_and_bad_requests_change_nothing() {
     }
     assert_eq!(a.hits(), before);
     // Taking out the last serving instance is allowed, and the answer says what follows.
-    let (_, last) = common::admin(
-        proxy.admin,
-        "PUT",
-        &format!("/admin/upstreams/app/instances/{}/state", b.addr),
-        r#"{"state": "drain"}"#,
-        None,
-    )
-    .await;
+    let last = set_state(proxy.admin, "app", b.addr, "drain").await;
     assert!(
         last["warning"].as_str().unwrap_or_default().contains("503"),
         "{last}"
     );
-    let (_, back) = common::admin(
-        proxy.admin,
-        "PUT",
-        &format!("/admin/upstreams/app/instances/{}/state", b.addr),
-        r#"{"state": "ready"}"#,
-        None,
-    )
-    .await;
+    let back = set_state(proxy.admin, "app", b.addr, "ready").await;
     assert!(back["warning"].is_null(), "{back}");
     wait_instance(proxy.admin, b.addr, Duration::from_secs(5), "b back", |i| {
         i["serving"] == true
@@ -628,19 +611,7 @@ async fn maint_survives_a_restart_and_bad_requests_change_nothing() {
     );
 
     // Back to ready: with health checks, it serves again once it passes them.
-    let (code, output) = cli(
-        proxy.admin,
-        &[
-            "instance",
-            "ready",
-            "app",
-            &a.addr.to_string(),
-            "--wait",
-            "--timeout",
-            "10s",
-        ],
-    )
-    .await;
+    let (code, output) = cli_wait(proxy.admin, "ready", a.addr, "10s").await;
     assert_eq!(code, 0, "{output}");
     assert!(output.contains("serving"), "{output}");
     proxy.shutdown().await;
@@ -783,20 +754,7 @@ async fn a_rolling_deploy_of_three_instances_under_load_fails_no_request() {
     let mut new = Vec::new();
     for step in 0..3usize {
         let retiring = old.remove(0);
-        let address = retiring.addr.to_string();
-        let (code, output) = cli(
-            proxy.admin,
-            &[
-                "instance",
-                "drain",
-                "app",
-                &address,
-                "--wait",
-                "--timeout",
-                "30s",
-            ],
-        )
-        .await;
+        let (code, output) = cli_wait(proxy.admin, "drain", retiring.addr, "30s").await;
         assert_eq!(code, 0, "{output}");
         retiring.stop();
         let replacement = sibling(first_addr(port), 4 + step as u8, "v2", WORK).await;
@@ -811,19 +769,7 @@ async fn a_rolling_deploy_of_three_instances_under_load_fails_no_request() {
             assert!(Instant::now() < deadline, "the new instance never appeared");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (code, output) = cli(
-            proxy.admin,
-            &[
-                "instance",
-                "ready",
-                "app",
-                &replacement.addr.to_string(),
-                "--wait",
-                "--timeout",
-                "30s",
-            ],
-        )
-        .await;
+        let (code, output) = cli_wait(proxy.admin, "ready", replacement.addr, "30s").await;
         assert_eq!(code, 0, "{output}");
         new.push(replacement);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -895,19 +841,16 @@ min_requests = 5
         )
     };
     let mut proxy = start_proxy(dir.clone(), &config(canary.addr)).await;
-    wait_instance_in(proxy.admin, "next", canary.addr, "canary up", |i| {
-        i["serving"] == true
-    })
-    .await;
-    let (status, value) = common::admin(
+    wait_instance_in(
         proxy.admin,
-        "PUT",
-        &format!("/admin/upstreams/next/instances/{}/state", canary.addr),
-        r#"{"state": "drain"}"#,
-        None,
+        "next",
+        canary.addr,
+        Duration::from_secs(5),
+        "canary up",
+        |i| i["serving"] == true,
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{value}");
+    set_state(proxy.admin, "next", canary.addr, "drain").await;
     for i in 0..40 {
         let reply = get(proxy.addr, "/", &[("x-user-id", &format!("d{i}"))]).await;
         assert_eq!(reply.text(), "stable");
@@ -941,10 +884,11 @@ async fn wait_instance_in(
     admin: SocketAddr,
     upstream: &str,
     addr: SocketAddr,
+    within: Duration,
     what: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + within;
     loop {
         let (_, value) = common::admin(
             admin,

@@ -112,6 +112,17 @@ pub fn instance_view(upstream: &Upstream, instance: &Instance) -> InstanceView {
     }
 }
 
+/// One instance's view, with a fleet also what every replica reports of it.
+fn with_fleet(state: &StateHandle, upstream: &Upstream, instance: &Instance) -> InstanceView {
+    let mut view = instance_view(upstream, instance);
+    view.fleet = state
+        .shared
+        .fleet
+        .get()
+        .map(|fleet| fleet.instance_report(upstream.name(), instance.addr));
+    view
+}
+
 pub fn list(state: &StateHandle) -> Response<AdminBody> {
     let snapshot = state.shared.snapshot.load();
     let upstreams: Vec<UpstreamView> = snapshot
@@ -146,15 +157,7 @@ pub fn show_instance(state: &StateHandle, name: &str, addr: &str) -> Response<Ad
         Err(reason) => return json_error(StatusCode::BAD_REQUEST, &reason),
     };
     match upstream.member(addr) {
-        Some(instance) => {
-            let mut view = instance_view(upstream, instance);
-            view.fleet = state
-                .shared
-                .fleet
-                .get()
-                .map(|fleet| fleet.instance_report(name, addr));
-            json_response(StatusCode::OK, &view)
-        }
+        Some(instance) => json_response(StatusCode::OK, &with_fleet(state, upstream, instance)),
         None => json_error(
             StatusCode::NOT_FOUND,
             &format!("upstream {name:?} has no instance {addr}"),

@@ -4,9 +4,7 @@
 //! at once. Instances in maintenance are not checked. The set of tasks follows the
 //! snapshot: an instance added by a reload or by DNS gets a task, one removed loses it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{CONNECTION, HOST, USER_AGENT};
 use http::{HeaderValue, Request};
@@ -22,9 +20,6 @@ use super::tls::UpstreamConnector;
 use crate::config::{HealthCheck, HealthSpec, UpstreamSpec, UpstreamTls};
 use crate::state::StateHandle;
 use crate::telemetry::names::{HEALTH_CHECKS_TOTAL, LABEL_OUTCOME, LABEL_UPSTREAM};
-
-/// How often the task set is compared with the snapshot (it also is at every change).
-const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 
 /// What a check task was started for: when any of it changes, the task is replaced.
 struct Task {
@@ -45,20 +40,9 @@ impl Task {
 }
 
 /// Runs the checks until `shutdown`.
-pub async fn run(state: StateHandle, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(state: StateHandle, shutdown: watch::Receiver<bool>) {
     let mut tasks: Vec<Task> = Vec::new();
-    let mut seen = u64::MAX;
-    loop {
-        let generation = state.shared.generation.load(Ordering::Acquire);
-        if generation != seen {
-            seen = generation;
-            reconcile(&state, &mut tasks);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
-            _ = crate::server::stopped(&mut shutdown) => break,
-        }
-    }
+    super::follow_snapshot(&state, shutdown, |state| reconcile(state, &mut tasks)).await;
     for task in tasks {
         task.handle.abort();
     }

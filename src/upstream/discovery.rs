@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
@@ -29,8 +28,6 @@ use crate::config::Resolve;
 use crate::state::StateHandle;
 use crate::telemetry::names::{DNS_RESOLUTIONS_TOTAL, LABEL_OUTCOME, LABEL_UPSTREAM};
 
-/// How often the task set is compared with the snapshot.
-const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 /// With `ttl`: bounds on the wait for the next lookup, whatever the TTL says (a TTL of
 /// 0 must not become a busy loop, nor a day-long TTL a day without a look), and the
 /// wait after a failed lookup (or with a hosts file, which has no TTL).
@@ -52,20 +49,9 @@ struct Key {
 }
 
 /// Runs the re-resolution tasks until `shutdown`.
-pub async fn run(state: StateHandle, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(state: StateHandle, shutdown: watch::Receiver<bool>) {
     let mut tasks: Vec<(Key, JoinHandle<()>)> = Vec::new();
-    let mut seen = u64::MAX;
-    loop {
-        let generation = state.shared.generation.load(Ordering::Acquire);
-        if generation != seen {
-            seen = generation;
-            reconcile(&state, &mut tasks);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
-            _ = crate::server::stopped(&mut shutdown) => break,
-        }
-    }
+    super::follow_snapshot(&state, shutdown, |state| reconcile(state, &mut tasks)).await;
     for (_, handle) in tasks {
         handle.abort();
     }
