@@ -173,7 +173,7 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
         }
         ["admin", "routes", name, "reset"] => handlers::reset(state, name, source).await,
         ["admin", "routes", name, "rollout", action] => {
-            handlers::rollout(state, name, action, source).await
+            handlers::rollout(state, name, action, &body, source).await
         }
         _ => handlers::reload(state, source).await,
     }

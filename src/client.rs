@@ -94,22 +94,7 @@ pub fn status_table(routes: &[serde_json::Value]) -> String {
         let canary = &route["window"]["canary"];
         let rollout = match &route["rollout"] {
             serde_json::Value::Null => "-".to_string(),
-            r if r["running"] == true => format!(
-                "step {} of {}{}",
-                r["step"].as_u64().unwrap_or(0) + 1,
-                r["steps"].as_array().map_or(0, Vec::len),
-                if r["paused"] == true {
-                    " (paused)".to_string()
-                } else if r["waiting_for"].is_string() {
-                    ", held; waiting for the judge".to_string()
-                } else {
-                    format!(
-                        ", next in {:.0}s",
-                        r["next_step_in_s"].as_f64().unwrap_or(0.0)
-                    )
-                }
-            ),
-            _ => "idle".to_string(),
+            r => rollout_state(r),
         };
         out.push_str(&format!(
             "{:<16} {:>6}% {:>6}% {:<9} {:>8} {:>6.2}% {:>7.1}ms  {}\n",
@@ -251,11 +236,48 @@ pub fn change_summary(before: Option<&serde_json::Value>, after: &serde_json::Va
         percent(&after["canary_weight"]),
         after["slo"]["state"].as_str().unwrap_or("?")
     );
-    if let Some(step) = after["rollout"]["step"].as_u64() {
-        line.push_str(&format!(", rollout step {}", step + 1));
+    if after["rollout"].is_object() {
+        line.push_str(&format!(", rollout {}", rollout_state(&after["rollout"])));
     }
     line.push('\n');
     line
+}
+
+/// A rollout in words: `running, step 2 of 4, next in 30s`, `waiting at step 3 of 4 for
+/// promote`, `completed (completed at 100%)`.
+pub fn rollout_state(r: &serde_json::Value) -> String {
+    let state = r["state"].as_str().unwrap_or("?");
+    let at = format!(
+        "step {} of {}",
+        r["step"].as_u64().unwrap_or(0),
+        r["steps"].as_array().map_or(0, Vec::len)
+    );
+    match state {
+        "running" => format!(
+            "running, {at}, next in {:.0}s",
+            r["next_step_in_s"].as_f64().unwrap_or(0.0)
+        ),
+        "paused" => format!("paused at {at}"),
+        "waiting" => format!(
+            "waiting at {at} for {}",
+            r["waiting_for"].as_str().unwrap_or("?")
+        ),
+        "idle" => "idle".to_string(),
+        ended => match r["last"]["why"].as_str() {
+            Some(why) => format!("{ended} at step {} ({why})", r["last"]["step"]),
+            None => ended.to_string(),
+        },
+    }
+}
+
+/// One line for `rollout wait`: the route's weight and its rollout.
+pub fn rollout_line(route: &serde_json::Value) -> String {
+    format!(
+        "{}: {}% canary, rollout {}",
+        route["name"].as_str().unwrap_or("?"),
+        percent(&route["canary_weight"]),
+        rollout_state(&route["rollout"])
+    )
 }
 
 /// A weight as people write it: `5`, `12.5`.

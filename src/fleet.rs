@@ -75,7 +75,7 @@ pub enum Applied {
 /// A route's key in the store.
 enum Stored {
     Absent,
-    Value(FleetRoute, i64),
+    Value(Box<FleetRoute>, i64),
     /// A value that does not parse (hand-written, or from a newer splitgate), and its
     /// revision.
     Corrupt(String, i64),
@@ -400,7 +400,7 @@ impl Fleet {
             match read.map_err(|e| ChangeError::StoreUnavailable(e.to_string()))? {
                 None => Stored::Absent,
                 Some((bytes, revision)) => match FleetRoute::parse(&bytes) {
-                    Ok(value) => Stored::Value(value, revision),
+                    Ok(value) => Stored::Value(Box::new(value), revision),
                     Err(problem) => {
                         tracing::error!(route, revision, key = %self.route_key(route), %problem, "fleet: unreadable route state in the store");
                         Stored::Corrupt(problem, revision)
@@ -519,6 +519,7 @@ mod tests {
 
     fn local(trip: Option<Trip>, unpublished: bool, epoch: u64) -> SavedRoute {
         SavedRoute {
+            rollout_end: None,
             weight_bp: 0,
             file_weight_bp: 0,
             trip,
@@ -532,6 +533,7 @@ mod tests {
 
     fn stored(epoch: u64) -> FleetRoute {
         FleetRoute {
+            rollout_end: None,
             weight_bp: 2000,
             trip: None,
             rollout: None,

@@ -72,6 +72,10 @@ enum Command {
     Weight {
         route: String,
         percent: String,
+        /// Also when a rollout runs: it is aborted (audited as such). Without it, a
+        /// weight other than 0 during a rollout is refused (409).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -101,10 +105,22 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Drive a progressive rollout: start, pause, resume or abort.
+    /// Drive a route's progressive rollout (`[routes.rollout]`), or wait for it.
+    #[command(after_help = ROLLOUT_HELP)]
     Rollout {
         route: String,
-        action: String,
+        #[arg(value_enum)]
+        action: RolloutCommand,
+        /// promote: straight to the last step (still guarded by the judge).
+        #[arg(long)]
+        full: bool,
+        /// start: from the first step at or above the live weight (else a live weight
+        /// above step 1 is refused: starting would move users back to stable).
+        #[arg(long)]
+        from_current: bool,
+        /// wait: how long, e.g. 90s, 2h.
+        #[arg(long, default_value = "2h", value_parser = parse_duration)]
+        timeout: std::time::Duration,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -141,6 +157,38 @@ enum Command {
         command: FleetCommand,
     },
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RolloutCommand {
+    /// Set step 1's weight and walk the steps, each held while the judge says ok.
+    Start,
+    /// Stop the clock at the current step.
+    Pause,
+    Resume,
+    /// Weight 0 now; the rollout ends as aborted.
+    Abort,
+    /// Past a pause step or the current hold to the next step (--full: to the last).
+    Promote,
+    /// From step 1 again, after an abort, or a trip once reset.
+    Retry,
+    /// Block until the rollout ends or stops; print each transition.
+    Wait,
+}
+
+const ROLLOUT_HELP: &str = "\
+Exit codes of wait: 0 completed, 1 tripped or aborted, 2 timed out, 3 paused or waiting
+at a pause step for promote.
+
+Examples:
+  splitgate rollout api start                  # step 1, then each step after its hold
+  splitgate rollout api start --from-current   # the live weight is 20%: begin at the first step >= 20%
+  splitgate rollout api wait --timeout 2h      # a pipeline blocks here; 3 at a pause step
+  splitgate rollout api promote                # past the pause (or the current hold)
+  splitgate rollout api promote --full         # straight to the last step, still guarded
+  splitgate rollout api pause                  # hold here; resume goes on
+  splitgate rollout api resume
+  splitgate rollout api abort                  # weight 0 now
+  splitgate rollout api retry                  # after an abort, or a trip and its reset";
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum InstanceAction {
@@ -217,10 +265,11 @@ fn main() -> ExitCode {
         Command::Weight {
             route,
             percent,
+            force,
             admin,
         } => {
             let body = match percent.trim_end_matches('%').parse::<f64>() {
-                Ok(value) => format!("{{\"canary_weight\": {value}}}"),
+                Ok(value) => format!("{{\"canary_weight\": {value}, \"force\": {force}}}"),
                 Err(_) => {
                     eprintln!("weight {percent:?} is not a number");
                     return ExitCode::from(2);
@@ -248,15 +297,37 @@ fn main() -> ExitCode {
         Command::Reset { route, admin } => change(&admin, &route, Method::POST, "reset", None),
         Command::Rollout {
             route,
-            action,
+            action: RolloutCommand::Wait,
+            timeout,
             admin,
-        } => change(
-            &admin,
-            &route,
-            Method::POST,
-            &format!("rollout/{action}"),
-            None,
-        ),
+            ..
+        } => rollout_wait(&admin, &route, timeout),
+        Command::Rollout {
+            route,
+            action,
+            full,
+            from_current,
+            admin,
+            ..
+        } => {
+            let (name, body) = match action {
+                RolloutCommand::Start => ("start", format!("{{\"from_current\": {from_current}}}")),
+                RolloutCommand::Promote => ("promote", format!("{{\"full\": {full}}}")),
+                RolloutCommand::Pause => ("pause", String::new()),
+                RolloutCommand::Resume => ("resume", String::new()),
+                RolloutCommand::Abort => ("abort", String::new()),
+                RolloutCommand::Retry => ("retry", String::new()),
+                RolloutCommand::Wait => unreachable!("handled above"),
+            };
+            let body = (!body.is_empty()).then_some(body);
+            change(
+                &admin,
+                &route,
+                Method::POST,
+                &format!("rollout/{name}"),
+                body,
+            )
+        }
     }
 }
 
@@ -606,6 +677,53 @@ fn unsettled_replicas(fleet: &serde_json::Value, state: &str) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// `splitgate rollout ROUTE wait`: polls the route every 500 ms, prints each transition,
+/// and exits 0 completed, 1 tripped or aborted, 2 timed out, 3 paused or at a gate.
+fn rollout_wait(args: &AdminArgs, route: &str, timeout: std::time::Duration) -> ExitCode {
+    let result = with_client(args, async |client| {
+        let path = format!("/admin/routes/{route}");
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            let (status, text) = client.call(Method::GET, &path, None).await?;
+            let value = expect_ok(status, &text)?;
+            let rollout = &value["rollout"];
+            if rollout.is_null() {
+                anyhow::bail!("route {route:?} has no [routes.rollout] in the config");
+            }
+            let state = rollout["state"].as_str().unwrap_or("?").to_string();
+            let line = splitgate::client::rollout_line(&value);
+            if line != last {
+                println!("{line}");
+                last = line.clone();
+            }
+            match state.as_str() {
+                "completed" => return Ok(0),
+                "tripped" | "aborted" => return Ok(1),
+                "paused" => return Ok(3),
+                "waiting" if rollout["waiting_for"] == "promote" => return Ok(3),
+                "idle" => anyhow::bail!("route {route:?} has no rollout running (start it first)"),
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                eprintln!(
+                    "splitgate: timed out after {}s; the rollout goes on ({line})",
+                    timeout.as_secs()
+                );
+                return Ok(2);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("splitgate: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn upstreams(args: &AdminArgs, json: bool) -> ExitCode {

@@ -18,7 +18,7 @@ use metrics::Counter;
 use tokio::sync::{mpsc, oneshot};
 
 pub use change::Change;
-pub use snapshot::{LiveRoute, RolloutProgress, Snapshot, Trip};
+pub use snapshot::{LiveRoute, RolloutEnd, RolloutOutcome, RolloutProgress, Snapshot, Trip};
 pub use store::{
     AuditEntry, FleetRoute, InstanceAudit, InstanceStates, Loaded, SavedInstance, SavedRoute,
     StateDirError, Store,
@@ -111,10 +111,15 @@ pub enum ChangeError {
     },
     #[error("route {0:?} has no canary upstream")]
     NoCanary(String),
+    #[error("route {0:?} has a rollout running ({1}); `splitgate weight --force` sets the weight by hand and aborts it, or abort it first")]
+    RolloutRunning(String, String),
     #[error("route {route:?} is tripped ({reason}); reset it before raising the weight")]
     Tripped { route: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+    /// Refused in the route's present state (409).
+    #[error("{0}")]
+    Refused(String),
     #[error("could not persist state, nothing changed: {0}")]
     Persist(std::io::Error),
     #[error("{0}")]
@@ -149,10 +154,20 @@ pub enum ChangeError {
 /// A rollout action from the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RolloutAction {
-    Start,
+    /// From step 1; `from_current`: from the first step at or above the live weight.
+    Start {
+        from_current: bool,
+    },
     Pause,
     Resume,
+    /// Weight 0, the rollout ended.
     Abort,
+    /// Past a pause or the current hold to the next step; `full`: to the last step.
+    Promote {
+        full: bool,
+    },
+    /// From step 1 again, after an abort or a trip and its reset.
+    Retry,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ChangeError>>;
@@ -275,14 +290,19 @@ impl StateHandle {
         .await
     }
 
+    /// A weight set by hand; `force` also ends a running rollout (else that is a 409).
     pub async fn set_weight(
         &self,
         route: &str,
         weight_bp: u32,
+        force: bool,
         source: Source,
     ) -> Result<(), ChangeError> {
-        self.change(route, Change::SetWeight(weight_bp), source)
-            .await
+        let change = match force {
+            true => Change::ForceWeight(weight_bp),
+            false => Change::SetWeight(weight_bp),
+        };
+        self.change(route, change, source).await
     }
 
     pub async fn reset(&self, route: &str, source: Source) -> Result<(), ChangeError> {

@@ -272,14 +272,17 @@ async fn a_rollout_walks_its_steps_while_the_slo_holds() {
             body["canary_weight"].as_f64(),
             body["rollout"]["step"].as_u64()
         ),
-        (Some(10.0), Some(0))
+        (Some(10.0), Some(1)),
+        "steps are 1-based, as in the metric"
     );
+    assert_eq!(body["rollout"]["state"], "running", "{body}");
 
     // Without samples, the step is held past its interval, and says what it waits for.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let held = route_state(&proxy).await;
     assert_eq!(held["canary_weight"], 10.0);
     let waiting = held["rollout"]["waiting_for"].as_str().unwrap_or_default();
+    assert_eq!(held["rollout"]["state"], "waiting", "{held}");
     assert!(
         waiting.starts_with("error_rate: inconclusive") && waiting.contains("more requests"),
         "{held}"
@@ -298,6 +301,8 @@ async fn a_rollout_walks_its_steps_while_the_slo_holds() {
     .await;
     feeder.abort();
     assert_eq!(done["canary_weight"], 100.0);
+    assert_eq!(done["rollout"]["state"], "completed", "{done}");
+    assert_eq!(done["rollout"]["last"]["step"], 3, "{done}");
     let metrics = get(proxy.admin, "/metrics", &[]).await.text();
     assert!(
         metrics.contains("splitgate_canary_weight{route=\"main\"} 100"),

@@ -41,17 +41,21 @@ pub fn show_route(state: &StateHandle, name: &str) -> Response<AdminBody> {
     }
 }
 
-/// Parses a `PUT .../weight` body into basis points, or says what is wrong with it,
-/// naming the field. Only the documented object form is accepted (serde would also
-/// take a JSON array for a struct: `[20]`).
-pub fn parse_weight(body: &[u8]) -> Result<u32, String> {
-    const FORM: &str = "the body is {\"canary_weight\": PERCENT}";
+/// Parses a `PUT .../weight` body into basis points and the `force` flag, or says what
+/// is wrong with it, naming the field. Only the documented object form is accepted
+/// (serde would also take a JSON array for a struct: `[20]`).
+pub fn parse_weight(body: &[u8]) -> Result<(u32, bool), String> {
+    const FORM: &str =
+        "the body is {\"canary_weight\": PERCENT} (and \"force\": true to end a running rollout)";
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("body is not JSON ({e}); {FORM}"))?;
     let serde_json::Value::Object(fields) = value else {
         return Err(format!("body must be a JSON object; {FORM}"));
     };
-    if let Some(unknown) = fields.keys().find(|k| *k != "canary_weight") {
+    if let Some(unknown) = fields
+        .keys()
+        .find(|k| *k != "canary_weight" && *k != "force")
+    {
         return Err(format!("unknown field {unknown:?}; {FORM}"));
     }
     let weight = fields
@@ -60,7 +64,13 @@ pub fn parse_weight(body: &[u8]) -> Result<u32, String> {
     let percent = weight
         .as_f64()
         .ok_or_else(|| format!("canary_weight: {weight} is not a number"))?;
-    weight_to_bp(percent).map_err(|e| format!("canary_weight: {e}"))
+    let force = match fields.get("force") {
+        None => false,
+        Some(serde_json::Value::Bool(force)) => *force,
+        Some(other) => return Err(format!("force: {other} is not true or false")),
+    };
+    let bp = weight_to_bp(percent).map_err(|e| format!("canary_weight: {e}"))?;
+    Ok((bp, force))
 }
 
 pub async fn set_weight(
@@ -69,16 +79,17 @@ pub async fn set_weight(
     body: &Bytes,
     source: Source,
 ) -> Response<AdminBody> {
-    let weight_bp = match parse_weight(body) {
-        Ok(bp) => bp,
+    let (weight_bp, force) = match parse_weight(body) {
+        Ok(parsed) => parsed,
         Err(reason) => return json_error(StatusCode::BAD_REQUEST, &reason),
     };
-    let result = state.set_weight(name, weight_bp, source).await;
+    let result = state.set_weight(name, weight_bp, force, source).await;
     after_change(state, name, result)
 }
 
 pub async fn rollback(state: &StateHandle, name: &str, source: Source) -> Response<AdminBody> {
-    let result = state.set_weight(name, 0, source).await;
+    // A rollback is an emergency: it ends a running rollout.
+    let result = state.set_weight(name, 0, true, source).await;
     after_change(state, name, result)
 }
 
@@ -87,21 +98,62 @@ pub async fn reset(state: &StateHandle, name: &str, source: Source) -> Response<
     after_change(state, name, result)
 }
 
+/// `POST /admin/routes/{name}/rollout/{action}`, with an optional body:
+/// `{"from_current": true}` for start, `{"full": true}` for promote.
 pub async fn rollout(
     state: &StateHandle,
     name: &str,
     action: &str,
+    body: &Bytes,
     source: Source,
 ) -> Response<AdminBody> {
+    let options: serde_json::Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(body).unwrap_or(serde_json::Value::Null)
+    };
+    let Some(fields) = options.as_object() else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "body must be empty or a JSON object",
+        );
+    };
+    let allowed: &[&str] = match action {
+        "start" => &["from_current"],
+        "promote" => &["full"],
+        _ => &[],
+    };
+    if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown field {unknown:?} for rollout {action} (it takes {allowed:?})"),
+        );
+    }
+    let flag = |name: &str| {
+        fields
+            .get(name)
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false)
+    };
+    if let Some((name, value)) = fields.iter().find(|(_, v)| !v.is_boolean()) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("{name}: {value} is not true or false"),
+        );
+    }
     let action = match action {
-        "start" => RolloutAction::Start,
+        "start" => RolloutAction::Start {
+            from_current: flag("from_current"),
+        },
         "pause" => RolloutAction::Pause,
         "resume" => RolloutAction::Resume,
         "abort" => RolloutAction::Abort,
+        "promote" => RolloutAction::Promote { full: flag("full") },
+        "retry" => RolloutAction::Retry,
         _ => {
             return json_error(
                 StatusCode::NOT_FOUND,
-                "rollout actions are start, pause, resume and abort",
+                "rollout actions are start, pause, resume, abort, promote and retry",
             )
         }
     };
@@ -152,7 +204,9 @@ pub(super) fn change_error(error: ChangeError) -> Response<AdminBody> {
         ChangeError::HandedOver | ChangeError::StoreUnavailable(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        ChangeError::Conflict(_) => StatusCode::CONFLICT,
+        ChangeError::Conflict(_) | ChangeError::RolloutRunning(..) | ChangeError::Refused(_) => {
+            StatusCode::CONFLICT
+        }
         ChangeError::Persist(_)
         | ChangeError::StateDir(_)
         | ChangeError::Stopped

@@ -3,7 +3,9 @@
 use serde::Serialize;
 
 use crate::config::bp_to_percent;
+use crate::config::compile::Step;
 use crate::slo::{RuleReport, Verdict, WindowStats};
+use crate::state::RolloutOutcome;
 use crate::state::{LiveRoute, Snapshot};
 
 #[derive(Serialize)]
@@ -57,17 +59,30 @@ pub struct StatsView {
 
 #[derive(Serialize)]
 pub struct RolloutView {
-    pub steps: Vec<f64>,
-    /// Index of the current step, while a rollout runs.
+    pub steps: Vec<StepView>,
+    /// The current step, 1-based (as in `splitgate_rollout_step`), while one runs.
     pub step: Option<usize>,
+    /// `idle` (never started), `running`, `paused`, `waiting` (on the judge, or on
+    /// `promote` at a pause step), `completed`, `aborted`, `tripped`.
+    pub state: &'static str,
     pub running: bool,
     pub paused: bool,
-    /// Seconds until the next step, while running and not paused.
+    /// Seconds until the step's hold is over, while running and not paused.
     pub next_step_in_s: Option<f64>,
-    /// Once the step has been held for its interval: what the judge has not yet
-    /// confirmed (the step advances only on its "ok").
+    /// While `waiting`: on what (`promote`, or what the judge has not yet confirmed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
+    /// How the last rollout ended, until another starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<crate::state::RolloutEnd>,
+}
+
+#[derive(Serialize)]
+pub struct StepView {
+    /// Percent; `null` at a pause (the weight before it stays).
+    pub weight: Option<f64>,
+    pub hold_s: Option<f64>,
+    pub pause: bool,
 }
 
 impl From<WindowStats> for StatsView {
@@ -90,20 +105,56 @@ pub fn route_view(snapshot: &Snapshot, route: &LiveRoute) -> RouteView {
     let judgement = route.windows.last_judgement();
     let rollout = spec.rollout.as_ref().map(|plan| {
         let progress = route.rollout.as_ref();
-        let interval_ms = plan.interval.as_millis() as u64;
-        let remaining_ms = progress.filter(|p| !p.paused).map(|p| {
+        let remaining_ms = progress.filter(|p| !p.paused).and_then(|p| {
+            let hold = plan.hold(p.step)?.as_millis() as u64;
             let held = p.held_ms + crate::timefmt::unix_ms().saturating_sub(p.step_started_ms);
-            interval_ms.saturating_sub(held)
+            Some(hold.saturating_sub(held))
         });
+        let gate = progress.is_some_and(|p| !p.paused && plan.hold(p.step).is_none());
+        let judge = remaining_ms
+            .filter(|&ms| ms == 0)
+            .and_then(|_| judgement.as_ref()?.waiting_for());
+        let waiting_for = if gate {
+            Some("promote".to_string())
+        } else {
+            judge
+        };
+        let last = route.rollout_end.clone();
+        let state = match (progress, &last) {
+            (Some(p), _) if p.paused => "paused",
+            (Some(_), _) if waiting_for.is_some() => "waiting",
+            (Some(_), _) => "running",
+            (None, Some(end)) => match end.outcome {
+                RolloutOutcome::Completed => "completed",
+                RolloutOutcome::Tripped if route.trip.is_some() => "tripped",
+                _ => "aborted",
+            },
+            (None, None) => "idle",
+        };
         RolloutView {
-            steps: plan.steps.iter().map(|&s| bp_to_percent(s)).collect(),
-            step: progress.map(|p| p.step),
+            steps: plan
+                .steps
+                .iter()
+                .map(|step| match step {
+                    Step::Weight { bp, hold } => StepView {
+                        weight: Some(bp_to_percent(*bp)),
+                        hold_s: Some(hold.as_secs_f64()),
+                        pause: false,
+                    },
+                    Step::Pause => StepView {
+                        weight: None,
+                        hold_s: None,
+                        pause: true,
+                    },
+                })
+                .collect(),
+            step: progress.map(|p| p.step + 1),
+            state,
             running: progress.is_some(),
             paused: progress.is_some_and(|p| p.paused),
             next_step_in_s: remaining_ms.map(|ms| ms as f64 / 1000.0),
-            waiting_for: remaining_ms
-                .filter(|&ms| ms == 0)
-                .and_then(|_| judgement.as_ref()?.waiting_for()),
+            waiting_for,
+            last,
         }
     });
     let dry_run = spec.slo.as_ref().is_some_and(|s| s.dry_run);

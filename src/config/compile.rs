@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-use super::file::{FileConfig, HealthSection, RouteSection, SloSection, UpstreamSection};
+use super::file::{
+    FileConfig, HealthSection, RouteSection, SloSection, StepSection, UpstreamSection,
+};
 use super::net::{self, IpRange, Names};
 use crate::proxy::split::{KeySource, SaltKey};
 
@@ -260,9 +262,44 @@ pub struct LatencyRatio {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutSpec {
-    /// Basis points, strictly rising.
-    pub steps: Vec<u32>,
-    pub interval: Duration,
+    /// Weights strictly rising, with gates between them.
+    pub steps: Vec<Step>,
+}
+
+/// One step of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Set the weight (basis points), then hold it this long while the judge says ok.
+    Weight { bp: u32, hold: Duration },
+    /// Wait at the previous weight until an operator promotes.
+    Pause,
+}
+
+impl RolloutSpec {
+    /// The weight in force at `step` (a pause keeps the weight before it).
+    pub fn weight_at(&self, step: usize) -> u32 {
+        self.steps[..=step.min(self.steps.len() - 1)]
+            .iter()
+            .rev()
+            .find_map(|s| match s {
+                Step::Weight { bp, .. } => Some(*bp),
+                Step::Pause => None,
+            })
+            .unwrap_or(0)
+    }
+
+    /// How long `step` is held; `None` at a pause (only `promote` passes it).
+    pub fn hold(&self, step: usize) -> Option<Duration> {
+        match self.steps.get(step)? {
+            Step::Weight { hold, .. } => Some(*hold),
+            Step::Pause => None,
+        }
+    }
+
+    /// The last step's index (always a weight).
+    pub fn last(&self) -> usize {
+        self.steps.len() - 1
+    }
 }
 
 /// Converts a percent with at most two decimals into basis points.
@@ -1077,22 +1114,71 @@ fn compile_route(
         .as_ref()
         .map(|s| compile_slo(&format!("{field}.slo"), s, errors));
     let rollout = r.rollout.as_ref().map(|ro| {
-        let steps: Vec<u32> = ro
-            .steps
-            .iter()
-            .filter_map(|&w| {
-                weight_to_bp(w)
-                    .map_err(|e| errors.push(&format!("{field}.rollout.steps"), e))
-                    .ok()
-            })
-            .collect();
-        if steps.is_empty() || steps.windows(2).any(|w| w[0] >= w[1]) || steps[0] == 0 {
-            errors.push(
-                &format!("{field}.rollout.steps"),
-                "must be a non-empty list of rising weights above 0",
-            );
+        let steps_field = format!("{field}.rollout.steps");
+        let mut steps = Vec::with_capacity(ro.steps.len());
+        let mut last_bp = 0;
+        for (i, step) in ro.steps.iter().enumerate() {
+            let at = format!("{steps_field}[{i}]");
+            let (weight, hold, pause) = match step {
+                StepSection::Weight(w) => (Some(*w), None, false),
+                StepSection::Table(t) => (t.weight, t.hold, t.pause),
+            };
+            let step = match (weight, pause) {
+                (Some(_), true) => {
+                    errors.push(&at, "a step is a weight or a pause, not both");
+                    continue;
+                }
+                (None, false) => {
+                    errors.push(&at, "needs a weight (or pause = true)");
+                    continue;
+                }
+                (None, true) => {
+                    if hold.is_some() {
+                        errors.push(&at, "a pause has no hold: it waits for promote");
+                    }
+                    if i == 0 || i + 1 == ro.steps.len() {
+                        errors.push(&at, "a pause goes between two weights");
+                    }
+                    Step::Pause
+                }
+                (Some(w), false) => {
+                    let bp = match weight_to_bp(w) {
+                        Ok(bp) => bp,
+                        Err(e) => {
+                            errors.push(&at, e);
+                            continue;
+                        }
+                    };
+                    if bp <= last_bp {
+                        errors.push(
+                            &at,
+                            format!("weight {w} must be above the step before it (weights rise, from above 0)"),
+                        );
+                    }
+                    last_bp = bp;
+                    let hold = match (hold, ro.interval) {
+                        (Some(hold), _) if hold.is_zero() => {
+                            errors.push(&format!("{at}.hold"), "must be longer than 0");
+                            hold
+                        }
+                        (Some(hold), _) => hold,
+                        (None, Some(interval)) => interval,
+                        // The last weight needs no hold: reaching it completes the rollout.
+                        (None, None) if i + 1 == ro.steps.len() => Duration::ZERO,
+                        (None, None) => {
+                            errors.push(&at, "needs a hold (or a rollout interval)");
+                            Duration::ZERO
+                        }
+                    };
+                    Step::Weight { bp, hold }
+                }
+            };
+            steps.push(step);
         }
-        if ro.interval.is_zero() {
+        if ro.steps.is_empty() {
+            errors.push(&steps_field, "must list at least one step");
+        }
+        if ro.interval.is_some_and(|i| i.is_zero()) {
             errors.push(
                 &format!("{field}.rollout.interval"),
                 "must be longer than 0",
@@ -1101,10 +1187,7 @@ fn compile_route(
         if r.canary.is_none() {
             errors.push(&format!("{field}.rollout"), "needs a canary upstream");
         }
-        RolloutSpec {
-            steps,
-            interval: ro.interval,
-        }
+        RolloutSpec { steps }
     });
     (errors.0.len() == before).then(|| RouteSpec {
         name: r.name.clone(),

@@ -387,9 +387,30 @@ pub struct LatencyRatioSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutSection {
-    pub steps: Vec<f64>,
-    #[serde(deserialize_with = "duration::deserialize")]
-    pub interval: Duration,
+    pub steps: Vec<StepSection>,
+    /// How long a step without its own `hold` is held.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub interval: Option<Duration>,
+}
+
+/// One rollout step: a weight (`5`, or `{ weight = 5, hold = "10m" }`), or a manual
+/// gate (`{ pause = true }`) that only `promote` passes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StepSection {
+    Weight(f64),
+    Table(StepTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepTable {
+    #[serde(default)]
+    pub weight: Option<f64>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub hold: Option<Duration>,
+    #[serde(default)]
+    pub pause: bool,
 }
 
 pub(super) mod defaults {

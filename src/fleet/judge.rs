@@ -177,10 +177,20 @@ impl Judge {
                 ),
                 at: crate::timefmt::now_rfc3339(),
             };
+            let rollout_end = desired
+                .rollout
+                .as_ref()
+                .map(|progress| crate::state::RolloutEnd {
+                    outcome: crate::state::RolloutOutcome::Tripped,
+                    step: progress.step + 1,
+                    at: trip.at.clone(),
+                    why: format!("SLO trip: {}", trip.detail),
+                });
             let tripped = FleetRoute {
                 weight_bp: 0,
                 trip: Some(trip.clone()),
                 rollout: None,
+                rollout_end: rollout_end.or(desired.rollout_end.clone()),
                 epoch: desired.epoch,
                 by: fleet.settings.replica.clone(),
                 source: Source::Slo.as_str().to_string(),

@@ -52,7 +52,7 @@ async fn publish(
         Stored::Value(desired, revision) if desired.epoch > local.epoch => {
             // Reset fleet-wide since: applying the store's state drops the stale one.
             return state
-                .apply_fleet(route, desired, revision, Applied::Listed)
+                .apply_fleet(route, *desired, revision, Applied::Listed)
                 .await;
         }
         Stored::Value(desired, revision) => (
@@ -65,7 +65,7 @@ async fn publish(
     };
     let (change, source) = match &local.trip {
         Some(trip) => (Change::Trip(trip.clone()), "slo"),
-        None => (Change::SetWeight(local.weight_bp), "rollback"),
+        None => (Change::ForceWeight(local.weight_bp), "rollback"),
     };
     let next = change::apply(&spec, &current, &change, crate::timefmt::unix_ms())?;
     let Some(next) = next.filter(|next| next.weight_bp <= current.weight_bp) else {
@@ -73,7 +73,7 @@ async fn publish(
         return match stored {
             Some(desired) => {
                 state
-                    .apply_fleet(route, desired, expected, Applied::Listed)
+                    .apply_fleet(route, *desired, expected, Applied::Listed)
                     .await
             }
             None => Ok(()),

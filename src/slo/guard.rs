@@ -83,7 +83,11 @@ pub async fn evaluate(state: &StateHandle, snapshot: &Snapshot) {
             progress.held_ms + crate::timefmt::unix_ms().saturating_sub(progress.step_started_ms);
         // A step advances only on the judge's "ok": an inconclusive one waits.
         let judge_ok = judged.is_none_or(|j| j.verdict() == Verdict::Ok);
-        if held >= plan.interval.as_millis() as u64 && judge_ok {
+        // A pause step is a gate: only `promote` passes it.
+        let Some(hold) = plan.hold(progress.step) else {
+            continue;
+        };
+        if held >= hold.as_millis() as u64 && judge_ok {
             match state.shared.fleet.get() {
                 Some(fleet) => fleet.advance(state, name, progress.step),
                 None => {

@@ -3,13 +3,20 @@
 //! state read from etcd before the transaction that writes it, so both paths refuse and
 //! allow exactly the same things.
 
-use super::{ChangeError, RolloutAction, RolloutProgress, SavedRoute, Trip};
-use crate::config::RouteSpec;
+use super::{
+    ChangeError, RolloutAction, RolloutEnd, RolloutOutcome, RolloutProgress, SavedRoute, Trip,
+};
+use crate::config::compile::{RolloutSpec, Step};
+use crate::config::{bp_to_percent, RouteSpec};
 
 /// A change to one route.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
+    /// A weight set by hand: refused while a rollout runs, except 0 (a rollback), which
+    /// ends it.
     SetWeight(u32),
+    /// A weight set by hand that ends a running rollout (`weight --force`).
+    ForceWeight(u32),
     Reset,
     Rollout(RolloutAction),
     /// The rollout driver moving on from this (0-based) step.
@@ -24,7 +31,10 @@ impl Change {
     pub fn lowers_exposure(&self) -> bool {
         matches!(
             self,
-            Change::SetWeight(0) | Change::Trip(_) | Change::Rollout(RolloutAction::Abort)
+            Change::SetWeight(0)
+                | Change::ForceWeight(0)
+                | Change::Trip(_)
+                | Change::Rollout(RolloutAction::Abort)
         )
     }
 }
@@ -45,17 +55,43 @@ pub fn apply(
         }),
         None => Ok(()),
     };
+    let at_step = |progress: &RolloutProgress| {
+        let steps = spec.rollout.as_ref().map_or(0, |p| p.steps.len());
+        format!("step {} of {steps}", progress.step + 1)
+    };
+    let ended = |outcome, progress: &RolloutProgress, why: String| RolloutEnd {
+        outcome,
+        step: progress.step + 1,
+        at: crate::timefmt::rfc3339(now_ms),
+        why,
+    };
     let mut next = current.clone();
     match change {
-        Change::SetWeight(weight_bp) => {
+        Change::SetWeight(weight_bp) | Change::ForceWeight(weight_bp) => {
             if spec.canary.is_none() && *weight_bp > 0 {
                 return Err(ChangeError::NoCanary(route.to_string()));
             }
             if *weight_bp > 0 {
                 tripped(current)?;
             }
+            if let Some(progress) = &current.rollout {
+                let forced = matches!(change, Change::ForceWeight(_));
+                if *weight_bp > 0 && !forced {
+                    return Err(ChangeError::RolloutRunning(
+                        route.to_string(),
+                        at_step(progress),
+                    ));
+                }
+                let why = match forced {
+                    true => format!(
+                        "aborted: weight set by hand to {}% (--force)",
+                        bp_to_percent(*weight_bp)
+                    ),
+                    false => "aborted: rolled back to 0%".to_string(),
+                };
+                next.rollout_end = Some(ended(RolloutOutcome::Aborted, progress, why));
+            }
             next.weight_bp = *weight_bp;
-            // A hand-set weight takes over from a running rollout.
             next.rollout = None;
         }
         Change::Reset => {
@@ -68,6 +104,10 @@ pub fn apply(
             if current.trip.is_some() {
                 return Ok(None);
             }
+            if let Some(progress) = &current.rollout {
+                let why = format!("SLO trip: {}", trip.detail);
+                next.rollout_end = Some(ended(RolloutOutcome::Tripped, progress, why));
+            }
             next.weight_bp = 0;
             next.rollout = None;
             next.trip = Some(trip.clone());
@@ -78,23 +118,56 @@ pub fn apply(
                     "route {route:?} has no [routes.rollout] in the config"
                 )));
             };
+            let not_running =
+                || ChangeError::Invalid(format!("route {route:?} has no rollout running"));
             match action {
-                RolloutAction::Start => {
+                RolloutAction::Start { .. } | RolloutAction::Retry => {
                     tripped(current)?;
+                    if let Some(progress) = &current.rollout {
+                        return Err(ChangeError::RolloutRunning(
+                            route.to_string(),
+                            at_step(progress),
+                        ));
+                    }
+                    let first = plan.weight_at(0);
+                    let step = match action {
+                        RolloutAction::Start { from_current: true } => (0..plan.steps.len())
+                            .find(|&i| {
+                                matches!(plan.steps[i], Step::Weight { bp, .. } if bp >= current.weight_bp)
+                            })
+                            .unwrap_or(plan.last()),
+                        RolloutAction::Start { from_current: false }
+                            if current.weight_bp > first =>
+                        {
+                            return Err(ChangeError::Refused(format!(
+                                "route {route:?} is at {}%, above step 1 ({}%): starting would move users back to stable; start --from-current begins at the first step at or above {}%",
+                                bp_to_percent(current.weight_bp),
+                                bp_to_percent(first),
+                                bp_to_percent(current.weight_bp)
+                            )));
+                        }
+                        RolloutAction::Retry
+                            if !current.rollout_end.as_ref().is_some_and(|end| {
+                                end.outcome != RolloutOutcome::Completed
+                            }) =>
+                        {
+                            return Err(ChangeError::Refused(format!(
+                                "route {route:?}: retry follows an aborted or tripped rollout; use start"
+                            )));
+                        }
+                        _ => 0,
+                    };
                     next.rollout = Some(RolloutProgress {
-                        step: 0,
+                        step,
                         paused: false,
                         step_started_ms: now_ms,
                         held_ms: 0,
                     });
-                    next.weight_bp = plan.steps[0];
+                    next.rollout_end = None;
+                    next.weight_bp = plan.weight_at(step);
                 }
                 RolloutAction::Pause | RolloutAction::Resume => {
-                    let Some(progress) = next.rollout.as_mut() else {
-                        return Err(ChangeError::Invalid(format!(
-                            "route {route:?} has no rollout running"
-                        )));
-                    };
+                    let progress = next.rollout.as_mut().ok_or_else(not_running)?;
                     let pause = *action == RolloutAction::Pause;
                     if progress.paused != pause {
                         if pause {
@@ -106,12 +179,23 @@ pub fn apply(
                     }
                 }
                 RolloutAction::Abort => {
-                    if next.rollout.take().is_none() {
-                        return Err(ChangeError::Invalid(format!(
-                            "route {route:?} has no rollout running"
-                        )));
-                    }
+                    let progress = next.rollout.take().ok_or_else(not_running)?;
+                    next.rollout_end = Some(ended(
+                        RolloutOutcome::Aborted,
+                        &progress,
+                        "aborted: weight 0".to_string(),
+                    ));
                     next.weight_bp = 0;
+                }
+                RolloutAction::Promote { full } => {
+                    let progress = current.rollout.as_ref().ok_or_else(not_running)?;
+                    tripped(current)?;
+                    let to = if *full {
+                        plan.last()
+                    } else {
+                        progress.step + 1
+                    };
+                    enter(plan, &mut next, progress, to, now_ms);
                 }
             }
         }
@@ -122,21 +206,38 @@ pub fn apply(
             if progress.step != *step || progress.paused || current.trip.is_some() {
                 return Ok(None);
             }
-            let next_step = step + 1;
-            match plan.steps.get(next_step) {
-                Some(&weight_bp) => {
-                    next.weight_bp = weight_bp;
-                    next.rollout = Some(RolloutProgress {
-                        step: next_step,
-                        paused: false,
-                        step_started_ms: now_ms,
-                        held_ms: 0,
-                    });
-                }
-                // The last step has been held: the rollout is complete at its final weight.
-                None => next.rollout = None,
-            }
+            enter(plan, &mut next, progress, step + 1, now_ms);
         }
     }
     Ok(Some(next))
+}
+
+/// Moves a running rollout to step `to` (0-based): its weight (a pause keeps the one
+/// before it), its hold starting now. Past the last step, the rollout has completed at
+/// its final weight.
+fn enter(
+    plan: &RolloutSpec,
+    next: &mut SavedRoute,
+    progress: &RolloutProgress,
+    to: usize,
+    now_ms: u64,
+) {
+    if to > plan.last() {
+        next.rollout = None;
+        next.weight_bp = plan.weight_at(plan.last());
+        next.rollout_end = Some(RolloutEnd {
+            outcome: RolloutOutcome::Completed,
+            step: plan.steps.len(),
+            at: crate::timefmt::rfc3339(now_ms),
+            why: format!("completed at {}%", bp_to_percent(next.weight_bp)),
+        });
+        return;
+    }
+    next.weight_bp = plan.weight_at(to);
+    next.rollout = Some(RolloutProgress {
+        step: to,
+        paused: progress.paused && to == progress.step,
+        step_started_ms: now_ms,
+        held_ms: 0,
+    });
 }

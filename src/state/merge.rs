@@ -57,6 +57,7 @@ pub fn merge(
             let canary = canary_target(settings, spec);
             let old = saved.get(&spec.name);
             let fresh = SavedRoute {
+                rollout_end: None,
                 weight_bp: if has_canary { file_weight_bp } else { 0 },
                 file_weight_bp,
                 trip: None,

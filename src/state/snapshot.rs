@@ -46,7 +46,7 @@ pub struct Trip {
     pub at: String,
 }
 
-/// Where a progressive rollout stands.
+/// Where a progressive rollout stands (while it runs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutProgress {
     /// Index into the route's steps.
@@ -58,6 +58,26 @@ pub struct RolloutProgress {
     pub held_ms: u64,
 }
 
+/// How the route's last rollout ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutEnd {
+    pub outcome: RolloutOutcome,
+    /// The step it ended at, 1-based.
+    pub step: usize,
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// Why, for people: "completed at 100%", "aborted by admin", "SLO trip: …".
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutOutcome {
+    Completed,
+    Aborted,
+    Tripped,
+}
+
 /// A route as requests see it.
 #[derive(Clone)]
 pub struct LiveRoute {
@@ -66,6 +86,7 @@ pub struct LiveRoute {
     pub weight_bp: u32,
     pub trip: Option<Arc<Trip>>,
     pub rollout: Option<RolloutProgress>,
+    pub rollout_end: Option<RolloutEnd>,
     pub stable: Arc<Upstream>,
     pub canary: Option<Arc<Upstream>>,
     pub metrics: Arc<RouteMetrics>,

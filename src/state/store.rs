@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::snapshot::{RolloutProgress, Trip};
+use super::snapshot::{RolloutEnd, RolloutProgress, Trip};
 use crate::upstream::InstanceState;
 
 /// The operator's state of instances that are not `ready`, by upstream and address.
@@ -48,6 +48,9 @@ pub struct SavedRoute {
     pub trip: Option<Trip>,
     #[serde(default)]
     pub rollout: Option<RolloutProgress>,
+    /// How the last rollout ended (completed, aborted, tripped), until another starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_end: Option<RolloutEnd>,
     /// What the canary pointed at (upstream and instances) when this was saved: when
     /// it changes, the live weight belongs to another version and the file's applies.
     /// Absent in state files from before it was recorded.
@@ -79,6 +82,8 @@ pub struct FleetRoute {
     pub trip: Option<Trip>,
     #[serde(default)]
     pub rollout: Option<RolloutProgress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_end: Option<RolloutEnd>,
     #[serde(default)]
     pub epoch: u64,
     /// The replica that wrote it, and who asked (`admin`, `cli`, `slo`, `rollout`).
@@ -112,6 +117,7 @@ impl FleetRoute {
             weight_bp: saved.weight_bp,
             trip: saved.trip.clone(),
             rollout: saved.rollout.clone(),
+            rollout_end: saved.rollout_end.clone(),
             epoch: saved.epoch,
             by: by.to_string(),
             source: source.to_string(),
@@ -124,6 +130,7 @@ impl FleetRoute {
             weight_bp: self.weight_bp,
             trip: self.trip.clone(),
             rollout: self.rollout.clone(),
+            rollout_end: self.rollout_end.clone(),
             epoch: self.epoch,
             ..saved.clone()
         }
@@ -368,6 +375,7 @@ mod tests {
         routes.insert(
             "api".to_string(),
             SavedRoute {
+                rollout_end: None,
                 weight_bp: 2500,
                 file_weight_bp: 500,
                 trip: None,

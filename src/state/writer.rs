@@ -904,6 +904,7 @@ impl Writer {
                     weight_bp: saved.weight_bp,
                     trip: saved.trip.clone().map(Arc::new),
                     rollout: saved.rollout.clone(),
+                    rollout_end: saved.rollout_end.clone(),
                     stable: self.upstreams[&spec.stable].clone(),
                     canary: spec.canary.as_ref().map(|c| self.upstreams[c].clone()),
                     metrics: parts.metrics.clone(),
