@@ -786,7 +786,8 @@ Try:
   for u in alice bob carol dave erin frank grace heidi; do curl -s -H "X-User-Id: $u" http://{proxy}/; done
   cargo run --release -- status demo --admin http://{admin}
   cargo run --release -- weight demo 50 --admin http://{admin}
-  cargo run --release -- rollout demo start --admin http://{admin}
+  cargo run --release -- rollout demo start --from-current --admin http://{admin}
+  cargo run --release -- rollout demo wait --admin http://{admin}
 
 Break the canary and watch the SLO guard set its weight to 0:
   curl -X POST http://{canary}/fail
