@@ -10,8 +10,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use compile::{
-    bp_to_percent, weight_to_bp, FleetSettings, HealthCheck, HealthSpec, HostMatch, Resolve,
-    RouteSpec, Settings, SloSpec, TlsSettings, UpstreamSpec, UpstreamTls,
+    bp_to_percent, weight_to_bp, FleetSettings, HealthCheck, HealthSpec, HostMatch, NotifySpec,
+    Resolve, RouteSpec, Settings, SloSpec, TlsSettings, UpstreamSpec, UpstreamTls,
 };
 
 /// Why a config could not be used. Every variant names the file.
@@ -128,8 +128,16 @@ fn schema_errors(text: &str) -> Option<Vec<String>> {
             },
             "fleet" => check_section::<file::FleetSection>("fleet", value, &mut errors),
             "resolver" => check_section::<file::ResolverSection>("resolver", value, &mut errors),
+            "notify" => match value {
+                toml::Value::Array(sinks) => {
+                    for (i, value) in sinks.into_iter().enumerate() {
+                        check_section::<file::NotifySection>(&format!("notify[{i}]"), value, &mut errors);
+                    }
+                }
+                _ => errors.push("notify: must be an array of [[notify]]".into()),
+            },
             other => errors.push(format!(
-                "{other}: unknown section (expected server, admin, state, upstreams, routes, fleet, resolver)"
+                "{other}: unknown section (expected server, admin, state, upstreams, routes, fleet, resolver, notify)"
             )),
         }
     }

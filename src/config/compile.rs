@@ -30,7 +30,31 @@ pub struct Settings {
     /// `resolver.nameservers`: the DNS servers `resolve = "ttl"` asks (else the
     /// system's).
     pub nameservers: Vec<SocketAddr>,
+    pub notify: Vec<NotifySpec>,
 }
+
+/// One `[[notify]]` webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifySpec {
+    pub url: http::Uri,
+    pub slack: bool,
+    /// The events it gets (each a name from [`NOTIFY_EVENTS`]).
+    pub events: Vec<String>,
+    pub secret_env: Option<String>,
+}
+
+/// Every event a webhook can get.
+pub const NOTIFY_EVENTS: &[&str] = &[
+    "trip",
+    "reset",
+    "weight",
+    "step",
+    "paused",
+    "waiting",
+    "completed",
+    "aborted",
+    "instance",
+];
 
 /// `[fleet]` with `backend = "etcd"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -412,6 +436,12 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
         })
         .collect();
     let fleet = compile_fleet(&file.fleet, &mut errors);
+    let notify = file
+        .notify
+        .iter()
+        .enumerate()
+        .filter_map(|(i, section)| compile_notify(&format!("notify[{i}]"), section, &mut errors))
+        .collect();
     if errors.0.is_empty() {
         Ok(Settings {
             server: server.expect("server settings exist when there are no errors"),
@@ -422,6 +452,7 @@ pub fn compile(file: &FileConfig, names: Names) -> Result<Settings, Vec<String>>
             fleet,
             hosts_file: file.resolver.hosts_file.clone(),
             nameservers,
+            notify,
         })
     } else {
         Err(errors.0)
@@ -816,6 +847,69 @@ fn compile_upstream(
         eject_after: section.eject_after,
         eject_for: section.eject_for,
         max_eject_for,
+    })
+}
+
+fn compile_notify(
+    field: &str,
+    section: &super::file::NotifySection,
+    errors: &mut Errors,
+) -> Option<NotifySpec> {
+    let before = errors.0.len();
+    let url = match section.url.parse::<http::Uri>() {
+        Ok(url) if matches!(url.scheme_str(), Some("http" | "https")) && url.host().is_some() => {
+            Some(url)
+        }
+        _ => {
+            errors.push(
+                &format!("{field}.url"),
+                format!("{:?} is not an http:// or https:// URL", section.url),
+            );
+            None
+        }
+    };
+    let slack = match section.format.as_deref() {
+        None | Some("json") => false,
+        Some("slack") => true,
+        Some(other) => {
+            errors.push(
+                &format!("{field}.format"),
+                format!("unknown format {other:?} (use \"json\" or \"slack\")"),
+            );
+            false
+        }
+    };
+    let events = match &section.events {
+        None => NOTIFY_EVENTS.iter().map(|e| e.to_string()).collect(),
+        Some(events) => {
+            for (i, event) in events.iter().enumerate() {
+                if !NOTIFY_EVENTS.contains(&event.as_str()) {
+                    errors.push(
+                        &format!("{field}.events[{i}]"),
+                        format!(
+                            "unknown event {event:?} (one of {})",
+                            NOTIFY_EVENTS.join(", ")
+                        ),
+                    );
+                }
+            }
+            if events.is_empty() {
+                errors.push(&format!("{field}.events"), "lists no event");
+            }
+            events.clone()
+        }
+    };
+    if section.secret_env.as_deref() == Some("") {
+        errors.push(
+            &format!("{field}.secret_env"),
+            "must name an environment variable",
+        );
+    }
+    (errors.0.len() == before).then(|| NotifySpec {
+        url: url.expect("checked above"),
+        slack,
+        events,
+        secret_env: section.secret_env.clone(),
     })
 }
 

@@ -27,6 +27,25 @@ pub struct FileConfig {
     pub fleet: FleetSection,
     #[serde(default)]
     pub resolver: ResolverSection,
+    #[serde(default)]
+    pub notify: Vec<NotifySection>,
+}
+
+/// `[[notify]]`: a webhook told about trips, resets, weights, rollout steps and
+/// instance state changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySection {
+    pub url: String,
+    /// `"json"` (the default) or `"slack"`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Which events; every one when absent.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+    /// Environment variable holding the HMAC-SHA256 key for `X-Splitgate-Signature`.
+    #[serde(default)]
+    pub secret_env: Option<String>,
 }
 
 /// `[resolver]`: how instance names are looked up.

@@ -57,6 +57,8 @@ struct Writer {
     started: bool,
     /// Instances with a saved state that left their upstream, and since when.
     gone_since: BTreeMap<(String, SocketAddr), std::time::Instant>,
+    /// The `[[notify]]` webhooks (fixed at start).
+    notifier: crate::notify::Notifier,
 }
 
 /// How long the state (drain, maint) of an instance that left its upstream is kept, in
@@ -140,6 +142,8 @@ pub async fn start(
     });
     let workers = settings.server.workers;
     let state_dir = settings.state_dir.clone();
+    let settings_notify = settings.notify.clone();
+    let store_for_notify = store.clone();
     let mut writer = Writer {
         shared: shared.clone(),
         config_path,
@@ -155,6 +159,11 @@ pub async fn start(
         workers,
         started: false,
         gone_since: BTreeMap::new(),
+        notifier: crate::notify::Notifier::start(
+            &settings_notify,
+            &shared.registry,
+            store_for_notify,
+        ),
     };
     writer.install(writer.settings.clone());
     writer.started = true;
@@ -456,6 +465,9 @@ impl Writer {
                 "server.pin_workers changed; it takes effect at the next restart".to_string(),
             );
         }
+        if settings.notify != old.notify {
+            warnings.push("[[notify]] changed; it takes effect at the next restart".to_string());
+        }
         if settings.fleet != old.fleet {
             warnings.push("[fleet] changed; it takes effect at the next restart".to_string());
         }
@@ -747,6 +759,19 @@ impl Writer {
             }
             if old != state {
                 tracing::info!(upstream, instance = %addr, old_state = old.as_str(), new_state = state.as_str(), by = source.as_str(), replica = by, "instance state changed");
+                let this_replica = self.settings.fleet.as_ref().map(|f| f.replica.as_str());
+                if by.is_none() || by == this_replica {
+                    self.notifier.send(serde_json::json!({
+                        "event": "instance",
+                        "upstream": upstream,
+                        "instance": addr.to_string(),
+                        "old_state": old.as_str(),
+                        "new_state": state.as_str(),
+                        "time": crate::timefmt::now_rfc3339(),
+                        "source": source.as_str(),
+                        "replica": by.or(this_replica),
+                    }));
+                }
             }
         }
         self.instance_states = next;
@@ -798,6 +823,7 @@ impl Writer {
             .or_else(|| self.settings.fleet.as_ref().map(|f| f.replica.clone()));
         let revision = origin.map(|(_, revision)| revision);
         let time = crate::timefmt::now_rfc3339();
+        let time_for_events = time.clone();
         let mut lines = Vec::new();
         for (route, new) in &next {
             let old = self.saved.get(route);
@@ -857,6 +883,40 @@ impl Writer {
                 "could not write state; the change was refused"
             );
             return Err(error);
+        }
+        // Webhooks hear of a change once: from the replica it was made on.
+        let made_here = match origin {
+            None => true,
+            Some((by, _)) => self.settings.fleet.as_ref().is_none_or(|f| f.replica == by),
+        };
+        if made_here {
+            for (route, action, old, new, detail) in &lines {
+                let before = self.saved.get(route);
+                let after = &next[route];
+                let plan = self
+                    .specs
+                    .iter()
+                    .find(|s| &s.name == route)
+                    .and_then(|s| s.rollout.as_ref());
+                let Some(event) = route_event(action, before, after, plan) else {
+                    continue;
+                };
+                self.notifier.send(serde_json::json!({
+                    "event": event,
+                    "route": route,
+                    "time": time_for_events,
+                    "source": source.as_str(),
+                    "replica": replica,
+                    "old_weight": bp_to_percent(*old),
+                    "new_weight": bp_to_percent(*new),
+                    "detail": detail,
+                    "rollout": {
+                        "step": after.rollout.as_ref().map(|p| p.step + 1),
+                        "paused": after.rollout.as_ref().map(|p| p.paused),
+                        "last": after.rollout_end,
+                    },
+                }));
+            }
         }
         // The process log says what changed too, not only audit.jsonl: it is what
         // on-call reads first.
@@ -930,5 +990,41 @@ impl Writer {
                 old.retire_missing(next.map(|u| &**u));
             }
         }
+    }
+}
+
+/// The webhook event an audited route change is, if any: `trip`, `reset`, `weight`, and
+/// for rollouts `step`, `paused`, `waiting` (at a pause step), `completed`, `aborted`.
+fn route_event(
+    action: &str,
+    before: Option<&SavedRoute>,
+    after: &SavedRoute,
+    plan: Option<&crate::config::compile::RolloutSpec>,
+) -> Option<&'static str> {
+    match action {
+        "trip" => Some("trip"),
+        "reset" => Some("reset"),
+        "weight" => Some("weight"),
+        "rollout" => {
+            let ended = after.rollout_end.is_some()
+                && before.map(|b| &b.rollout_end) != Some(&after.rollout_end);
+            if ended {
+                return match after.rollout_end.as_ref()?.outcome {
+                    crate::state::RolloutOutcome::Completed => Some("completed"),
+                    crate::state::RolloutOutcome::Aborted => Some("aborted"),
+                    // Told as the trip itself.
+                    crate::state::RolloutOutcome::Tripped => None,
+                };
+            }
+            let progress = after.rollout.as_ref()?;
+            let was = before.and_then(|b| b.rollout.as_ref());
+            match was {
+                Some(was) if progress.paused && !was.paused => Some("paused"),
+                Some(was) if was.step == progress.step => None,
+                _ if plan.is_some_and(|p| p.hold(progress.step).is_none()) => Some("waiting"),
+                _ => Some("step"),
+            }
+        }
+        _ => None,
     }
 }

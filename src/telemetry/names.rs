@@ -28,6 +28,7 @@ pub const SLO_BREACHES_TOTAL: &str = "splitgate_slo_breaches_total";
 pub const FLEET_STORE_UP: &str = "splitgate_fleet_store_up";
 pub const FLEET_APPLIED_REVISION: &str = "splitgate_fleet_applied_revision";
 pub const INSTANCE_UP: &str = "splitgate_instance_up";
+pub const NOTIFICATIONS_TOTAL: &str = "splitgate_notifications_total";
 pub const HEALTH_CHECKS_TOTAL: &str = "splitgate_health_checks_total";
 pub const DNS_RESOLUTIONS_TOTAL: &str = "splitgate_dns_resolutions_total";
 /// An upstream instance's `ip:port`. Not `instance`: Prometheus sets that label on every
@@ -64,6 +65,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (FLEET_STORE_UP, Kind::Gauge, "With [fleet]: 1 while the fleet store (etcd) answers this replica, 0 while it does not (the last applied state is served)."),
     (FLEET_APPLIED_REVISION, Kind::Gauge, "With [fleet]: the etcd revision of the fleet state this replica has applied."),
     (INSTANCE_UP, Kind::Gauge, "1 while an upstream instance gets new requests (ready, passing its health checks, not ejected), else 0. One series per instance the config or DNS gives."),
+    (NOTIFICATIONS_TOTAL, Kind::Counter, "Webhook ([[notify]]) events by outcome: delivered, failed (after every retry), dropped (the sink's queue was full)."),
     (HEALTH_CHECKS_TOTAL, Kind::Counter, "Active health checks by upstream and outcome (pass, fail)."),
     (DNS_RESOLUTIONS_TOTAL, Kind::Counter, "Re-resolutions of an upstream's instance names by outcome (ok; failed: a name did not resolve, the last good addresses are kept)."),
 ];
