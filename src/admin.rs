@@ -105,6 +105,9 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
         }
         ["admin", "routes"] => return only(method, &Method::GET, || handlers::list_routes(state)),
         ["admin", "fleet"] => return only(method, &Method::GET, || handlers::fleet(state)),
+        ["admin", "freeze"] if method == Method::GET || method == Method::HEAD => {
+            return handlers::freeze(state)
+        }
         ["admin", "routes", name] => {
             return only(method, &Method::GET, || handlers::show_route(state, name))
         }
@@ -122,9 +125,9 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
 
     // Changes.
     let wanted = match segments.as_slice() {
-        ["admin", "routes", _, "weight"] | ["admin", "upstreams", _, "instances", _, "state"] => {
-            Method::PUT
-        }
+        ["admin", "routes", _, "weight"]
+        | ["admin", "upstreams", _, "instances", _, "state"]
+        | ["admin", "freeze"] => Method::PUT,
         ["admin", "routes", _, "rollback" | "reset"]
         | ["admin", "routes", _, "rollout", _]
         | ["admin", "reload"] => Method::POST,
@@ -168,6 +171,7 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
             handlers::set_weight(state, name, &body, source).await
         }
         ["admin", "routes", name, "rollback"] => handlers::rollback(state, name, source).await,
+        ["admin", "freeze"] => handlers::set_freeze(state, &body, source).await,
         ["admin", "upstreams", name, "instances", addr, "state"] => {
             instances::set_state(state, name, addr, &body, source).await
         }

@@ -226,6 +226,29 @@ impl Fleet {
         format!("{}{replica}", self.member_prefix())
     }
 
+    fn freeze_key(&self) -> String {
+        format!("/splitgate/v1/{}/freeze", self.settings.cluster)
+    }
+
+    /// Writes the fleet's freeze (`None`: deletes it).
+    pub async fn put_freeze(
+        &self,
+        freeze: Option<&crate::state::Freeze>,
+    ) -> Result<(), ChangeError> {
+        let key = self.freeze_key();
+        let written = match freeze {
+            Some(freeze) => {
+                let bytes = serde_json::to_vec(freeze).expect("a freeze serializes");
+                self.store.put(&key, &bytes).await
+            }
+            None => self.store.delete(&key).await,
+        };
+        self.store_answered(written.as_ref().map(|_| ()));
+        written
+            .map(|_| ())
+            .map_err(|e| ChangeError::StoreUnavailable(e.to_string()))
+    }
+
     fn judge_key(&self) -> String {
         format!("/splitgate/v1/{}/judge", self.settings.cluster)
     }

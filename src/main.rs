@@ -143,6 +143,17 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Stop every rollout from advancing (incident mode), or let them go on. Trips,
+    /// rollbacks and aborts still apply. With a fleet, for every replica.
+    Freeze {
+        #[arg(value_enum)]
+        state: FreezeState,
+        /// Why (shown in status and the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Every upstream instance: state, health, requests in flight, connections.
     Upstreams {
         /// Print the admin API's JSON instead of a table.
@@ -156,6 +167,12 @@ enum Command {
         #[command(subcommand)]
         command: FleetCommand,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FreezeState {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -291,6 +308,32 @@ fn main() -> ExitCode {
             admin,
         } => instance(&admin, state, &upstream, &addr, wait.then_some(timeout)),
         Command::Upstreams { json, admin } => upstreams(&admin, json),
+        Command::Freeze {
+            state,
+            reason,
+            admin,
+        } => {
+            let body = serde_json::json!({
+                "frozen": state == FreezeState::On,
+                "reason": reason.unwrap_or_else(|| "no reason given".into()),
+            });
+            let result = with_client(&admin, async |client| {
+                let (status, text) = client
+                    .call(Method::PUT, "/admin/freeze", Some(body.to_string()))
+                    .await?;
+                let value = expect_ok(status, &text)?;
+                Ok(match &value["frozen"] {
+                    serde_json::Value::Null => "rollouts are not frozen\n".to_string(),
+                    frozen => format!(
+                        "rollouts frozen since {} by {}: {}\n",
+                        frozen["at"].as_str().unwrap_or("?"),
+                        frozen["by"].as_str().unwrap_or("?"),
+                        frozen["reason"].as_str().unwrap_or("?")
+                    ),
+                })
+            });
+            print_result(result)
+        }
         Command::Rollback { route, admin } => {
             change(&admin, &route, Method::POST, "rollback", None)
         }
@@ -493,7 +536,16 @@ fn status(args: &AdminArgs, route: Option<&str>, json: bool) -> ExitCode {
         let shown = if json {
             text
         } else {
-            splitgate::client::status_table(&routes)
+            let mut shown = String::new();
+            if let Some(reason) = value["frozen"]["reason"].as_str() {
+                shown.push_str(&format!(
+                    "ROLLOUTS FROZEN since {} by {}: {reason} (splitgate freeze off)\n",
+                    value["frozen"]["at"].as_str().unwrap_or("?"),
+                    value["frozen"]["by"].as_str().unwrap_or("?")
+                ));
+            }
+            shown.push_str(&splitgate::client::status_table(&routes));
+            shown
         };
         if tripped.is_empty() {
             return Ok(shown);

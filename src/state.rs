@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use change::Change;
 pub use snapshot::{LiveRoute, RolloutEnd, RolloutOutcome, RolloutProgress, Snapshot, Trip};
 pub use store::{
-    AuditEntry, FleetRoute, InstanceAudit, InstanceStates, Loaded, SavedInstance, SavedRoute,
-    StateDirError, Store,
+    AuditEntry, FleetRoute, Freeze, InstanceAudit, InstanceStates, Loaded, SavedInstance,
+    SavedRoute, StateDirError, Store,
 };
 pub use writer::start;
 
@@ -45,6 +45,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// The fleet link, when `[fleet]` names a store; set once, after the writer starts.
     pub fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
+    /// While set, no rollout advances (`splitgate freeze on`); written by the writer.
+    pub freeze: std::sync::Mutex<Option<Freeze>>,
     /// The HTTPS listener's certificates, replaced on reload.
     pub certificates: Option<Arc<Certificates>>,
     pub(crate) reloads_ok: Counter,
@@ -200,6 +202,11 @@ pub(crate) enum Command {
     Reload {
         source: Source,
         reply: Reply<Vec<String>>,
+    },
+    /// Sets or clears the freeze (persisted, audited).
+    Freeze {
+        freeze: Option<Freeze>,
+        reply: Reply<()>,
     },
     /// The addresses a re-resolved upstream now has (from DNS), looked up for
     /// `names`: an answer for names a reload has since replaced is dropped.
@@ -431,6 +438,29 @@ impl StateHandle {
             reply,
         })
         .await
+    }
+
+    /// The freeze in force, if any.
+    pub fn freeze(&self) -> Option<Freeze> {
+        self.shared
+            .freeze
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Freezes every rollout (`Some`) or lifts the freeze; with a fleet, for every
+    /// replica (written to the store first; refused while it is unreachable).
+    pub async fn set_freeze(&self, freeze: Option<Freeze>) -> Result<(), ChangeError> {
+        if let Some(fleet) = self.shared.fleet.get() {
+            fleet.put_freeze(freeze.as_ref()).await?;
+        }
+        self.apply_freeze(freeze).await
+    }
+
+    /// Sets the freeze here only (the fleet's heartbeat brings the store's).
+    pub(crate) async fn apply_freeze(&self, freeze: Option<Freeze>) -> Result<(), ChangeError> {
+        self.ask(|reply| Command::Freeze { freeze, reply }).await
     }
 
     /// Tells the writer the addresses a re-resolved upstream now has.

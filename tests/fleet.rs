@@ -1446,3 +1446,56 @@ async fn a_drain_through_one_replica_applies_to_all_and_waits_for_their_requests
         "replica 2 audits the change with the replica it was made through: {audit}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_through_one_replica_holds_every_replica() {
+    let Some((_etcd, replicas, _stable, _canary)) = fleet_of_three("fleet-freeze", "").await else {
+        return;
+    };
+    let frozen_everywhere = |reason: Option<&'static str>| {
+        let admins: Vec<SocketAddr> = replicas.iter().map(|r| r.proxy.admin).collect();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            for admin_addr in admins {
+                loop {
+                    let (_, value) = admin(admin_addr, "GET", "/admin/freeze", "", None).await;
+                    if value["frozen"]["reason"].as_str() == reason {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "freeze {reason:?} never reached {admin_addr}: {value}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    };
+    let (status, body) = admin(
+        replicas[0].proxy.admin,
+        "PUT",
+        "/admin/freeze",
+        r#"{"frozen": true, "reason": "incident 7"}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["frozen"]["by"]
+            .as_str()
+            .unwrap()
+            .contains("fleet-freeze-1"),
+        "{body}"
+    );
+    frozen_everywhere(Some("incident 7")).await;
+    let (status, body) = admin(
+        replicas[2].proxy.admin,
+        "PUT",
+        "/admin/freeze",
+        r#"{"frozen": false}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    frozen_everywhere(None).await;
+}

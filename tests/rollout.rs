@@ -352,3 +352,75 @@ fn bad_rollout_steps_are_refused_with_the_field_named() {
     );
     splitgate::config::parse(std::path::Path::new("x.toml"), &text).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_stops_every_rollout_across_a_restart_until_lifted() {
+    let steps = "[routes.rollout]\nsteps = [10, 50, 100]\ninterval = \"1s\"\n";
+    let (mut proxy, _, _) = proxy_with("rollout-freeze", steps).await;
+    assert_eq!(cli(proxy.admin, &["rollout", "main", "start"]).await.0, 0);
+    let (code, output) = cli(proxy.admin, &["freeze", "on", "--reason", "incident 42"]).await;
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("incident 42"), "{output}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let state = route(proxy.admin).await;
+    assert_eq!(
+        (
+            state["rollout"]["step"].as_u64(),
+            state["canary_weight"].as_f64()
+        ),
+        (Some(1), Some(10.0)),
+        "frozen: {state}"
+    );
+    assert_eq!(state["rollout"]["state"], "waiting", "{state}");
+    assert!(
+        state["rollout"]["waiting_for"]
+            .as_str()
+            .unwrap()
+            .contains("incident 42"),
+        "{state}"
+    );
+    let (_, table) = cli(proxy.admin, &["status"]).await;
+    assert!(
+        table.contains("ROLLOUTS FROZEN") && table.contains("incident 42"),
+        "{table}"
+    );
+    let (status, body) = common::admin(
+        proxy.admin,
+        "PUT",
+        "/admin/freeze",
+        r#"{"frozen": "yes"}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // The freeze is durable: a restart keeps it.
+    let config_path = proxy.config_path.clone();
+    let dir = proxy.dir.clone();
+    proxy.shutdown().await;
+    let mut proxy = start_proxy(dir, &std::fs::read_to_string(&config_path).unwrap()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        route(proxy.admin).await["rollout"]["step"],
+        1,
+        "still frozen after a restart"
+    );
+    assert_eq!(cli(proxy.admin, &["freeze", "off"]).await.0, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while route(proxy.admin).await["rollout"]["step"] != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the rollout never moved on after the freeze was lifted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let audit = std::fs::read_to_string(proxy.dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"action\":\"freeze\",\"by\":\"cli\",\"frozen\":true")
+            || audit
+                .lines()
+                .any(|l| l.contains("\"action\":\"freeze\"") && l.contains("\"frozen\":true")),
+        "{audit}"
+    );
+    proxy.shutdown().await;
+}

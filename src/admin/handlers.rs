@@ -21,22 +21,26 @@ pub fn fleet(state: &StateHandle) -> Response<AdminBody> {
 
 pub fn list_routes(state: &StateHandle) -> Response<AdminBody> {
     let snapshot = state.shared.snapshot.load();
+    let freeze = state.freeze();
     let mut routes: Vec<_> = snapshot
         .routes
         .iter()
-        .map(|r| route_view(&snapshot, r))
+        .map(|r| route_view(&snapshot, r, freeze.as_ref()))
         .collect();
     routes.sort_by(|a, b| a.name.cmp(&b.name));
     json_response(
         StatusCode::OK,
-        &json!({ "generation": snapshot.generation, "routes": routes }),
+        &json!({ "generation": snapshot.generation, "frozen": freeze, "routes": routes }),
     )
 }
 
 pub fn show_route(state: &StateHandle, name: &str) -> Response<AdminBody> {
     let snapshot = state.shared.snapshot.load();
     match snapshot.route(name) {
-        Some(route) => json_response(StatusCode::OK, &route_view(&snapshot, route)),
+        Some(route) => json_response(
+            StatusCode::OK,
+            &route_view(&snapshot, route, state.freeze().as_ref()),
+        ),
         None => json_error(StatusCode::NOT_FOUND, &format!("no route named {name:?}")),
     }
 }
@@ -159,6 +163,67 @@ pub async fn rollout(
     };
     let result = state.rollout(name, action, source).await;
     after_change(state, name, result)
+}
+
+/// `GET /admin/freeze`: the freeze in force (`{"frozen": null}` when none).
+pub fn freeze(state: &StateHandle) -> Response<AdminBody> {
+    json_response(StatusCode::OK, &json!({ "frozen": state.freeze() }))
+}
+
+/// `PUT /admin/freeze` with `{"frozen": true, "reason": "incident 42"}` or
+/// `{"frozen": false}`.
+pub async fn set_freeze(state: &StateHandle, body: &Bytes, source: Source) -> Response<AdminBody> {
+    const FORM: &str = "the body is {\"frozen\": true, \"reason\": TEXT} or {\"frozen\": false}";
+    let value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(value) => value,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("body is not JSON ({e}); {FORM}"),
+            )
+        }
+    };
+    let Some(fields) = value.as_object() else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("body must be a JSON object; {FORM}"),
+        );
+    };
+    if let Some(unknown) = fields.keys().find(|k| *k != "frozen" && *k != "reason") {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown field {unknown:?}; {FORM}"),
+        );
+    }
+    let Some(frozen) = fields.get("frozen").and_then(serde_json::Value::as_bool) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("frozen: missing or not true/false; {FORM}"),
+        );
+    };
+    let reason = match fields.get("reason") {
+        None => "no reason given".to_string(),
+        Some(serde_json::Value::String(reason)) if reason.len() <= 200 => reason.clone(),
+        Some(_) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "reason: must be text of at most 200 bytes",
+            )
+        }
+    };
+    let by = match state.shared.fleet.get() {
+        Some(fleet) => format!("{} on {}", source.as_str(), fleet.settings.replica),
+        None => source.as_str().to_string(),
+    };
+    let wanted = frozen.then(|| crate::state::Freeze {
+        reason,
+        by,
+        at: crate::timefmt::now_rfc3339(),
+    });
+    match state.set_freeze(wanted).await {
+        Ok(()) => freeze(state),
+        Err(error) => change_error(error),
+    }
 }
 
 pub async fn reload(state: &StateHandle, source: Source) -> Response<AdminBody> {

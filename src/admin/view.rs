@@ -99,7 +99,11 @@ impl From<WindowStats> for StatsView {
     }
 }
 
-pub fn route_view(snapshot: &Snapshot, route: &LiveRoute) -> RouteView {
+pub fn route_view(
+    snapshot: &Snapshot,
+    route: &LiveRoute,
+    freeze: Option<&crate::state::Freeze>,
+) -> RouteView {
     let spec = &route.spec;
     let now = route.windows.now_ms();
     let judgement = route.windows.last_judgement();
@@ -114,10 +118,13 @@ pub fn route_view(snapshot: &Snapshot, route: &LiveRoute) -> RouteView {
         let judge = remaining_ms
             .filter(|&ms| ms == 0)
             .and_then(|_| judgement.as_ref()?.waiting_for());
-        let waiting_for = if gate {
-            Some("promote".to_string())
-        } else {
-            judge
+        let frozen = freeze
+            .filter(|_| progress.is_some_and(|p| !p.paused))
+            .map(|f| format!("the freeze to be lifted ({})", f.reason));
+        let waiting_for = match (gate, frozen) {
+            (true, _) => Some("promote".to_string()),
+            (false, Some(frozen)) => Some(frozen),
+            (false, None) => judge,
         };
         let last = route.rollout_end.clone();
         let state = match (progress, &last) {

@@ -175,5 +175,23 @@ async fn beat(
         None
     };
     fleet.seen(members, judge);
+    // The fleet's freeze, every beat (one small read): a replica that missed it, or
+    // was cut off when it was set, follows within a second of reaching the store.
+    let freeze = match fleet.store.get(&fleet.freeze_key()).await? {
+        None => None,
+        Some((bytes, _)) => match serde_json::from_slice(&bytes) {
+            Ok(freeze) => Some(freeze),
+            Err(error) => Some(crate::state::Freeze {
+                reason: format!("unreadable freeze in the store ({error})"),
+                by: "fleet".into(),
+                at: crate::timefmt::now_rfc3339(),
+            }),
+        },
+    };
+    if freeze != state.freeze() {
+        if let Err(error) = state.apply_freeze(freeze).await {
+            tracing::error!(%error, "fleet: could not apply the fleet's freeze");
+        }
+    }
     Ok(())
 }

@@ -40,6 +40,7 @@ pub async fn run(state: StateHandle, mut shutdown: watch::Receiver<bool>) {
 /// One pass over every route: judge the step so far, trip a breach (or report it, in
 /// a dry run), and advance a rollout whose step has been held while the judge says ok.
 pub async fn evaluate(state: &StateHandle, snapshot: &Snapshot) {
+    let frozen = state.freeze().is_some();
     for route in snapshot.routes.iter() {
         if route.canary.is_none() || route.trip.is_some() {
             continue;
@@ -83,6 +84,10 @@ pub async fn evaluate(state: &StateHandle, snapshot: &Snapshot) {
             progress.held_ms + crate::timefmt::unix_ms().saturating_sub(progress.step_started_ms);
         // A step advances only on the judge's "ok": an inconclusive one waits.
         let judge_ok = judged.is_none_or(|j| j.verdict() == Verdict::Ok);
+        // Frozen (incident mode): no rollout advances; trips above still apply.
+        if frozen {
+            continue;
+        }
         // A pause step is a gate: only `promote` passes it.
         let Some(hold) = plan.hold(progress.step) else {
             continue;

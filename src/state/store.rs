@@ -30,6 +30,8 @@ pub struct SavedInstance {
 const STATE_FILE: &str = "state.json";
 /// The operator's state of instances (drain, maint).
 const INSTANCES_FILE: &str = "instances.json";
+/// A freeze of every rollout, while one is on.
+const FREEZE_FILE: &str = "freeze.json";
 const AUDIT_FILE: &str = "audit.jsonl";
 /// Held with an exclusive lock for as long as the process runs; holds its PID.
 const LOCK_FILE: &str = "splitgate.lock";
@@ -175,6 +177,16 @@ pub struct AuditEntry<'a> {
     pub revision: Option<i64>,
 }
 
+/// A freeze: no rollout advances (incident mode); trips, rollbacks and aborts still apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Freeze {
+    pub reason: String,
+    /// Who set it (`admin`, `cli`) and, with a fleet, through which replica.
+    pub by: String,
+    /// RFC 3339, UTC.
+    pub at: String,
+}
+
 /// The audit line of an instance state change.
 #[derive(Debug, Serialize)]
 pub struct InstanceAudit<'a> {
@@ -316,6 +328,34 @@ impl Store {
                 tracing::error!(%error, moved_to = %moved_to.display(), "instance states file is corrupt; every instance starts ready");
                 Ok(BTreeMap::new())
             }
+        }
+    }
+
+    /// Writes the freeze (`None`: removes the file).
+    pub fn save_freeze(&self, freeze: Option<&Freeze>) -> std::io::Result<()> {
+        match freeze {
+            Some(freeze) => self.write_atomically(FREEZE_FILE, freeze),
+            None => match fs::remove_file(self.dir.join(FREEZE_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => File::open(&self.dir)?.sync_all(),
+            },
+        }
+    }
+
+    /// Reads the freeze. An unreadable file is a freeze (the safe side), saying so.
+    pub fn load_freeze(&self) -> std::io::Result<Option<Freeze>> {
+        match fs::read(self.dir.join(FREEZE_FILE)) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                Freeze {
+                    reason: format!(
+                        "freeze.json unreadable ({e}); `splitgate freeze off` clears it"
+                    ),
+                    by: "start".into(),
+                    at: crate::timefmt::now_rfc3339(),
+                }
+            }))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

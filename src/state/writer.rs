@@ -99,6 +99,16 @@ pub async fn start(
             (BTreeMap::new(), Some(trip))
         }
     };
+    let freeze = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.load_freeze())
+            .await
+            .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?
+            .map_err(ChangeError::Persist)?
+    };
+    if let Some(freeze) = &freeze {
+        tracing::warn!(reason = %freeze.reason, by = %freeze.by, since = %freeze.at, "rollouts are frozen (splitgate freeze off lifts it)");
+    }
     let instance_states = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.load_instances())
@@ -139,6 +149,7 @@ pub async fn start(
         reloads_failed,
         persist_failures,
         fleet: std::sync::OnceLock::new(),
+        freeze: std::sync::Mutex::new(freeze),
     });
     let workers = settings.server.workers;
     let state_dir = settings.state_dir.clone();
@@ -238,6 +249,9 @@ impl Writer {
                 }
                 Command::Reload { source, reply } => {
                     let _ = reply.send(self.reload(source).await);
+                }
+                Command::Freeze { freeze, reply } => {
+                    let _ = reply.send(self.set_freeze(freeze).await);
                 }
                 Command::Members {
                     upstream,
@@ -782,6 +796,52 @@ impl Writer {
             }
         }
         Ok(old)
+    }
+
+    /// Sets or lifts the freeze: persisted (and audited) first, then in force.
+    async fn set_freeze(
+        &mut self,
+        freeze: Option<crate::state::Freeze>,
+    ) -> Result<(), ChangeError> {
+        let current = self
+            .shared
+            .freeze
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if current == freeze {
+            return Ok(());
+        }
+        let Some(store) = self.store.clone() else {
+            return Err(ChangeError::HandedOver);
+        };
+        let line = serde_json::json!({
+            "time": crate::timefmt::now_rfc3339(),
+            "action": "freeze",
+            "frozen": freeze.is_some(),
+            "reason": freeze.as_ref().map(|f| f.reason.clone()),
+            "by": freeze.as_ref().map(|f| f.by.clone()),
+        });
+        let to_save = freeze.clone();
+        let persisted = tokio::task::spawn_blocking(move || {
+            store.save_freeze(to_save.as_ref())?;
+            store.audit(&[line])
+        })
+        .await
+        .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
+        .and_then(|saved| saved.map_err(ChangeError::Persist));
+        if let Err(error) = persisted {
+            self.shared.persist_failures.increment(1);
+            return Err(error);
+        }
+        match &freeze {
+            Some(f) => {
+                tracing::warn!(reason = %f.reason, by = %f.by, "rollouts frozen: none advances until `splitgate freeze off`")
+            }
+            None => tracing::info!("rollout freeze lifted"),
+        }
+        *self.shared.freeze.lock().unwrap_or_else(|p| p.into_inner()) = freeze;
+        Ok(())
     }
 
     /// This replica's saved instance states (the fleet's first listing seeds the store
