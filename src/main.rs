@@ -194,7 +194,8 @@ enum RolloutCommand {
 
 const ROLLOUT_HELP: &str = "\
 Exit codes of wait: 0 completed, 1 tripped or aborted, 2 timed out, 3 paused or waiting
-at a pause step for promote.
+at a pause step for promote, 4 nothing to wait for (unknown route, no rollout running).
+The admin API not answering for a while (a restart, a takeover) is waited out.
 
 Examples:
   splitgate rollout api start                  # step 1, then each step after its hold
@@ -355,7 +356,19 @@ fn main() -> ExitCode {
         } => {
             let (name, body) = match action {
                 RolloutCommand::Start => ("start", format!("{{\"from_current\": {from_current}}}")),
-                RolloutCommand::Promote => ("promote", format!("{{\"full\": {full}}}")),
+                // The step this promote is for: refused if the rollout moved on since.
+                RolloutCommand::Promote => {
+                    let seen = with_client(&admin, async |client| {
+                        let (status, text) = client
+                            .call(Method::GET, &format!("/admin/routes/{route}"), None)
+                            .await?;
+                        Ok(expect_ok(status, &text)?["rollout"]["step"].as_u64())
+                    })
+                    .ok()
+                    .flatten();
+                    let step = seen.map_or("null".to_string(), |s| s.to_string());
+                    ("promote", format!("{{\"full\": {full}, \"step\": {step}}}"))
+                }
                 RolloutCommand::Pause => ("pause", String::new()),
                 RolloutCommand::Resume => ("resume", String::new()),
                 RolloutCommand::Abort => ("abort", String::new()),
@@ -387,6 +400,15 @@ fn load_and_preflight(path: &Path, format: LogFormat) -> Result<Settings, ExitCo
     let token = splitgate::app::admin_token(&settings);
     if let Err(error) = splitgate::app::check_admin_exposure(&settings, token.as_deref()) {
         problems.push(error.to_string());
+    }
+    for (i, notify) in settings.notify.iter().enumerate() {
+        if let Some(name) = &notify.secret_env {
+            if std::env::var(name).map_or(true, |v| v.is_empty()) {
+                problems.push(format!(
+                    "notify[{i}].secret_env: environment variable {name} is not set (its webhooks would go unsigned)"
+                ));
+            }
+        }
     }
     if let Some(tls) = &settings.server.tls {
         match splitgate::server::tls::load(tls) {
@@ -738,8 +760,35 @@ fn rollout_wait(args: &AdminArgs, route: &str, timeout: std::time::Duration) -> 
         let path = format!("/admin/routes/{route}");
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = String::new();
+        let mut unreachable = false;
         loop {
-            let (status, text) = client.call(Method::GET, &path, None).await?;
+            // The admin API away for a moment (a restart, a takeover) is waited out, up
+            // to the deadline; an answer that says the wait makes no sense is not.
+            let call = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                client.call(Method::GET, &path, None),
+            )
+            .await;
+            let answer = match call {
+                Ok(Ok((status, text))) if !status.is_server_error() => Some((status, text)),
+                Ok(Ok(_)) | Ok(Err(_)) | Err(_) => None,
+            };
+            let Some((status, text)) = answer else {
+                if !unreachable {
+                    eprintln!("splitgate: the admin API does not answer; trying again");
+                    unreachable = true;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    eprintln!(
+                        "splitgate: timed out after {}s (the admin API did not answer)",
+                        timeout.as_secs()
+                    );
+                    return Ok(2);
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            };
+            unreachable = false;
             let value = expect_ok(status, &text)?;
             let rollout = &value["rollout"];
             if rollout.is_null() {
@@ -747,9 +796,17 @@ fn rollout_wait(args: &AdminArgs, route: &str, timeout: std::time::Duration) -> 
             }
             let state = rollout["state"].as_str().unwrap_or("?").to_string();
             let line = splitgate::client::rollout_line(&value);
-            if line != last {
+            // A transition: another state, step or weight (not the hold's countdown).
+            let waiting_on = rollout["waiting_for"]
+                .as_str()
+                .map(|w| w.split(':').next().unwrap_or(w).to_string());
+            let key = format!(
+                "{state} {} {} {waiting_on:?}",
+                rollout["step"], value["canary_weight"]
+            );
+            if key != last {
                 println!("{line}");
-                last = line.clone();
+                last = key;
             }
             match state.as_str() {
                 "completed" => return Ok(0),
@@ -771,9 +828,10 @@ fn rollout_wait(args: &AdminArgs, route: &str, timeout: std::time::Duration) -> 
     });
     match result {
         Ok(code) => ExitCode::from(code),
+        // Not an outcome of the rollout: an unknown route, no rollout to wait for.
         Err(error) => {
             eprintln!("splitgate: {}", error_chain(&error));
-            ExitCode::FAILURE
+            ExitCode::from(4)
         }
     }
 }

@@ -23,7 +23,6 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::config::{NotifySpec, UpstreamTls};
-use crate::state::Store;
 use crate::telemetry::names::{LABEL_OUTCOME, NOTIFICATIONS_TOTAL};
 use crate::telemetry::Registry;
 use crate::upstream::tls::UpstreamConnector;
@@ -48,8 +47,13 @@ struct Sink {
 }
 
 impl Notifier {
-    /// Starts a delivery task per sink. Audit lines go to `store`.
-    pub fn start(specs: &[NotifySpec], registry: &Registry, store: Store) -> Self {
+    /// Starts a delivery task per sink. Audit lines go to `audit` (the state writer, which
+    /// alone holds the state directory: a binary takeover must be able to take it).
+    pub(crate) fn start(
+        specs: &[NotifySpec],
+        registry: &Registry,
+        audit: mpsc::Sender<crate::state::Command>,
+    ) -> Self {
         let count = |outcome| registry.counter(NOTIFICATIONS_TOTAL, &[(LABEL_OUTCOME, outcome)]);
         let sinks = specs
             .iter()
@@ -58,7 +62,7 @@ impl Notifier {
                 let secret = spec.secret_env.as_ref().and_then(|name| {
                     let secret = std::env::var(name).ok().filter(|s| !s.is_empty());
                     if secret.is_none() {
-                        tracing::warn!(url = %spec.url, secret_env = %name, "notify: the secret's environment variable is not set; webhooks go unsigned");
+                        tracing::warn!(url = %shown(&spec.url), secret_env = %name, "notify: the secret's environment variable is not set; webhooks go unsigned");
                     }
                     secret
                 });
@@ -68,7 +72,7 @@ impl Notifier {
                     tls: tls_for(&spec.url),
                     delivered: count("delivered"),
                     failed: count("failed"),
-                    store: store.clone(),
+                    audit: audit.clone(),
                 };
                 tokio::spawn(delivery.run(rx));
                 Sink {
@@ -99,10 +103,25 @@ impl Notifier {
 fn tls_for(url: &http::Uri) -> Option<UpstreamConnector> {
     (url.scheme_str() == Some("https")).then(|| {
         UpstreamConnector::new(&UpstreamTls {
-            server_name: url.host().unwrap_or_default().to_string(),
+            server_name: url
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             roots: None,
         })
     })?
+}
+
+/// A URL as logs and the audit show it: scheme and authority, never the path (a Slack
+/// webhook's path is its credential).
+fn shown(url: &http::Uri) -> String {
+    format!(
+        "{}://{}/…",
+        url.scheme_str().unwrap_or("?"),
+        url.authority().map_or("?", |a| a.as_str())
+    )
 }
 
 struct Delivery {
@@ -111,7 +130,7 @@ struct Delivery {
     tls: Option<UpstreamConnector>,
     delivered: Counter,
     failed: Counter,
-    store: Store,
+    audit: mpsc::Sender<crate::state::Command>,
 }
 
 impl Delivery {
@@ -133,7 +152,11 @@ impl Delivery {
                     .unwrap_or_else(|_| Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")));
                 match tried {
                     Ok(()) => break Ok(()),
-                    Err(error) if attempts >= ATTEMPTS => break Err(error),
+                    // A 4xx other than 408/429 says the request is wrong: trying again
+                    // would not help.
+                    Err(error) if attempts >= ATTEMPTS || error.starts_with("refused") => {
+                        break Err(error)
+                    }
                     Err(_) => {
                         tokio::time::sleep(backoff).await;
                         backoff *= 2;
@@ -147,22 +170,21 @@ impl Delivery {
                 }
                 Err(error) => {
                     self.failed.increment(1);
-                    tracing::warn!(url = %self.spec.url, event = %event["event"], attempts, %error, "notify: webhook not delivered");
+                    tracing::warn!(url = %shown(&self.spec.url), event = %event["event"], attempts, %error, "notify: webhook not delivered");
                     ("failed", Some(error.clone()))
                 }
             };
             let line = json!({
                 "time": crate::timefmt::now_rfc3339(),
                 "action": "notification",
-                "url": self.spec.url.to_string(),
+                "url": shown(&self.spec.url),
                 "event": event["event"],
                 "route": event["route"],
                 "outcome": outcome,
                 "attempts": attempts,
                 "error": error,
             });
-            let store = self.store.clone();
-            let _ = tokio::task::spawn_blocking(move || store.audit(&[line])).await;
+            let _ = self.audit.try_send(crate::state::Command::Audit { line });
         }
     }
 
@@ -170,9 +192,12 @@ impl Delivery {
     async fn post(&self, event: &Value, body: Bytes) -> Result<(), String> {
         let url = &self.spec.url;
         let host = url.host().unwrap_or_default();
-        let port = url
-            .port_u16()
-            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let https = url.scheme_str() == Some("https");
+        if https && self.tls.is_none() {
+            // Never in the clear what was meant to be encrypted.
+            return Err(format!("refused: no TLS client for {host}"));
+        }
+        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
         let stream = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
             .await
             .map_err(|e| format!("connect: {e}"))?;
@@ -202,9 +227,10 @@ impl Delivery {
                 send(TokioIo::new(stream), request).await?
             }
         };
-        match status.is_success() {
-            true => Ok(()),
-            false => Err(format!("status {status}")),
+        match status.as_u16() {
+            200..=299 => Ok(()),
+            408 | 429 | 500..=599 => Err(format!("status {status}")),
+            _ => Err(format!("refused: status {status}")),
         }
     }
 }

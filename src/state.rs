@@ -167,6 +167,9 @@ pub enum RolloutAction {
     /// Past a pause or the current hold to the next step; `full`: to the last step.
     Promote {
         full: bool,
+        /// The step (1-based) the caller saw: refused if the rollout has moved on since
+        /// (a promote racing the rollout's own advance must not open the next gate).
+        seen: Option<usize>,
     },
     /// From step 1 again, after an abort or a trip and its reset.
     Retry,
@@ -203,6 +206,9 @@ pub(crate) enum Command {
         source: Source,
         reply: Reply<Vec<String>>,
     },
+    /// An audit line from elsewhere (a webhook delivery's outcome), appended by the
+    /// writer while it holds the state directory.
+    Audit { line: serde_json::Value },
     /// Sets or clears the freeze (persisted, audited).
     Freeze {
         freeze: Option<Freeze>,
@@ -335,12 +341,26 @@ impl StateHandle {
         action: RolloutAction,
         source: Source,
     ) -> Result<(), ChangeError> {
+        // Frozen (incident mode): nothing raises exposure; pause, resume and abort do not.
+        let raises = matches!(
+            action,
+            RolloutAction::Start { .. } | RolloutAction::Retry | RolloutAction::Promote { .. }
+        );
+        if let (true, Some(freeze)) = (raises, self.freeze()) {
+            return Err(ChangeError::Refused(format!(
+                "rollouts are frozen ({}, by {} since {}): `splitgate freeze off` first",
+                freeze.reason, freeze.by, freeze.at
+            )));
+        }
         self.change(route, Change::Rollout(action), source).await
     }
 
     /// Moves a running rollout from step `step` to the next; a stale request (the
     /// rollout moved on or stopped meanwhile) is ignored.
     pub async fn rollout_advance(&self, route: &str, step: usize) -> Result<(), ChangeError> {
+        if self.freeze().is_some() {
+            return Ok(());
+        }
         self.change(route, Change::Advance(step), Source::Rollout)
             .await
     }

@@ -721,9 +721,12 @@ fn the_example_config_shows_every_documented_field() {
 async fn a_new_binary_takes_over_under_load_without_a_failed_request() {
     let dir = TempDir::new("takeover");
     let (path, _stable, _canary) = two_pool_config(&dir).await;
+    // A webhook too: its delivery must not hold the state directory a successor takes.
+    let hook = closed_port().await;
     let text = std::fs::read_to_string(&path)
         .unwrap()
-        .replace("access_log = false", "access_log = false\nworkers = 2");
+        .replace("access_log = false", "access_log = false\nworkers = 2")
+        + &format!("\n[[notify]]\nurl = \"http://{hook}/\"\n");
     std::fs::write(&path, text).unwrap();
     let mut first = spawn(&path);
     let (proxy, admin_addr) = (first.proxy, first.admin);

@@ -98,6 +98,22 @@ async fn a_pipeline_waits_at_a_pause_promotes_and_waits_for_completion() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(route(proxy.admin).await["rollout"]["step"], 2);
 
+    // An operator's pause is not a gate a pipeline may open.
+    assert_eq!(cli(proxy.admin, &["rollout", "main", "pause"]).await.0, 0);
+    let (code, output) = cli(proxy.admin, &["rollout", "main", "promote"]).await;
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("paused by an operator"), "{output}");
+    assert_eq!(cli(proxy.admin, &["rollout", "main", "resume"]).await.0, 0);
+    // A promote for a step the rollout has left is refused.
+    let (status, body) = common::admin(
+        proxy.admin,
+        "POST",
+        "/admin/routes/main/rollout/promote",
+        r#"{"step": 1}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let (code, output) = cli(proxy.admin, &["rollout", "main", "promote"]).await;
     assert_eq!(code, 0, "{output}");
     let share = canary_share(proxy.addr).await;
@@ -185,16 +201,18 @@ async fn nothing_undoes_a_rollout_by_accident() {
         30.0,
         "refused: nothing changed"
     );
-    // --from-current begins at the first step at or above 30 %: 50 %.
+    // --from-current: the first step at or above 30 % is 50 %, but a pause comes first:
+    // it begins at the pause, at 30 % (a gate is never skipped).
     let (code, output) = cli(proxy.admin, &["rollout", "main", "start", "--from-current"]).await;
     assert_eq!(code, 0, "{output}");
     let state = route(proxy.admin).await;
     assert_eq!(
         (
             state["rollout"]["step"].as_u64(),
-            state["canary_weight"].as_f64()
+            state["canary_weight"].as_f64(),
+            state["rollout"]["waiting_for"].as_str()
         ),
-        (Some(3), Some(50.0)),
+        (Some(2), Some(30.0), Some("promote")),
         "{state}"
     );
 

@@ -124,7 +124,7 @@ pub async fn rollout(
     };
     let allowed: &[&str] = match action {
         "start" => &["from_current"],
-        "promote" => &["full"],
+        "promote" => &["full", "step"],
         _ => &[],
     };
     if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -139,7 +139,10 @@ pub async fn rollout(
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false)
     };
-    if let Some((name, value)) = fields.iter().find(|(_, v)| !v.is_boolean()) {
+    if let Some((name, value)) = fields
+        .iter()
+        .find(|(k, v)| !v.is_boolean() && !(*k == "step" && (v.is_u64() || v.is_null())))
+    {
         return json_error(
             StatusCode::BAD_REQUEST,
             &format!("{name}: {value} is not true or false"),
@@ -152,7 +155,13 @@ pub async fn rollout(
         "pause" => RolloutAction::Pause,
         "resume" => RolloutAction::Resume,
         "abort" => RolloutAction::Abort,
-        "promote" => RolloutAction::Promote { full: flag("full") },
+        "promote" => RolloutAction::Promote {
+            full: flag("full"),
+            seen: fields
+                .get("step")
+                .and_then(serde_json::Value::as_u64)
+                .map(|s| s as usize),
+        },
         "retry" => RolloutAction::Retry,
         _ => {
             return json_error(

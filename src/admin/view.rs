@@ -131,6 +131,7 @@ pub fn route_view(
             (Some(p), _) if p.paused => "paused",
             (Some(_), _) if waiting_for.is_some() => "waiting",
             (Some(_), _) => "running",
+            (None, _) if route.trip.is_some() => "tripped",
             (None, Some(end)) => match end.outcome {
                 RolloutOutcome::Completed => "completed",
                 RolloutOutcome::Tripped if route.trip.is_some() => "tripped",

@@ -857,13 +857,20 @@ fn compile_notify(
 ) -> Option<NotifySpec> {
     let before = errors.0.len();
     let url = match section.url.parse::<http::Uri>() {
-        Ok(url) if matches!(url.scheme_str(), Some("http" | "https")) && url.host().is_some() => {
+        Ok(url)
+            if matches!(url.scheme_str(), Some("http" | "https"))
+                && url.host().is_some()
+                && !url.authority().is_some_and(|a| a.as_str().contains('@')) =>
+        {
             Some(url)
         }
         _ => {
             errors.push(
                 &format!("{field}.url"),
-                format!("{:?} is not an http:// or https:// URL", section.url),
+                format!(
+                    "{:?} is not an http:// or https:// URL (without user:password@)",
+                    section.url
+                ),
             );
             None
         }

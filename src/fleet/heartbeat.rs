@@ -181,10 +181,11 @@ async fn beat(
         None => None,
         Some((bytes, _)) => match serde_json::from_slice(&bytes) {
             Ok(freeze) => Some(freeze),
+            // Frozen, the safe side; a record that stays the same beat after beat.
             Err(error) => Some(crate::state::Freeze {
                 reason: format!("unreadable freeze in the store ({error})"),
                 by: "fleet".into(),
-                at: crate::timefmt::now_rfc3339(),
+                at: String::new(),
             }),
         },
     };

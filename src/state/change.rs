@@ -82,12 +82,12 @@ pub fn apply(
                         at_step(progress),
                     ));
                 }
-                let why = match forced {
-                    true => format!(
+                let why = match *weight_bp {
+                    0 => "aborted: rolled back to 0%".to_string(),
+                    bp => format!(
                         "aborted: weight set by hand to {}% (--force)",
-                        bp_to_percent(*weight_bp)
+                        bp_to_percent(bp)
                     ),
-                    false => "aborted: rolled back to 0%".to_string(),
                 };
                 next.rollout_end = Some(ended(RolloutOutcome::Aborted, progress, why));
             }
@@ -130,32 +130,35 @@ pub fn apply(
                         ));
                     }
                     let first = plan.weight_at(0);
-                    let step = match action {
-                        RolloutAction::Start { from_current: true } => (0..plan.steps.len())
-                            .find(|&i| {
-                                matches!(plan.steps[i], Step::Weight { bp, .. } if bp >= current.weight_bp)
-                            })
-                            .unwrap_or(plan.last()),
-                        RolloutAction::Start { from_current: false }
-                            if current.weight_bp > first =>
-                        {
+                    if *action == RolloutAction::Retry
+                        && !current
+                            .rollout_end
+                            .as_ref()
+                            .is_some_and(|end| end.outcome != RolloutOutcome::Completed)
+                    {
+                        return Err(ChangeError::Refused(format!(
+                            "route {route:?}: retry follows an aborted or tripped rollout; use start"
+                        )));
+                    }
+                    let (step, weight_bp) = match action {
+                        RolloutAction::Start { from_current: true } => {
+                            from_current(plan, current.weight_bp).ok_or_else(|| {
+                                ChangeError::Refused(format!(
+                                    "route {route:?} is at {}%, above the rollout's last step ({}%): there is nothing to roll out",
+                                    bp_to_percent(current.weight_bp),
+                                    bp_to_percent(plan.weight_at(plan.last()))
+                                ))
+                            })?
+                        }
+                        _ if current.weight_bp > first => {
                             return Err(ChangeError::Refused(format!(
                                 "route {route:?} is at {}%, above step 1 ({}%): starting would move users back to stable; start --from-current begins at the first step at or above {}%",
                                 bp_to_percent(current.weight_bp),
                                 bp_to_percent(first),
                                 bp_to_percent(current.weight_bp)
-                            )));
+                            )))
                         }
-                        RolloutAction::Retry
-                            if !current.rollout_end.as_ref().is_some_and(|end| {
-                                end.outcome != RolloutOutcome::Completed
-                            }) =>
-                        {
-                            return Err(ChangeError::Refused(format!(
-                                "route {route:?}: retry follows an aborted or tripped rollout; use start"
-                            )));
-                        }
-                        _ => 0,
+                        _ => (0, first),
                     };
                     next.rollout = Some(RolloutProgress {
                         step,
@@ -164,7 +167,7 @@ pub fn apply(
                         held_ms: 0,
                     });
                     next.rollout_end = None;
-                    next.weight_bp = plan.weight_at(step);
+                    next.weight_bp = weight_bp;
                 }
                 RolloutAction::Pause | RolloutAction::Resume => {
                     let progress = next.rollout.as_mut().ok_or_else(not_running)?;
@@ -187,9 +190,23 @@ pub fn apply(
                     ));
                     next.weight_bp = 0;
                 }
-                RolloutAction::Promote { full } => {
+                RolloutAction::Promote { full, seen } => {
                     let progress = current.rollout.as_ref().ok_or_else(not_running)?;
                     tripped(current)?;
+                    if let Some(seen) = seen.filter(|&s| s != progress.step + 1) {
+                        return Err(ChangeError::Refused(format!(
+                            "route {route:?}: the rollout moved on from step {seen} to {} meanwhile; look again before promoting",
+                            progress.step + 1
+                        )));
+                    }
+                    // An operator's pause (on-call looking at something) is not a gate
+                    // a pipeline may open.
+                    if progress.paused {
+                        return Err(ChangeError::Refused(format!(
+                            "route {route:?}: the rollout is paused by an operator ({}); resume it first",
+                            at_step(progress)
+                        )));
+                    }
                     let to = if *full {
                         plan.last()
                     } else {
@@ -210,6 +227,21 @@ pub fn apply(
         }
     }
     Ok(Some(next))
+}
+
+/// Where `start --from-current` begins with the live weight at `live_bp`: the first
+/// step at or above it; or, when a pause comes first (the live weight is past the steps
+/// before it), that pause with the live weight kept: a gate is never skipped. `None`
+/// above the last step.
+fn from_current(plan: &RolloutSpec, live_bp: u32) -> Option<(usize, u32)> {
+    for (i, step) in plan.steps.iter().enumerate() {
+        match *step {
+            Step::Weight { bp, .. } if bp >= live_bp => return Some((i, bp)),
+            Step::Pause => return Some((i, live_bp)),
+            Step::Weight { .. } => {}
+        }
+    }
+    None
 }
 
 /// Moves a running rollout to step `to` (0-based): its weight (a pause keeps the one

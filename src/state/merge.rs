@@ -57,7 +57,8 @@ pub fn merge(
             let canary = canary_target(settings, spec);
             let old = saved.get(&spec.name);
             let fresh = SavedRoute {
-                rollout_end: None,
+                // How the last rollout ended stays (a reload or restart is not news).
+                rollout_end: old.and_then(|o| o.rollout_end.clone()),
                 weight_bp: if has_canary { file_weight_bp } else { 0 },
                 file_weight_bp,
                 trip: None,
@@ -91,9 +92,27 @@ pub fn merge(
                     fresh
                 }
                 (Some(old), _) if has_canary && (fleet || old.file_weight_bp == file_weight_bp) => {
+                    // A step the (edited) plan no longer has ends the rollout where it
+                    // stands; the weight stays.
+                    let fits = |p: &crate::state::RolloutProgress| {
+                        spec.rollout
+                            .as_ref()
+                            .is_some_and(|plan| p.step <= plan.last())
+                    };
+                    let rollout = old.rollout.clone().filter(fits);
+                    let rollout_end = match (&old.rollout, &rollout) {
+                        (Some(was), None) => Some(crate::state::RolloutEnd {
+                            outcome: crate::state::RolloutOutcome::Aborted,
+                            step: was.step + 1,
+                            at: crate::timefmt::now_rfc3339(),
+                            why: "aborted: the config's rollout no longer has this step".into(),
+                        }),
+                        _ => old.rollout_end.clone(),
+                    };
                     SavedRoute {
                         weight_bp: old.weight_bp,
-                        rollout: old.rollout.clone().filter(|_| spec.rollout.is_some()),
+                        rollout,
+                        rollout_end,
                         ..fresh
                     }
                 }

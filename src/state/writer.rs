@@ -154,7 +154,7 @@ pub async fn start(
     let workers = settings.server.workers;
     let state_dir = settings.state_dir.clone();
     let settings_notify = settings.notify.clone();
-    let store_for_notify = store.clone();
+    let (tx, rx) = mpsc::channel(64);
     let mut writer = Writer {
         shared: shared.clone(),
         config_path,
@@ -170,11 +170,7 @@ pub async fn start(
         workers,
         started: false,
         gone_since: BTreeMap::new(),
-        notifier: crate::notify::Notifier::start(
-            &settings_notify,
-            &shared.registry,
-            store_for_notify,
-        ),
+        notifier: crate::notify::Notifier::start(&settings_notify, &shared.registry, tx.clone()),
     };
     writer.install(writer.settings.clone());
     writer.started = true;
@@ -189,7 +185,6 @@ pub async fn start(
     writer
         .commit_noted(merged.routes, Source::Start, &merged.notes)
         .await?;
-    let (tx, rx) = mpsc::channel(64);
     tokio::spawn(writer.run(rx));
     Ok(StateHandle { tx, shared })
 }
@@ -249,6 +244,11 @@ impl Writer {
                 }
                 Command::Reload { source, reply } => {
                     let _ = reply.send(self.reload(source).await);
+                }
+                Command::Audit { line } => {
+                    if let Some(store) = self.store.clone() {
+                        let _ = tokio::task::spawn_blocking(move || store.audit(&[line])).await;
+                    }
                 }
                 Command::Freeze { freeze, reply } => {
                     let _ = reply.send(self.set_freeze(freeze).await);
@@ -330,6 +330,17 @@ impl Writer {
             Err(error) => {
                 // Safety first: stop the canary in memory even if the disk refused.
                 tracing::error!(route, %error, "trip could not be persisted; applied in memory only");
+                // On-call hears of it all the same (the audit line could not be written).
+                self.notifier.send(serde_json::json!({
+                    "event": "trip",
+                    "route": route,
+                    "time": crate::timefmt::now_rfc3339(),
+                    "source": Source::Slo.as_str(),
+                    "replica": self.settings.fleet.as_ref().map(|f| f.replica.clone()),
+                    "old_weight": self.saved.get(route).map(|r| bp_to_percent(r.weight_bp)),
+                    "new_weight": 0.0,
+                    "detail": format!("{} (NOT SAVED: {error})", trip.detail),
+                }));
                 self.saved = next;
                 self.publish();
                 Err(error)
