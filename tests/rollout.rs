@@ -344,6 +344,14 @@ fn bad_rollout_steps_are_refused_with_the_field_named() {
             "rollout.steps[1]",
         ),
         ("steps = [10, 20]", "rollout.steps[0]"),
+        (
+            "steps = [10, 20]\ninterval = \"1s\"\non_deadline = \"panic\"\nprogress_deadline = \"1m\"",
+            "rollout.on_deadline",
+        ),
+        (
+            "steps = [10, 20]\ninterval = \"1s\"\non_deadline = \"abort\"",
+            "rollout.on_deadline",
+        ),
     ];
     for (steps, field) in cases {
         let text = config(
@@ -441,4 +449,32 @@ async fn a_freeze_stops_every_rollout_across_a_restart_until_lifted() {
         "{audit}"
     );
     proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inconclusive_hold_past_its_progress_deadline_pauses_or_aborts() {
+    for (on_deadline, state, weight) in [("pause", "paused", 10.0), ("abort", "aborted", 0.0)] {
+        let rollout = format!(
+            "[routes.slo]\nmin_requests = 50\nmax_error_rate = 0.05\n[routes.rollout]\nsteps = [10, 50]\ninterval = \"1s\"\nprogress_deadline = \"1s\"\non_deadline = \"{on_deadline}\"\n"
+        );
+        let (mut proxy, _, _) =
+            proxy_with(&format!("rollout-deadline-{on_deadline}"), &rollout).await;
+        assert_eq!(cli(proxy.admin, &["rollout", "main", "start"]).await.0, 0);
+        // Without traffic the judge stays inconclusive: held 1 s, then 1 s more.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = route(proxy.admin).await;
+            if now["rollout"]["state"] == state {
+                assert_eq!(now["canary_weight"], weight, "{now}");
+                break;
+            }
+            assert_ne!(
+                now["canary_weight"], 50.0,
+                "an inconclusive hold never advances: {now}"
+            );
+            assert!(Instant::now() < deadline, "never {state}: {now}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        proxy.shutdown().await;
+    }
 }

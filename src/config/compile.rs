@@ -288,6 +288,9 @@ pub struct LatencyRatio {
 pub struct RolloutSpec {
     /// Weights strictly rising, with gates between them.
     pub steps: Vec<Step>,
+    /// How long past its hold a step may wait on an inconclusive judge, and whether it
+    /// is then paused (`false`) or aborted (`true`).
+    pub progress_deadline: Option<(Duration, bool)>,
 }
 
 /// One step of a rollout.
@@ -1288,7 +1291,33 @@ fn compile_route(
         if r.canary.is_none() {
             errors.push(&format!("{field}.rollout"), "needs a canary upstream");
         }
-        RolloutSpec { steps }
+        let abort = match ro.on_deadline.as_deref() {
+            None | Some("pause") => false,
+            Some("abort") => true,
+            Some(other) => {
+                errors.push(
+                    &format!("{field}.rollout.on_deadline"),
+                    format!("unknown action {other:?} (use \"pause\" or \"abort\")"),
+                );
+                false
+            }
+        };
+        if ro.progress_deadline.is_some_and(|d| d.is_zero()) {
+            errors.push(
+                &format!("{field}.rollout.progress_deadline"),
+                "must be longer than 0",
+            );
+        }
+        if ro.on_deadline.is_some() && ro.progress_deadline.is_none() {
+            errors.push(
+                &format!("{field}.rollout.on_deadline"),
+                "needs a progress_deadline",
+            );
+        }
+        RolloutSpec {
+            steps,
+            progress_deadline: ro.progress_deadline.map(|d| (d, abort)),
+        }
     });
     (errors.0.len() == before).then(|| RouteSpec {
         name: r.name.clone(),

@@ -410,6 +410,12 @@ pub struct RolloutSection {
     /// How long a step without its own `hold` is held.
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub interval: Option<Duration>,
+    /// How long a held step may wait on an inconclusive judge before `on_deadline`.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub progress_deadline: Option<Duration>,
+    /// `"pause"` (the default) or `"abort"`.
+    #[serde(default)]
+    pub on_deadline: Option<String>,
 }
 
 /// One rollout step: a weight (`5`, or `{ weight = 5, hold = "10m" }`), or a manual

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{Judgement, Verdict};
-use crate::state::{LiveRoute, Snapshot, StateHandle, Trip};
+use crate::state::{LiveRoute, RolloutAction, Snapshot, Source, StateHandle, Trip};
 use crate::telemetry::names::{LABEL_ROUTE, LABEL_RULE, SLO_BREACHES_TOTAL};
 
 /// How often the windows are judged.
@@ -92,7 +92,23 @@ pub async fn evaluate(state: &StateHandle, snapshot: &Snapshot) {
         let Some(hold) = plan.hold(progress.step) else {
             continue;
         };
-        if held >= hold.as_millis() as u64 && judge_ok {
+        let hold_ms = hold.as_millis() as u64;
+        // Held, and waiting on an inconclusive judge past the deadline: paused (or
+        // aborted) for a person to look, and the webhooks say so.
+        if let Some((deadline, abort)) = plan.progress_deadline {
+            if !judge_ok && held >= hold_ms + deadline.as_millis() as u64 {
+                let (action, what) = match abort {
+                    true => (RolloutAction::Abort, "aborted"),
+                    false => (RolloutAction::Pause, "paused"),
+                };
+                tracing::warn!(route = %name, step = progress.step + 1, waited_s = (held - hold_ms) / 1000, "rollout {what}: the judge stayed inconclusive past the progress deadline");
+                if let Err(error) = state.rollout(name, action, Source::Rollout).await {
+                    tracing::error!(route = %name, %error, "could not stop a rollout past its progress deadline");
+                }
+                continue;
+            }
+        }
+        if held >= hold_ms && judge_ok {
             match state.shared.fleet.get() {
                 Some(fleet) => fleet.advance(state, name, progress.step),
                 None => {
