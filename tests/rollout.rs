@@ -352,6 +352,10 @@ fn bad_rollout_steps_are_refused_with_the_field_named() {
             "steps = [10, 20]\ninterval = \"1s\"\non_deadline = \"abort\"",
             "rollout.on_deadline",
         ),
+        (
+            "steps = [10, 20]\ninterval = \"1s\"\nallowed_hours = \"Mon-Fri 9-17 UTC\"",
+            "rollout.allowed_hours",
+        ),
     ];
     for (steps, field) in cases {
         let text = config(
@@ -477,4 +481,35 @@ async fn an_inconclusive_hold_past_its_progress_deadline_pauses_or_aborts() {
         }
         proxy.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_its_allowed_hours_a_rollout_waits() {
+    // A one-hour window twelve hours from now (UTC): closed for the whole test.
+    let hour = (splitgate::timefmt::unix_ms() / 3_600_000 + 12) % 24;
+    let window = format!("daily {hour:02}:00-{:02}:00 UTC", (hour + 1) % 24);
+    let rollout = format!(
+        "[routes.rollout]\nsteps = [10, 50]\ninterval = \"500ms\"\nallowed_hours = \"{window}\"\n"
+    );
+    let (mut proxy, _, _) = proxy_with("rollout-window", &rollout).await;
+    assert_eq!(cli(proxy.admin, &["rollout", "main", "start"]).await.0, 0);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let state = route(proxy.admin).await;
+    assert_eq!(
+        (
+            state["rollout"]["step"].as_u64(),
+            state["canary_weight"].as_f64()
+        ),
+        (Some(1), Some(10.0)),
+        "{state}"
+    );
+    assert_eq!(state["rollout"]["state"], "waiting", "{state}");
+    assert!(
+        state["rollout"]["waiting_for"]
+            .as_str()
+            .unwrap()
+            .contains(&window),
+        "{state}"
+    );
+    proxy.shutdown().await;
 }

@@ -75,6 +75,11 @@ pub struct RolloutView {
     /// How the last rollout ended, until another starts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last: Option<crate::state::RolloutEnd>,
+    /// When steps may advance (`allowed_hours`), and whether that is now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_hours: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_open: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -121,10 +126,16 @@ pub fn route_view(
         let frozen = freeze
             .filter(|_| progress.is_some_and(|p| !p.paused))
             .map(|f| format!("the freeze to be lifted ({})", f.reason));
-        let waiting_for = match (gate, frozen) {
-            (true, _) => Some("promote".to_string()),
-            (false, Some(frozen)) => Some(frozen),
-            (false, None) => judge,
+        let closed = plan
+            .window
+            .as_ref()
+            .filter(|w| progress.is_some_and(|p| !p.paused) && !w.is_open_now())
+            .map(|w| format!("the rollout window ({})", w.text));
+        let waiting_for = match (gate, frozen, closed) {
+            (true, _, _) => Some("promote".to_string()),
+            (false, Some(frozen), _) => Some(frozen),
+            (false, None, Some(closed)) => Some(closed),
+            (false, None, None) => judge,
         };
         let last = route.rollout_end.clone();
         let state = match (progress, &last) {
@@ -163,6 +174,8 @@ pub fn route_view(
             next_step_in_s: remaining_ms.map(|ms| ms as f64 / 1000.0),
             waiting_for,
             last,
+            allowed_hours: plan.window.as_ref().map(|w| w.text.clone()),
+            window_open: plan.window.as_ref().map(|w| w.is_open_now()),
         }
     });
     let dry_run = spec.slo.as_ref().is_some_and(|s| s.dry_run);

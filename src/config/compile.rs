@@ -291,6 +291,96 @@ pub struct RolloutSpec {
     /// How long past its hold a step may wait on an inconclusive judge, and whether it
     /// is then paused (`false`) or aborted (`true`).
     pub progress_deadline: Option<(Duration, bool)>,
+    /// When steps may advance (`allowed_hours`); always when `None`.
+    pub window: Option<Window>,
+}
+
+/// `allowed_hours`: days of the week and a time of day, in a named time zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// As written, for people.
+    pub text: String,
+    /// Monday first.
+    days: [bool; 7],
+    /// Minutes after midnight; an end at or before the start spans midnight.
+    start: u16,
+    end: u16,
+    zone: String,
+}
+
+impl Window {
+    /// Parses `"Mon-Fri 09:00-17:00 Europe/Berlin"` (days as `Mon-Fri`, `Sat,Sun`,
+    /// `Mon-Wed,Fri` or `daily`; the zone an IANA name, or `UTC`).
+    pub fn parse(text: &str) -> Result<Window, String> {
+        const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+        const FORM: &str = "write it as \"Mon-Fri 09:00-17:00 Europe/Berlin\"";
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        let [days_text, hours, zone] = parts[..] else {
+            return Err(format!("{text:?}: days, hours and a time zone; {FORM}"));
+        };
+        let day = |name: &str| {
+            NAMES
+                .iter()
+                .position(|n| n.eq_ignore_ascii_case(name))
+                .ok_or_else(|| format!("{name:?} is not a day (Mon … Sun); {FORM}"))
+        };
+        let mut days = [false; 7];
+        if days_text.eq_ignore_ascii_case("daily") {
+            days = [true; 7];
+        } else {
+            for part in days_text.split(',') {
+                let (from, to) = part.split_once('-').unwrap_or((part, part));
+                let (from, to) = (day(from)?, day(to)?);
+                if from > to {
+                    return Err(format!("{part:?}: days run Mon to Sun; {FORM}"));
+                }
+                days[from..=to].iter_mut().for_each(|d| *d = true);
+            }
+        }
+        let minute = |hhmm: &str| {
+            let (h, m) = hhmm.split_once(':').unwrap_or(("", ""));
+            match (h.parse::<u16>(), m.parse::<u16>()) {
+                (Ok(h), Ok(m)) if (h < 24 && m < 60) || (h == 24 && m == 0) => Ok(h * 60 + m),
+                _ => Err(format!("{hhmm:?} is not a time (HH:MM); {FORM}")),
+            }
+        };
+        let (start, end) = hours
+            .split_once('-')
+            .ok_or_else(|| format!("{hours:?} is not a time range (HH:MM-HH:MM); {FORM}"))?;
+        let (start, end) = (minute(start)?, minute(end)?);
+        if start == end {
+            return Err(format!("{hours:?} is an empty range; {FORM}"));
+        }
+        jiff::tz::TimeZone::get(zone)
+            .map_err(|e| format!("{zone:?} is not a time zone ({e}); {FORM}"))?;
+        Ok(Window {
+            text: text.to_string(),
+            days,
+            start,
+            end,
+            zone: zone.to_string(),
+        })
+    }
+
+    /// Whether `now` is inside the window.
+    pub fn is_open(&self, now: jiff::Timestamp) -> bool {
+        let Ok(zone) = jiff::tz::TimeZone::get(&self.zone) else {
+            return false;
+        };
+        let local = now.to_zoned(zone);
+        let minute = local.hour() as u16 * 60 + local.minute() as u16;
+        let weekday = local.weekday().to_monday_zero_offset() as usize;
+        match self.start < self.end {
+            true => self.days[weekday] && (self.start..self.end).contains(&minute),
+            // Across midnight: the part after midnight belongs to the day before.
+            false if minute >= self.start => self.days[weekday],
+            false => minute < self.end && self.days[(weekday + 6) % 7],
+        }
+    }
+
+    pub fn is_open_now(&self) -> bool {
+        self.is_open(jiff::Timestamp::now())
+    }
 }
 
 /// One step of a rollout.
@@ -1314,9 +1404,15 @@ fn compile_route(
                 "needs a progress_deadline",
             );
         }
+        let window = ro.allowed_hours.as_deref().and_then(|text| {
+            Window::parse(text)
+                .map_err(|e| errors.push(&format!("{field}.rollout.allowed_hours"), e))
+                .ok()
+        });
         RolloutSpec {
             steps,
             progress_deadline: ro.progress_deadline.map(|d| (d, abort)),
+            window,
         }
     });
     (errors.0.len() == before).then(|| RouteSpec {
@@ -1457,5 +1553,52 @@ mod tests {
         assert!(weight_to_bp(-1.0).is_err());
         assert!(weight_to_bp(0.001).is_err());
         assert!(weight_to_bp(f64::NAN).is_err());
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::Window;
+
+    fn at(text: &str) -> jiff::Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_window_is_open_on_its_days_and_hours_in_its_zone() {
+        let w = Window::parse("Mon-Fri 09:00-17:00 Europe/Berlin").unwrap();
+        // 2026-11-27 is a Friday; Berlin is UTC+1 in November.
+        assert!(w.is_open(at("2026-11-27T08:00:00Z")), "09:00 in Berlin");
+        assert!(!w.is_open(at("2026-11-27T07:59:00Z")), "08:59 in Berlin");
+        assert!(
+            !w.is_open(at("2026-11-27T16:00:00Z")),
+            "17:00 in Berlin: closed"
+        );
+        assert!(!w.is_open(at("2026-11-28T10:00:00Z")), "Saturday");
+        let night = Window::parse("Sat,Sun 22:00-06:00 UTC").unwrap();
+        assert!(night.is_open(at("2026-11-28T23:00:00Z")), "Saturday night");
+        assert!(
+            night.is_open(at("2026-11-30T05:00:00Z")),
+            "early Monday belongs to Sunday"
+        );
+        assert!(!night.is_open(at("2026-11-27T23:00:00Z")), "Friday night");
+        assert!(Window::parse("daily 00:00-24:00 UTC")
+            .unwrap()
+            .is_open(at("2026-11-27T12:00:00Z")));
+    }
+
+    #[test]
+    fn a_malformed_window_says_what_is_wrong() {
+        for (bad, says) in [
+            ("Mon-Fri 09:00-17:00", "time zone"),
+            ("Mon-Fry 09:00-17:00 UTC", "\"Fry\""),
+            ("Fri-Mon 09:00-17:00 UTC", "days run Mon to Sun"),
+            ("Mon-Fri 9-17 UTC", "not a time"),
+            ("Mon-Fri 09:00-09:00 UTC", "empty range"),
+            ("Mon-Fri 09:00-17:00 Mars/Olympus", "not a time zone"),
+        ] {
+            let error = Window::parse(bad).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
     }
 }

@@ -416,6 +416,9 @@ pub struct RolloutSection {
     /// `"pause"` (the default) or `"abort"`.
     #[serde(default)]
     pub on_deadline: Option<String>,
+    /// When steps may advance: `"Mon-Fri 09:00-17:00 Europe/Berlin"`.
+    #[serde(default)]
+    pub allowed_hours: Option<String>,
 }
 
 /// One rollout step: a weight (`5`, or `{ weight = 5, hold = "10m" }`), or a manual

@@ -88,6 +88,10 @@ pub async fn evaluate(state: &StateHandle, snapshot: &Snapshot) {
         if frozen {
             continue;
         }
+        // Outside its window (allowed_hours) a rollout waits where it is.
+        if plan.window.as_ref().is_some_and(|w| !w.is_open_now()) {
+            continue;
+        }
         // A pause step is a gate: only `promote` passes it.
         let Some(hold) = plan.hold(progress.step) else {
             continue;
