@@ -72,6 +72,37 @@ pub enum Applied {
     Committed,
 }
 
+/// A watch of one prefix.
+struct Following {
+    stream: etcd_client::WatchStream,
+    prefix: String,
+}
+
+impl Following {
+    /// The next batch of events; `None` when the revision this replica needs was
+    /// compacted (list again at once); an error when the stream ended or was cancelled
+    /// (list again after a pause).
+    async fn next(&mut self) -> Result<Option<etcd_client::WatchResponse>, String> {
+        let response = match self.stream.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => return Err("the watch stream ended".into()),
+            Err(error) => return Err(format!("watch: {error}")),
+        };
+        if response.compact_revision() != 0 {
+            tracing::warn!(
+                prefix = %self.prefix,
+                compacted = response.compact_revision(),
+                "fleet: the revision this replica needs was compacted; listing again"
+            );
+            return Ok(None);
+        }
+        if response.canceled() {
+            return Err(format!("watch cancelled: {}", response.cancel_reason()));
+        }
+        Ok(Some(response))
+    }
+}
+
 /// A route's key in the store.
 enum Stored {
     Absent,
@@ -263,6 +294,19 @@ impl Fleet {
 
     fn route_key(&self, route: &str) -> String {
         format!("{}{route}", self.prefix())
+    }
+
+    /// Watches `prefix` from revision `from` (for the route and instance watches).
+    async fn follow(&self, prefix: &str, from: i64) -> Result<Following, String> {
+        let stream = self
+            .store
+            .watch(prefix, from)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Following {
+            stream,
+            prefix: prefix.to_string(),
+        })
     }
 
     /// Moves a rollout on from `step`, in a task of its own: the guard's pass over the

@@ -141,31 +141,18 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
                 .map_err(|e| e.to_string())?;
         }
     }
-    let mut watch = fleet
-        .store
-        .watch(&prefix, listed_at + 1)
-        .await
-        .map_err(|e| e.to_string())?;
-    loop {
-        let response = match watch.message().await {
-            Ok(Some(response)) => response,
-            Ok(None) => return Err("the watch stream ended".into()),
-            Err(error) => return Err(format!("watch: {error}")),
-        };
-        if response.compact_revision() != 0 || response.canceled() {
-            return Ok(());
-        }
+    let mut watch = fleet.follow(&prefix, listed_at + 1).await?;
+    while let Some(response) = watch.next().await? {
         for event in response.events() {
             if let Some(kv) = event.kv() {
                 match event.event_type() {
                     EventType::Put => apply(fleet, state, &prefix, kv, Applied::Watched).await,
-                    EventType::Delete => {
-                        cleared(fleet, state, &prefix, kv).await;
-                    }
+                    EventType::Delete => cleared(fleet, state, &prefix, kv).await,
                 }
             }
         }
     }
+    Ok(())
 }
 
 /// The upstream and address of an instance key.

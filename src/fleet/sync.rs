@@ -54,27 +54,8 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
     // A trip or rollback made while the store was away goes out now.
     fleet.publish_soon();
 
-    let mut watch = fleet
-        .store
-        .watch(&prefix, listed_at + 1)
-        .await
-        .map_err(|e| e.to_string())?;
-    loop {
-        let response = match watch.message().await {
-            Ok(Some(response)) => response,
-            Ok(None) => return Err("the watch stream ended".into()),
-            Err(error) => return Err(format!("watch: {error}")),
-        };
-        if response.compact_revision() != 0 {
-            tracing::warn!(
-                compacted = response.compact_revision(),
-                "fleet: the revision this replica needs was compacted; listing again"
-            );
-            return Ok(());
-        }
-        if response.canceled() {
-            return Err(format!("watch cancelled: {}", response.cancel_reason()));
-        }
+    let mut watch = fleet.follow(&prefix, listed_at + 1).await?;
+    while let Some(response) = watch.next().await? {
         for event in response.events() {
             let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) else {
                 continue;
@@ -88,6 +69,7 @@ async fn list_and_watch(fleet: &Fleet, state: &StateHandle) -> Result<(), String
             }
         }
     }
+    Ok(())
 }
 
 /// Applies one route's value; false when this replica could not (see the log).
