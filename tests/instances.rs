@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::run_cli as cli;
 use common::*;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -18,8 +19,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-
-const BIN: &str = env!("CARGO_BIN_EXE_splitgate");
 
 /// A backend: `/healthz` answers 200 or 503 as `healthy` says; anything else counts a
 /// hit, waits `delay`, counts a completion and answers its name.
@@ -167,6 +166,18 @@ impl Load {
         }
     }
 
+    /// Stops; asserts that nothing failed and more than `min_ok` requests succeeded.
+    async fn finish_without_failures(self, min_ok: usize) {
+        let (ok, failed) = self.finish().await;
+        assert!(
+            failed.is_empty(),
+            "{} failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(ok > min_ok, "only {ok} requests");
+    }
+
     /// Stops and returns (succeeded, failures).
     async fn finish(self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
@@ -253,28 +264,6 @@ async fn wait_members(admin: SocketAddr, wanted: &[SocketAddr], within: Duration
             "instances are {now:?}, wanted {wanted:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Runs `splitgate ARGS --admin http://ADMIN`; returns the exit code and output.
-fn cli(
-    admin: SocketAddr,
-    args: &[&str],
-) -> impl std::future::Future<Output = (i32, String)> + Send + 'static {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    async move {
-        let out = tokio::process::Command::new(BIN)
-            .args(&args)
-            .args(["--admin", &format!("http://{admin}")])
-            .output()
-            .await
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
     }
 }
 
@@ -394,14 +383,7 @@ async fn a_failing_health_check_takes_an_instance_out_and_rise_brings_it_back() 
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(a.hits() > hits_when_down, "a gets traffic again after rise");
-    let (ok, failed) = load.finish().await;
-    assert!(
-        failed.is_empty(),
-        "{} failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(ok > 100, "only {ok} requests");
+    load.finish_without_failures(100).await;
     proxy.shutdown().await;
 }
 
@@ -675,14 +657,7 @@ async fn dns_changes_move_traffic_without_a_failed_request_and_an_empty_answer_k
         !metrics.contains(&format!("address=\"{}\"", a.addr)),
         "no stale series for a removed instance"
     );
-    let (ok, failed) = load.finish().await;
-    assert!(
-        failed.is_empty(),
-        "{} failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(ok > 100, "only {ok} requests");
+    load.finish_without_failures(100).await;
     proxy.shutdown().await;
 }
 
@@ -775,14 +750,7 @@ async fn a_rolling_deploy_of_three_instances_under_load_fails_no_request() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (ok, failed) = load.finish().await;
-    assert!(
-        failed.is_empty(),
-        "{} failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(ok > 300, "only {ok} requests");
+    load.finish_without_failures(300).await;
     for backend in &new {
         assert!(backend.hits() > 0, "{} got no traffic", backend.addr);
     }
@@ -991,14 +959,7 @@ async fn resolve_ttl_follows_the_dns_answer_when_its_ttl_runs_out() {
         (2..=16).contains(&during),
         "{during} queries in 3 s (and {asked} at start)"
     );
-    let (ok, failed) = load.finish().await;
-    assert!(
-        failed.is_empty(),
-        "{} failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(ok > 100, "only {ok} requests");
+    load.finish_without_failures(100).await;
     let (_, upstream) = common::admin(proxy.admin, "GET", "/admin/upstreams/app", "", None).await;
     assert_eq!(upstream["resolve"], "ttl");
     proxy.shutdown().await;

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::run_cli as cli;
 use common::*;
 use http::StatusCode;
 
@@ -31,24 +32,6 @@ async fn proxy_with(name: &str, rollout: &str) -> (TestProxy, TestUpstream, Test
     (start_proxy(dir, &text).await, stable, canary)
 }
 
-/// Runs `splitgate ARGS --admin http://ADMIN`: exit code and output.
-async fn cli(admin: SocketAddr, args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .args(["--admin", &format!("http://{admin}")])
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// The share of 400 users the canary serves now.
 async fn canary_share(proxy: SocketAddr) -> f64 {
     let mut canary = 0;
@@ -59,6 +42,27 @@ async fn canary_share(proxy: SocketAddr) -> f64 {
         }
     }
     canary as f64 / 400.0
+}
+
+/// Asserts the rollout holds at step 1 (10 %), waiting for something that mentions `for_what`.
+async fn held_waiting(admin: SocketAddr, for_what: &str) {
+    let state = route(admin).await;
+    assert_eq!(
+        (
+            state["rollout"]["step"].as_u64(),
+            state["canary_weight"].as_f64()
+        ),
+        (Some(1), Some(10.0)),
+        "held: {state}"
+    );
+    assert_eq!(state["rollout"]["state"], "waiting", "{state}");
+    assert!(
+        state["rollout"]["waiting_for"]
+            .as_str()
+            .unwrap()
+            .contains(for_what),
+        "{state}"
+    );
 }
 
 async fn route(admin: SocketAddr) -> serde_json::Value {
@@ -392,23 +396,7 @@ async fn a_freeze_stops_every_rollout_across_a_restart_until_lifted() {
     assert_eq!(code, 0, "{output}");
     assert!(output.contains("incident 42"), "{output}");
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let state = route(proxy.admin).await;
-    assert_eq!(
-        (
-            state["rollout"]["step"].as_u64(),
-            state["canary_weight"].as_f64()
-        ),
-        (Some(1), Some(10.0)),
-        "frozen: {state}"
-    );
-    assert_eq!(state["rollout"]["state"], "waiting", "{state}");
-    assert!(
-        state["rollout"]["waiting_for"]
-            .as_str()
-            .unwrap()
-            .contains("incident 42"),
-        "{state}"
-    );
+    held_waiting(proxy.admin, "incident 42").await;
     let (_, table) = cli(proxy.admin, &["status"]).await;
     assert!(
         table.contains("ROLLOUTS FROZEN") && table.contains("incident 42"),
@@ -494,22 +482,6 @@ async fn outside_its_allowed_hours_a_rollout_waits() {
     let (mut proxy, _, _) = proxy_with("rollout-window", &rollout).await;
     assert_eq!(cli(proxy.admin, &["rollout", "main", "start"]).await.0, 0);
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let state = route(proxy.admin).await;
-    assert_eq!(
-        (
-            state["rollout"]["step"].as_u64(),
-            state["canary_weight"].as_f64()
-        ),
-        (Some(1), Some(10.0)),
-        "{state}"
-    );
-    assert_eq!(state["rollout"]["state"], "waiting", "{state}");
-    assert!(
-        state["rollout"]["waiting_for"]
-            .as_str()
-            .unwrap()
-            .contains(&window),
-        "{state}"
-    );
+    held_waiting(proxy.admin, &window).await;
     proxy.shutdown().await;
 }

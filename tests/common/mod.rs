@@ -379,3 +379,26 @@ impl http_body::Body for Chunks {
         std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.chunk.clone()))))
     }
 }
+
+/// Runs the `splitgate` binary with `ARGS --admin http://ADMIN`; the exit code and what
+/// it printed (stdout, then stderr).
+pub fn run_cli(
+    admin: SocketAddr,
+    args: &[&str],
+) -> impl Future<Output = (i32, String)> + Send + 'static {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    async move {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_splitgate"))
+            .args(&args)
+            .args(["--admin", &format!("http://{admin}")])
+            .output()
+            .await
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
