@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 pub use compile::{
     bp_to_percent, weight_to_bp, FleetSettings, HealthCheck, HealthSpec, HostMatch, NotifySpec,
-    Resolve, RouteSpec, Settings, SloSpec, TlsSettings, UpstreamSpec, UpstreamTls,
+    Protocol, Resolve, RouteSpec, Settings, SloSpec, TlsSettings, UpstreamSpec, UpstreamTls,
 };
 
 /// Why a config could not be used. Every variant names the file.

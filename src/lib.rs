@@ -30,6 +30,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod fleet;
+pub mod grpc;
 pub mod notify;
 pub mod proxy;
 pub mod server;

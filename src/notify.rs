@@ -102,15 +102,18 @@ impl Notifier {
 /// A TLS client for an https URL (the webpki roots).
 fn tls_for(url: &http::Uri) -> Option<UpstreamConnector> {
     (url.scheme_str() == Some("https")).then(|| {
-        UpstreamConnector::new(&UpstreamTls {
-            server_name: url
-                .host()
-                .unwrap_or_default()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
-            roots: None,
-        })
+        UpstreamConnector::new(
+            &UpstreamTls {
+                server_name: url
+                    .host()
+                    .unwrap_or_default()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+                roots: None,
+            },
+            crate::config::Protocol::Http1,
+        )
     })?
 }
 

@@ -138,6 +138,7 @@ impl RouteWindows {
     pub fn record_in_step(&self, variant: Variant, outcome: Outcome, latency: Duration, step: u64) {
         let error = match outcome {
             Outcome::Error(_) => true,
+            Outcome::Grpc { failed } => failed,
             Outcome::Status(status) => {
                 status >= 500 || (self.count_4xx && (400..500).contains(&status))
             }

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod checker;
 pub mod discovery;
+pub mod h2;
 pub mod health;
 pub mod instance;
 pub mod pool;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use http::header::UPGRADE;
 use http::{Request, Response};
 
-pub use body::UpstreamBody;
+pub use body::{BoxError, UpstreamBody};
 pub use instance::{Checked, Instance, InstanceState};
 pub use pool::{InFlight, Pool, PooledBody};
 
@@ -38,23 +39,36 @@ pub enum UpstreamError {
     QueueTimeout,
     #[error("no response head within the response timeout")]
     ResponseTimeout,
+    /// The gRPC caller's own deadline (`grpc-timeout`) ran out before the response head.
+    #[error("the caller's grpc-timeout ran out before the response head")]
+    DeadlineExceeded,
     #[error("connection closed or reset before the response: {0}")]
-    Reset(hyper::Error),
+    Reset(BoxError),
     #[error("upstream broke HTTP: {0}")]
-    Protocol(hyper::Error),
+    Protocol(BoxError),
     /// The client's body failed (stalled past its timeout, or the client went away);
     /// not the upstream's fault.
     #[error("client body failed: {0}")]
-    ClientBody(hyper::Error),
+    ClientBody(BoxError),
     #[error("upstream response framing is ambiguous: {0}")]
     Ambiguous(&'static str),
+    /// An upgrade (WebSocket) to an instance spoken to in HTTP/2, which has none.
+    #[error("upgrades (WebSocket) need HTTP/1.1 to the instance, and this upstream speaks HTTP/2")]
+    UpgradeOverH2,
+    /// An `auto` instance's ALPN picked the other protocol: nothing was sent, and the
+    /// request goes again the other way. Never leaves `Upstream::send`.
+    #[error("the instance picked another protocol")]
+    ProtocolSwitched,
+    /// A gRPC call to an instance that speaks only HTTP/1.1 (gRPC needs HTTP/2).
+    #[error("gRPC needs HTTP/2, and this instance speaks HTTP/1.1 (set the upstream's protocol to \"h2c\", \"h2\" or \"auto\")")]
+    Http1Only,
 }
 
 impl UpstreamError {
     /// Sorts hyper's errors into reset (the peer went away) and protocol (it spoke badly).
     pub fn from_hyper(error: hyper::Error) -> Self {
         if error.is_user() {
-            return UpstreamError::ClientBody(error);
+            return UpstreamError::ClientBody(Box::new(error));
         }
         let reset = error.is_incomplete_message()
             || error.is_canceled()
@@ -63,9 +77,20 @@ impl UpstreamError {
                 .and_then(|s| s.downcast_ref::<std::io::Error>())
                 .is_some();
         if reset {
-            UpstreamError::Reset(error)
+            UpstreamError::Reset(Box::new(error))
         } else {
-            UpstreamError::Protocol(error)
+            UpstreamError::Protocol(Box::new(error))
+        }
+    }
+
+    /// Sorts h2's errors the same way: the peer resetting the stream, going away or
+    /// dropping the connection is a reset; h2 finding the peer broke the protocol (a
+    /// malformed frame, an oversized header list) is a protocol error.
+    pub fn from_h2(error: ::h2::Error) -> Self {
+        if error.is_library() && !error.is_io() {
+            UpstreamError::Protocol(Box::new(error))
+        } else {
+            UpstreamError::Reset(Box::new(error))
         }
     }
 
@@ -75,9 +100,14 @@ impl UpstreamError {
             UpstreamError::Connect(_) => ErrorKind::Connect,
             UpstreamError::ConnectTimeout
             | UpstreamError::QueueTimeout
-            | UpstreamError::ResponseTimeout => ErrorKind::Timeout,
+            | UpstreamError::ResponseTimeout
+            | UpstreamError::DeadlineExceeded => ErrorKind::Timeout,
             UpstreamError::Reset(_) | UpstreamError::ClientBody(_) => ErrorKind::Reset,
-            UpstreamError::Protocol(_) | UpstreamError::Ambiguous(_) => ErrorKind::Protocol,
+            UpstreamError::Protocol(_)
+            | UpstreamError::Ambiguous(_)
+            | UpstreamError::Http1Only
+            | UpstreamError::UpgradeOverH2
+            | UpstreamError::ProtocolSwitched => ErrorKind::Protocol,
         }
     }
 }
@@ -136,11 +166,90 @@ pub(crate) async fn follow_snapshot(
 /// healthy ones never reach a user.
 pub const MAX_CONNECT_TRIES: usize = 3;
 
+/// A way to send one request to an instance.
+enum Connection {
+    Http1(pool::Connection),
+    H2(h2::StreamSlot),
+}
+
+/// A connection (HTTP/1.1) or stream (HTTP/2) for one request to `pool`, in the
+/// protocol the instance speaks. gRPC needs HTTP/2 and upgrades need HTTP/1.1: either
+/// the other way fails here, before anything is sent.
+async fn connection(
+    pool: &Arc<Pool>,
+    upgrade: bool,
+    grpc: bool,
+    timeouts: crate::config::compile::Timeouts,
+) -> Result<Connection, UpstreamError> {
+    if pool.speaks_h2() {
+        if upgrade {
+            return Err(UpstreamError::UpgradeOverH2);
+        }
+        return Ok(Connection::H2(h2::stream(pool, timeouts).await?));
+    }
+    if grpc && pool.protocol() == crate::config::Protocol::Http1 {
+        return Err(UpstreamError::Http1Only);
+    }
+    let connection = pool.connection(upgrade, timeouts).await?;
+    if grpc {
+        pool.give_back(connection);
+        return Err(UpstreamError::Http1Only);
+    }
+    Ok(Connection::Http1(connection))
+}
+
+/// The body of an upstream's response, by the protocol it came in.
+pub enum ResponseBody {
+    Http1(PooledBody),
+    H2(h2::H2Body),
+}
+
+impl ResponseBody {
+    /// The request's in-flight mark, for an upgrade tunnel to hold until it closes.
+    pub fn take_in_flight(&mut self) -> Option<InFlight> {
+        match self {
+            ResponseBody::Http1(body) => body.take_in_flight(),
+            ResponseBody::H2(body) => body.take_in_flight(),
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Http1(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(BoxError::from))),
+            ResponseBody::H2(body) => std::pin::Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Http1(body) => body.is_end_stream(),
+            ResponseBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ResponseBody::Http1(body) => body.size_hint(),
+            ResponseBody::H2(body) => body.size_hint(),
+        }
+    }
+}
+
 /// What [`Upstream::send`] did.
 pub struct Sent {
     /// The instance that answered, or failed last.
     pub instance: Arc<Pool>,
-    pub result: Result<Response<PooledBody>, UpstreamError>,
+    pub result: Result<Response<ResponseBody>, UpstreamError>,
     /// Refused or timed-out connects that moved the request to another instance; the
     /// last failure, when nothing answered, is in `result` instead.
     pub failed_connects: usize,
@@ -213,7 +322,10 @@ impl Upstream {
         let reuse_pools =
             previous.filter(|p| p.spec.same_pools(&spec) && p.workers.len() == workers);
         // One TLS client config per upstream, shared by its pools.
-        let tls = spec.tls.as_ref().and_then(tls::UpstreamConnector::new);
+        let tls = spec
+            .tls
+            .as_ref()
+            .and_then(|t| tls::UpstreamConnector::new(t, spec.protocol));
         let pools = (0..workers)
             .map(|worker| WorkerPools {
                 instances: members
@@ -233,6 +345,7 @@ impl Upstream {
                                 spec.max_idle_per_instance.div_ceil(workers),
                                 crate::worker::share(spec.max_connections_per_instance, workers),
                                 tls.clone(),
+                                spec.protocol,
                             )),
                         }
                     })
@@ -373,19 +486,29 @@ impl Upstream {
     }
 
     /// Sends a request, starting with `instance`: the connect (when no pooled
-    /// connection is free) and the wait for the response head are each bounded by
-    /// their timeout. A refused or timed-out connect sent nothing, so the request moves
-    /// to another instance (any method), up to [`MAX_CONNECT_TRIES`] instances in all.
-    /// Returns the instance that answered (or failed last) and the connect failures
-    /// that moved the request on.
-    pub async fn send(&self, instance: Arc<Pool>, request: Request<UpstreamBody>) -> Sent {
+    /// connection or HTTP/2 stream is free) and the wait for the response head are each
+    /// bounded by their timeout; `deadline`, the gRPC caller's own (`grpc-timeout`),
+    /// bounds the wait for the head too when it is shorter. A refused or timed-out
+    /// connect sent nothing, so the request moves to another instance (any method), up
+    /// to [`MAX_CONNECT_TRIES`] instances in all. Returns the instance that answered (or
+    /// failed last) and the connect failures that moved the request on.
+    pub async fn send(
+        &self,
+        instance: Arc<Pool>,
+        request: Request<UpstreamBody>,
+        deadline: Option<std::time::Duration>,
+    ) -> Sent {
         let timeouts = self.spec.timeouts;
         let upgrade = request.headers().contains_key(UPGRADE);
+        let grpc = crate::grpc::is_grpc(request.headers());
         let mut tried = Vec::new();
         let (mut instance, mut in_flight) = self.claim(instance);
+        let mut switches = 0;
         let connection = loop {
-            match instance.connection(upgrade, timeouts).await {
+            match connection(&instance, upgrade, grpc, timeouts).await {
                 Ok(connection) => break connection,
+                // An `auto` instance picked the other protocol; nothing was sent.
+                Err(UpstreamError::ProtocolSwitched) if switches < 2 => switches += 1,
                 Err(error @ (UpstreamError::Connect(_) | UpstreamError::ConnectTimeout)) => {
                     instance
                         .instance
@@ -421,15 +544,41 @@ impl Upstream {
                 }
             }
         };
-        let result = instance
-            .send_on(connection, request, timeouts, in_flight)
-            .await;
+        let result = match connection {
+            Connection::Http1(connection) => instance
+                .send_on(connection, request, timeouts, in_flight)
+                .await
+                .map(|response| response.map(ResponseBody::Http1)),
+            Connection::H2(stream) => {
+                let (head_deadline, deadline_error): (_, fn() -> UpstreamError) = match deadline {
+                    Some(deadline) if deadline < timeouts.response => {
+                        (deadline, || UpstreamError::DeadlineExceeded)
+                    }
+                    _ => (timeouts.response, || UpstreamError::ResponseTimeout),
+                };
+                h2::send(
+                    &instance,
+                    stream,
+                    request,
+                    timeouts,
+                    tokio::time::Instant::now() + head_deadline,
+                    deadline_error,
+                    in_flight,
+                )
+                .await
+                .map(|response| response.map(ResponseBody::H2))
+            }
+        };
         let passive = &instance.instance.passive;
         match &result {
             Ok(_) => passive.success(),
-            // Neither the client's body nor our own connection cap says anything
-            // about the instance's health.
-            Err(UpstreamError::ClientBody(_) | UpstreamError::QueueTimeout) => {}
+            // Neither the client's body, our own connection cap, nor the caller's own
+            // deadline says anything about the instance's health.
+            Err(
+                UpstreamError::ClientBody(_)
+                | UpstreamError::QueueTimeout
+                | UpstreamError::DeadlineExceeded,
+            ) => {}
             Err(_) => passive.failure(instance.addr(), self.policy),
         }
         Sent {

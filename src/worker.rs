@@ -11,7 +11,7 @@
 
 mod memory;
 mod pin;
-mod snapshot;
+pub mod snapshot;
 mod sockets;
 
 use std::cell::Cell;

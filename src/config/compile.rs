@@ -144,6 +144,30 @@ pub struct UpstreamSpec {
     /// With `resolve` set: some name did not resolve at load.
     pub unresolved: bool,
     pub health: Option<HealthSpec>,
+    pub protocol: Protocol,
+}
+
+/// How splitgate speaks to an upstream's instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 without TLS, by prior knowledge (RFC 9113 §3.3).
+    H2c,
+    /// HTTP/2 over TLS (ALPN `h2`; an instance that does not agree fails the handshake).
+    H2,
+    /// Over TLS, HTTP/2 when the instance's ALPN picks `h2`, else HTTP/1.1.
+    Auto,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2c => "h2c",
+            Protocol::H2 => "h2",
+            Protocol::Auto => "auto",
+        }
+    }
 }
 
 impl UpstreamSpec {
@@ -154,6 +178,7 @@ impl UpstreamSpec {
             && self.max_idle_per_instance == other.max_idle_per_instance
             && self.max_connections_per_instance == other.max_connections_per_instance
             && self.tls == other.tls
+            && self.protocol == other.protocol
     }
 }
 
@@ -238,6 +263,8 @@ pub struct RouteSpec {
     pub canary_allow_list: HashSet<String>,
     pub canary_unavailable: CanaryUnavailable,
     pub variant_header: Option<HeaderName>,
+    /// gRPC statuses counted as the upstream's failure.
+    pub grpc_errors: crate::grpc::CodeSet,
     pub slo: Option<SloSpec>,
     pub rollout: Option<RolloutSpec>,
 }
@@ -922,7 +949,9 @@ fn compile_upstream(
     if !section.tls && (section.sni.is_some() || section.ca.is_some()) {
         errors.push(&format!("{field}.tls"), "sni and ca need tls = true");
     }
+    let protocol = compile_protocol(&field, section, errors);
     (!bad_instances && !section.instances.is_empty()).then(|| UpstreamSpec {
+        protocol,
         tls,
         resolve,
         unresolved,
@@ -1122,6 +1151,40 @@ fn parse_status_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, Strin
     }
 }
 
+/// The upstream protocol, checked against `tls`: HTTP/2 over TLS and ALPN need TLS, and
+/// cleartext h2c refuses it (it would be h2).
+fn compile_protocol(field: &str, section: &UpstreamSection, errors: &mut Errors) -> Protocol {
+    let field = format!("{field}.protocol");
+    let protocol = match section.protocol.as_str() {
+        "http1" => Protocol::Http1,
+        "h2c" => Protocol::H2c,
+        "h2" => Protocol::H2,
+        "auto" => Protocol::Auto,
+        other => {
+            errors.push(
+                &field,
+                format!("{other:?} is not one of \"http1\", \"h2c\", \"h2\", \"auto\""),
+            );
+            return Protocol::Http1;
+        }
+    };
+    match (protocol, section.tls) {
+        (Protocol::H2 | Protocol::Auto, false) => errors.push(
+            &field,
+            format!(
+                "\"{}\" is negotiated over TLS and needs tls = true; for HTTP/2 without TLS use \"h2c\"",
+                protocol.as_str()
+            ),
+        ),
+        (Protocol::H2c, true) => errors.push(
+            &field,
+            "\"h2c\" is HTTP/2 without TLS; with tls = true use \"h2\" (or \"auto\")",
+        ),
+        _ => {}
+    }
+    protocol
+}
+
 fn compile_upstream_tls(
     field: &str,
     section: &UpstreamSection,
@@ -1292,6 +1355,10 @@ fn compile_route(
             })
             .ok()
     });
+    let grpc_errors = crate::grpc::CodeSet::parse(&r.grpc_error_statuses).unwrap_or_else(|e| {
+        errors.push(&format!("{field}.grpc_error_statuses"), e);
+        crate::grpc::CodeSet::SERVER_FAILURES
+    });
     let canary_unavailable = match r.canary_unavailable.as_str() {
         "fail" => CanaryUnavailable::Fail,
         "stable" => CanaryUnavailable::Stable,
@@ -1429,6 +1496,7 @@ fn compile_route(
         canary_allow_list: r.canary_allow_list.iter().cloned().collect(),
         canary_unavailable,
         variant_header,
+        grpc_errors,
         slo,
         rollout,
     })

@@ -292,6 +292,11 @@ pub struct UpstreamSection {
     pub resolve: Option<String>,
     #[serde(default)]
     pub health: Option<HealthSection>,
+    /// How to speak to the instances: "http1" (the default), "h2c" (HTTP/2 without
+    /// TLS, prior knowledge), "h2" (HTTP/2 over TLS) or "auto" (over TLS, HTTP/2 when
+    /// the instance's ALPN offers it, else HTTP/1.1).
+    #[serde(default = "defaults::protocol")]
+    pub protocol: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,6 +344,10 @@ pub struct RouteSection {
     /// Response header naming the side that served. Empty switches it off.
     #[serde(default = "defaults::variant_header")]
     pub variant_header: String,
+    /// gRPC statuses that count as the upstream's failure (in the metrics' `code` and
+    /// for the SLO judge), by name or number. The default: the server-side failures.
+    #[serde(default = "defaults::grpc_error_statuses")]
+    pub grpc_error_statuses: Vec<String>,
     #[serde(default)]
     pub slo: Option<SloSection>,
     #[serde(default)]
@@ -550,6 +559,18 @@ pub(super) mod defaults {
     pub fn override_name() -> String {
         "x-splitgate-variant".into()
     }
+    pub fn protocol() -> String {
+        "http1".into()
+    }
+
+    pub fn grpc_error_statuses() -> Vec<String> {
+        crate::grpc::CodeSet::SERVER_FAILURES
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+
     pub fn variant_header() -> String {
         "x-splitgate-variant".into()
     }

@@ -78,6 +78,50 @@ impl ProxyError {
     }
 }
 
+impl ProxyError {
+    /// The response for the client: for a gRPC call, a trailers-only gRPC error (HTTP
+    /// 200 with `grpc-status`, as gRPC's HTTP mapping gives the status; DEADLINE_EXCEEDED
+    /// when the caller's own deadline ran out), else [`ProxyError::into_response`].
+    pub fn into_response_for(self, grpc: bool) -> Response<ProxyBody> {
+        if !grpc {
+            return self.into_response();
+        }
+        let status = self.status();
+        let (code, message) = match &self {
+            ProxyError::Upstream {
+                source: UpstreamError::DeadlineExceeded,
+                ..
+            } => (
+                crate::grpc::DEADLINE_EXCEEDED,
+                "deadline exceeded before the upstream answered".to_string(),
+            ),
+            ProxyError::Upstream {
+                source: source @ (UpstreamError::Http1Only | UpstreamError::UpgradeOverH2),
+                ..
+            } => (crate::grpc::UNAVAILABLE, format!("splitgate: {source}")),
+            // Upstream details stay in the logs, not in the client's view.
+            ProxyError::Upstream { .. } => (
+                crate::grpc::code_for_http(status),
+                format!(
+                    "splitgate: upstream {}",
+                    status.canonical_reason().unwrap_or("error")
+                ),
+            ),
+            other => (
+                crate::grpc::code_for_http(status),
+                format!("splitgate: {other}"),
+            ),
+        };
+        let mut response: Response<ProxyBody> = crate::grpc::error_response(code, &message);
+        if self.closes_connection() {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
 /// The status for a failed upstream exchange: 504 for timeouts, 503 when no connection
 /// came free under the instance's connection cap (as HAProxy answers a queue timeout),
 /// 502 for the upstream's other failures, and 408 or 400 when it was the client's body
@@ -85,10 +129,12 @@ impl ProxyError {
 pub fn upstream_status(source: &UpstreamError) -> StatusCode {
     match source {
         UpstreamError::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
-        UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
-            StatusCode::GATEWAY_TIMEOUT
+        UpstreamError::ConnectTimeout
+        | UpstreamError::ResponseTimeout
+        | UpstreamError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        UpstreamError::ClientBody(error) if is_body_timeout(error.as_ref()) => {
+            StatusCode::REQUEST_TIMEOUT
         }
-        UpstreamError::ClientBody(error) if is_body_timeout(error) => StatusCode::REQUEST_TIMEOUT,
         UpstreamError::ClientBody(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::BAD_GATEWAY,
     }
@@ -96,8 +142,8 @@ pub fn upstream_status(source: &UpstreamError) -> StatusCode {
 
 /// Whether a client-body failure was our idle timer (408) rather than a malformed or
 /// aborted body (400).
-fn is_body_timeout(error: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(error);
+fn is_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
     while let Some(cause) = source {
         if cause.is::<ClientBodyTimeout>() {
             return true;

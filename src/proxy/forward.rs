@@ -76,6 +76,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the client's `TE` lists `trailers` (it reads trailers): the one TE value
+/// passed on, since HTTP/2 allows no other and gRPC servers require it.
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().any(|value| {
+        value.as_bytes().split(|&b| b == b',').any(|token| {
+            let token = token.split(|&b| b == b';').next().unwrap_or_default();
+            token.trim_ascii().eq_ignore_ascii_case(b"trailers")
+        })
+    })
+}
+
 /// The Via entry this proxy adds, by the protocol version it received.
 fn via_value(version: Version) -> HeaderValue {
     HeaderValue::from_static(match version {

@@ -23,20 +23,25 @@ pub fn sort_for_matching<R: Matchable>(routes: &mut [R]) {
 /// Finds the route for a host (without port) and path, in routes sorted by
 /// [`sort_for_matching`].
 pub fn find<'a, R: Matchable>(routes: &'a [R], host: &str, path: &str) -> Option<&'a R> {
+    find_index(routes, host, path).map(|i| &routes[i])
+}
+
+/// As [`find`], the route's index.
+pub fn find_index<R: Matchable>(routes: &[R], host: &str, path: &str) -> Option<usize> {
     let mut host_has_routes = false;
-    for route in routes {
+    for (i, route) in routes.iter().enumerate() {
         match route.host() {
             HostMatch::Exact(name) if name.eq_ignore_ascii_case(host) => {
                 host_has_routes = true;
                 if path.starts_with(route.path_prefix()) {
-                    return Some(route);
+                    return Some(i);
                 }
             }
             HostMatch::Exact(_) => {}
             HostMatch::Any if host_has_routes => return None,
             HostMatch::Any => {
                 if path.starts_with(route.path_prefix()) {
-                    return Some(route);
+                    return Some(i);
                 }
             }
         }

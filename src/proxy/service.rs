@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, SET_COOKIE, USER_AGENT};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, SET_COOKIE, TE, USER_AGENT};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::body::ProxyBody;
 use super::error::{upstream_status, ProxyError};
 use super::forward::{self, Peer};
+use super::outcome::{Observed, Recorder};
 use super::split::{self, RequestView, Variant};
 use super::{framing, route, upgrade};
 use crate::config::compile::CanaryUnavailable;
@@ -74,14 +75,17 @@ impl ProxyService {
             Some(reason) => Err(ProxyError::BadRequest(reason)),
             None => framing::check(&parts, server.max_uri_bytes),
         };
+        // A gRPC caller gets its errors as gRPC statuses, which is all it reads.
+        let grpc = crate::grpc::is_grpc(&parts.headers);
         if let Err(error) = checked {
             tracing::debug!(peer = %self.conn.peer, %error, "request rejected");
-            return Ok(error.into_response());
+            return Ok(error.into_response_for(grpc));
         }
         let host = framing::request_host(&parts.uri, &parts.headers);
-        let Some(route) = route::find(&snapshot.routes, host, parts.uri.path()) else {
-            return Ok(ProxyError::NoRoute.into_response());
+        let Some(route_index) = route::find_index(&snapshot.routes, host, parts.uri.path()) else {
+            return Ok(ProxyError::NoRoute.into_response_for(grpc));
         };
+        let route = &snapshot.routes[route_index];
         let decision = split::decide(
             &route.spec,
             route.weight_bp,
@@ -97,7 +101,7 @@ impl ProxyService {
         let evidence_step = route.windows.current_step();
         let choice = match choose_instance(route, decision.variant, started) {
             Ok(choice) => choice,
-            Err(error) => return Ok(error.into_response()),
+            Err(error) => return Ok(error.into_response_for(grpc)),
         };
         let Choice {
             upstream,
@@ -123,7 +127,14 @@ impl ProxyService {
         // An allowed upgrade (WebSocket) keeps its Upgrade header and goes upstream on
         // a connection of its own; the tunnel opens only if the upstream answers 101.
         let upgrade = upgrade::take(&mut parts, &server.upgrade_protocols);
+        let accepts_trailers = forward::accepts_trailers(&parts.headers);
         forward::strip_hop_by_hop(&mut parts.headers);
+        if accepts_trailers {
+            // The one TE an HTTP/2 request may carry, and one gRPC servers require.
+            parts
+                .headers
+                .insert(TE, HeaderValue::from_static("trailers"));
+        }
         if let Some(upgrade) = &upgrade {
             upgrade.protocol.restore(&mut parts.headers);
         }
@@ -148,8 +159,15 @@ impl ProxyService {
             UpstreamBody::Client(ClientBody::new(body, server.client_body_timeout))
         };
 
+        let deadline = grpc
+            .then(|| crate::grpc::timeout_in(&parts.headers))
+            .flatten();
         let sent = upstream
-            .send(instance, Request::from_parts(parts, upstream_body))
+            .send(
+                instance,
+                Request::from_parts(parts, upstream_body),
+                deadline,
+            )
             .await;
         let (instance, result) = (sent.instance, sent.result);
         let elapsed = started.elapsed();
@@ -173,21 +191,25 @@ impl ProxyService {
             }
             Ok(response)
         });
-        let (outcome, response) = match result {
-            Ok(response) => (Outcome::Status(response.status().as_u16()), Ok(response)),
-            // The client's own body failed: not held against the upstream.
-            Err(error @ UpstreamError::ClientBody(_)) => (
-                Outcome::Status(upstream_status(&error).as_u16()),
-                Err(error),
-            ),
-            Err(error) => (Outcome::Error(error.kind()), Err(error)),
-        };
-        route.metrics.side(variant).record(outcome, elapsed);
-        route
-            .windows
-            .record_in_step(variant, outcome, elapsed, evidence_step);
+        // A response's outcome is recorded when it ends (see `outcome.rs`); a failure
+        // without one, now.
+        if let Err(error) = &result {
+            let outcome = match error {
+                // The client's own body failed: not held against the upstream.
+                UpstreamError::ClientBody(_) => Outcome::Status(upstream_status(error).as_u16()),
+                // Nor is the caller's own deadline.
+                UpstreamError::DeadlineExceeded => Outcome::Grpc { failed: false },
+                error => Outcome::Error(error.kind()),
+            };
+            let side = route.metrics.side(variant);
+            side.record(outcome, elapsed);
+            side.record_stream(elapsed);
+            route
+                .windows
+                .record_in_step(variant, outcome, elapsed, evidence_step);
+        }
 
-        let mut response = match response {
+        let mut response = match result {
             Ok(response) => {
                 let (mut head, mut body) = response.into_parts();
                 let switching = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -204,10 +226,25 @@ impl ProxyService {
                 if let Some(upgrade) = &response_upgrade {
                     upgrade.restore(&mut head.headers);
                 }
-                forward::add_via(&mut head.headers, Version::HTTP_11);
+                forward::add_via(&mut head.headers, head.version);
                 if client_version == Version::HTTP_2 {
                     forward::detach_values(&mut head.headers);
                 }
+                let grpc_head = (grpc
+                    && head.status == http::StatusCode::OK
+                    && crate::grpc::is_grpc(&head.headers))
+                .then_some(&head.headers);
+                let recorder = Recorder::new(
+                    snapshot.clone(),
+                    route_index,
+                    variant,
+                    evidence_step,
+                    started,
+                    elapsed,
+                    head.status.as_u16(),
+                    grpc_head,
+                );
+                let body = Observed::new(body, recorder);
                 Response::from_parts(head, ProxyBody::Upstream(body))
             }
             Err(source) => {
@@ -222,7 +259,7 @@ impl ProxyService {
                     upstream: upstream.name().to_string(),
                     source,
                 }
-                .into_response()
+                .into_response_for(grpc)
             }
         };
         let headers = response.headers_mut();

@@ -3,6 +3,7 @@
 
 pub const REQUESTS_TOTAL: &str = "splitgate_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "splitgate_request_duration_seconds";
+pub const REQUEST_STREAM_SECONDS: &str = "splitgate_request_stream_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "splitgate_upstream_errors_total";
 pub const CANARY_WEIGHT: &str = "splitgate_canary_weight";
 pub const SLO_STATE: &str = "splitgate_slo_state";
@@ -45,8 +46,9 @@ pub enum Kind {
 
 /// Every family with its `# HELP` text (`promtool check metrics` wants one on each).
 pub const FAMILIES: &[(&str, Kind, &str)] = &[
-    (REQUESTS_TOTAL, Kind::Counter, "Proxied requests by route, upstream, variant and status class (code=error: no response from the upstream)."),
+    (REQUESTS_TOTAL, Kind::Counter, "Proxied requests by route, upstream, variant and outcome, counted when the response ends: code is the status class (1xx-5xx), error (no response, or the response body failed), grpc_ok or grpc_error (a gRPC call's grpc-status, from headers or trailers, outside or inside the route's grpc_error_statuses)."),
     (REQUEST_DURATION_SECONDS, Kind::Histogram, "Time from request received to response head sent, by route, upstream and variant."),
+    (REQUEST_STREAM_SECONDS, Kind::Histogram, "Time from request received to the end of the response body (the whole exchange, streams included), by route, upstream and variant."),
     (UPSTREAM_ERRORS_TOTAL, Kind::Counter, "Failed upstream exchanges by route, upstream and kind (connect, timeout, reset, protocol)."),
     (CANARY_WEIGHT, Kind::Gauge, "Live canary weight of a route, in percent."),
     (SLO_STATE, Kind::Gauge, "SLO state of a route: 0 ok, 1 tripped (canary pulled to weight 0)."),
@@ -80,6 +82,7 @@ pub const SHARDED: &[&str] = &[
     REQUESTS_TOTAL,
     UPSTREAM_ERRORS_TOTAL,
     REQUEST_DURATION_SECONDS,
+    REQUEST_STREAM_SECONDS,
     CONNECTIONS,
     CONNECTIONS_IDLE,
 ];
@@ -93,6 +96,10 @@ pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.008, 0.01, 0.025, 0.05, 0.08, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0, 8.0,
     10.0,
 ];
+
+/// Buckets `splitgate_request_stream_seconds` adds above the duration buckets: a
+/// streaming call may last minutes.
+pub const STREAM_EXTRA_BUCKETS: &[f64] = &[30.0, 60.0, 300.0, 1800.0];
 
 /// The latency thresholds of the alerts shipped in `config/alerts.yml` (a test checks
 /// the file against this list).

@@ -173,14 +173,39 @@ impl Registry {
 
     /// A request-duration series (see `sharded.rs`).
     pub fn duration(&self, labels: &[(&'static str, &str)]) -> Arc<ShardedHistogram> {
+        self.histogram(
+            names::REQUEST_DURATION_SECONDS,
+            labels,
+            self.buckets.clone(),
+        )
+    }
+
+    /// A whole-exchange series (`splitgate_request_stream_seconds`): the duration
+    /// buckets and longer ones, for streams that last minutes.
+    pub fn stream_duration(&self, labels: &[(&'static str, &str)]) -> Arc<ShardedHistogram> {
+        let buckets: Arc<[f64]> = self
+            .buckets
+            .iter()
+            .chain(names::STREAM_EXTRA_BUCKETS)
+            .copied()
+            .collect();
+        self.histogram(names::REQUEST_STREAM_SECONDS, labels, buckets)
+    }
+
+    fn histogram(
+        &self,
+        name: &'static str,
+        labels: &[(&'static str, &str)],
+        buckets: Arc<[f64]>,
+    ) -> Arc<ShardedHistogram> {
         let make = || {
             Series::Histogram(Arc::new(ShardedHistogram::new(
                 labels,
-                self.buckets.clone(),
+                buckets,
                 self.workers,
             )))
         };
-        match self.series(names::REQUEST_DURATION_SECONDS, labels, make) {
+        match self.series(name, labels, make) {
             Series::Histogram(histogram) => histogram,
             Series::Counter(_) => unreachable!("a histogram family"),
         }

@@ -12,30 +12,45 @@ use super::sharded::{ShardedCounter, ShardedHistogram};
 use crate::proxy::split::Variant;
 use crate::upstream::ErrorKind;
 
-/// How a proxied request ended, as far as metrics care.
+/// How a proxied request ended, as far as metrics and the SLO judge care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The upstream answered with this status.
+    /// The upstream answered with this status, and its body (if any) ended cleanly.
     Status(u16),
-    /// No response from the upstream.
+    /// No response from the upstream, or its body failed part way.
     Error(ErrorKind),
+    /// A gRPC call ended with a `grpc-status`; `failed` when the route counts that
+    /// status as the upstream's failure (`grpc_error_statuses`).
+    Grpc { failed: bool },
 }
 
-const CODE_LABELS: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+const CODE_LABELS: [&str; 8] = [
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "error",
+    "grpc_ok",
+    "grpc_error",
+];
 
 impl Outcome {
     fn code_index(self) -> usize {
         match self {
             Outcome::Status(status) => (usize::from(status / 100)).clamp(1, 5) - 1,
             Outcome::Error(_) => 5,
+            Outcome::Grpc { failed: false } => 6,
+            Outcome::Grpc { failed: true } => 7,
         }
     }
 }
 
 /// Handles for one side (stable or canary) of a route.
 pub struct SideMetrics {
-    requests: [Arc<ShardedCounter>; 6],
+    requests: [Arc<ShardedCounter>; 8],
     duration: Arc<ShardedHistogram>,
+    stream: Arc<ShardedHistogram>,
     errors: [Arc<ShardedCounter>; 4],
 }
 
@@ -63,6 +78,7 @@ impl SideMetrics {
         Self {
             requests,
             duration: registry.duration(&side),
+            stream: registry.stream_duration(&side),
             errors,
         }
     }
@@ -73,14 +89,22 @@ impl SideMetrics {
         self.errors[kind as usize].increment(1);
     }
 
-    /// Records one request: its status class, its duration to response head, and the
-    /// error kind when the upstream failed.
+    /// Records one request: its outcome, its duration to response head, and the error
+    /// kind when the upstream failed.
     pub fn record(&self, outcome: Outcome, elapsed: Duration) {
         self.requests[outcome.code_index()].increment(1);
         self.duration.record(elapsed);
         if let Outcome::Error(kind) = outcome {
             self.errors[kind as usize].increment(1);
         }
+    }
+}
+
+impl SideMetrics {
+    /// Records the whole exchange's duration, from request received to the end of
+    /// the response body.
+    pub fn record_stream(&self, total: Duration) {
+        self.stream.record(total);
     }
 }
 

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::instance::{Checked, Instance, InstanceState};
 use super::tls::UpstreamConnector;
+use crate::config::Protocol;
 use crate::config::{HealthCheck, HealthSpec, UpstreamSpec, UpstreamTls};
 use crate::state::StateHandle;
 use crate::telemetry::names::{HEALTH_CHECKS_TOTAL, LABEL_OUTCOME, LABEL_UPSTREAM};
@@ -82,7 +83,11 @@ fn reconcile(state: &StateHandle, tasks: &mut Vec<Task>) {
             upstream: spec.name.clone(),
             instance: instance.clone(),
             health: health.clone(),
-            tls: spec.tls.as_ref().and_then(UpstreamConnector::new),
+            tls: spec
+                .tls
+                .as_ref()
+                .and_then(|t| UpstreamConnector::new(t, spec.protocol)),
+            protocol: spec.protocol,
             passed: counter("pass"),
             failed: counter("fail"),
         };
@@ -101,6 +106,8 @@ struct Checker {
     instance: Arc<Instance>,
     health: HealthSpec,
     tls: Option<UpstreamConnector>,
+    /// The check speaks what requests speak: an h2c-only gRPC server refuses HTTP/1.1.
+    protocol: Protocol,
     passed: Counter,
     failed: Counter,
 }
@@ -160,46 +167,57 @@ impl Checker {
             .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
         match &self.tls {
-            None => self.exchange(stream).await,
+            None => self.exchange(stream, self.protocol == Protocol::H2c).await,
             Some(tls) => {
                 let stream = tls
                     .connector
                     .connect(tls.server_name.clone(), stream)
                     .await
                     .map_err(|e| format!("tls: {e}"))?;
-                self.exchange(stream).await
+                let h2 = match self.protocol {
+                    Protocol::H2 => true,
+                    Protocol::Auto => stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+                    Protocol::Http1 | Protocol::H2c => false,
+                };
+                self.exchange(stream, h2).await
             }
         }
     }
 
-    async fn exchange<I>(&self, io: I) -> Result<(), String>
+    async fn exchange<I>(&self, io: I, h2: bool) -> Result<(), String>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let HealthCheck::Http { path, host, expect } = &self.health.check else {
             return Ok(());
         };
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| format!("http: {e}"))?;
-        let connection = tokio::spawn(connection);
         let host = match host {
             Some(host) => HeaderValue::from_str(host),
             None => HeaderValue::from_str(&self.instance.addr.to_string()),
         }
         .map_err(|e| format!("host header: {e}"))?;
-        let request = Request::get(path.as_str())
-            .header(HOST, host)
-            .header(USER_AGENT, "splitgate-health-check")
-            .header(CONNECTION, "close")
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| format!("request: {e}"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("http: {e}"));
-        connection.abort();
-        let status = response?.status().as_u16();
+        let status = match h2 {
+            true => self.get_h2(io, path, host).await?,
+            false => {
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(io))
+                        .await
+                        .map_err(|e| format!("http: {e}"))?;
+                let connection = tokio::spawn(connection);
+                let request = Request::get(path.as_str())
+                    .header(HOST, host)
+                    .header(USER_AGENT, "splitgate-health-check")
+                    .header(CONNECTION, "close")
+                    .body(Empty::<bytes::Bytes>::new())
+                    .map_err(|e| format!("request: {e}"))?;
+                let response = sender
+                    .send_request(request)
+                    .await
+                    .map_err(|e| format!("http: {e}"));
+                connection.abort();
+                response?.status().as_u16()
+            }
+        };
         if expect.contains(&status) {
             Ok(())
         } else {
@@ -209,5 +227,36 @@ impl Checker {
                 expect.end()
             ))
         }
+    }
+
+    /// The check's GET as an HTTP/2 stream; its status.
+    async fn get_h2<I>(&self, io: I, path: &str, host: HeaderValue) -> Result<u16, String>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = ::h2::client::handshake(io)
+            .await
+            .map_err(|e| format!("h2: {e}"))?;
+        let connection = tokio::spawn(connection);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let uri = http::Uri::builder()
+            .scheme(scheme)
+            .authority(host.as_bytes())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| format!("request: {e}"))?;
+        let request = Request::get(uri)
+            .header(USER_AGENT, "splitgate-health-check")
+            .body(())
+            .map_err(|e| format!("request: {e}"))?;
+        let result = async {
+            let mut sender = sender.ready().await?;
+            let (response, _) = sender.send_request(request, true)?;
+            response.await
+        }
+        .await
+        .map_err(|e| format!("h2: {e}"));
+        connection.abort();
+        Ok(result?.status().as_u16())
     }
 }

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,10 +24,12 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::body::UpstreamBody;
+use super::h2::{H2Conn, H2Conns};
 use super::instance::Instance;
 use super::tls::UpstreamConnector;
 use super::UpstreamError;
 use crate::config::compile::Timeouts;
+use crate::config::Protocol;
 
 /// A connection taken for one request.
 pub struct Connection {
@@ -48,6 +51,12 @@ pub struct Pool {
     slots: Arc<Semaphore>,
     /// Idle senders, and the requests queued for one at the connection cap.
     idle: Mutex<Idle>,
+    /// HTTP/2 connections (protocol `h2c`, `h2`, or `auto` once ALPN picked h2).
+    pub(super) h2: H2Conns,
+    protocol: Protocol,
+    /// Requests go out as HTTP/2 streams: set by the protocol, or for `auto` by what
+    /// the instance's ALPN picked on the last connection opened.
+    speaks_h2: AtomicBool,
 }
 
 /// What sits behind the pool's lock.
@@ -67,8 +76,12 @@ impl Pool {
         max_idle: usize,
         max_connections: usize,
         tls: Option<UpstreamConnector>,
+        protocol: Protocol,
     ) -> Self {
         Self {
+            h2: H2Conns::default(),
+            protocol,
+            speaks_h2: AtomicBool::new(matches!(protocol, Protocol::H2c | Protocol::H2)),
             slots: Arc::new(Semaphore::new(max_connections)),
             addr: instance.addr,
             max_idle,
@@ -88,10 +101,41 @@ impl Pool {
         self.max_connections - self.slots.available_permits()
     }
 
+    /// Whether requests go to the instance as HTTP/2 streams.
+    pub fn speaks_h2(&self) -> bool {
+        self.speaks_h2.load(Ordering::Relaxed)
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
     /// Closes the idle connections (a drain): their tasks end as the senders drop.
+    /// HTTP/2 connections take no new streams and close when their last one ends.
     pub fn close_idle(&self) {
         let closed = std::mem::take(&mut self.idle().senders);
         drop(closed);
+        self.h2.close_all();
+    }
+
+    /// A new HTTP/2 connection when the instance is below its connection cap; `None` at
+    /// the cap. With `auto`, an instance whose ALPN picked HTTP/1.1 instead gets its
+    /// connection pooled as such and [`UpstreamError::ProtocolSwitched`].
+    pub(super) async fn open_h2(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<Arc<H2Conn>>, UpstreamError> {
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            return Ok(None);
+        };
+        match self.open(permit, timeout).await? {
+            Opened::H2(conn) => Ok(Some(conn)),
+            Opened::Http1(sender) => {
+                self.speaks_h2.store(false, Ordering::Relaxed);
+                self.put_back(sender);
+                Err(UpstreamError::ProtocolSwitched)
+            }
+        }
     }
 
     /// A connection for one request: pooled, new, or handed over at the connection
@@ -118,6 +162,13 @@ impl Pool {
             idle_since,
             upgrade,
         })
+    }
+
+    /// Gives a connection back unused (the request could not go on it).
+    pub fn give_back(&self, connection: Connection) {
+        if !connection.upgrade {
+            self.put_back(connection.sender);
+        }
     }
 
     /// Sends one request on `connection` (from [`Pool::connection`]). The response
@@ -274,28 +325,59 @@ impl Pool {
         Some(receiver)
     }
 
-    /// Opens a connection (TCP, then TLS when configured) within `timeout`. A failed
-    /// TLS handshake or certificate verification is a connect error. The connection
-    /// holds `permit`, one of the instance's connection slots, until it closes.
+    /// Opens an HTTP/1.1 connection (see [`Pool::open`]). With `auto`, an instance whose
+    /// ALPN picked h2 gets its connection kept for HTTP/2 streams instead and
+    /// [`UpstreamError::ProtocolSwitched`].
     async fn connect(
         &self,
         permit: OwnedSemaphorePermit,
         timeout: Duration,
     ) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+        match self.open(permit, timeout).await? {
+            Opened::Http1(sender) => Ok(sender),
+            Opened::H2(conn) => {
+                self.speaks_h2.store(true, Ordering::Relaxed);
+                self.h2.keep(conn);
+                Err(UpstreamError::ProtocolSwitched)
+            }
+        }
+    }
+
+    /// Opens a connection (TCP, then TLS when configured) within `timeout`, speaking
+    /// HTTP/2 for `h2c` and `h2`, HTTP/1.1 for `http1`, and for `auto` what ALPN picked.
+    /// A failed TLS handshake or certificate verification is a connect error. The
+    /// connection holds `permit`, one of the instance's connection slots, until it
+    /// closes.
+    async fn open(
+        &self,
+        permit: OwnedSemaphorePermit,
+        timeout: Duration,
+    ) -> Result<Opened, UpstreamError> {
         let connect = async {
             let stream = TcpStream::connect(self.addr)
                 .await
                 .map_err(UpstreamError::Connect)?;
             let _ = stream.set_nodelay(true);
             match &self.tls {
-                None => handshake(stream, permit).await,
+                None if self.protocol == Protocol::H2c => {
+                    Ok(Opened::H2(super::h2::handshake(stream, permit).await?))
+                }
+                None => Ok(Opened::Http1(handshake(stream, permit).await?)),
                 Some(tls) => {
                     let stream = tls
                         .connector
                         .connect(tls.server_name.clone(), stream)
                         .await
                         .map_err(UpstreamError::Connect)?;
-                    handshake(stream, permit).await
+                    let h2 = match self.protocol {
+                        Protocol::H2 => true,
+                        Protocol::Auto => stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+                        Protocol::Http1 | Protocol::H2c => false,
+                    };
+                    match h2 {
+                        true => Ok(Opened::H2(super::h2::handshake(stream, permit).await?)),
+                        false => Ok(Opened::Http1(handshake(stream, permit).await?)),
+                    }
                 }
             }
         };
@@ -322,6 +404,12 @@ impl Pool {
             idle.senders.push((sender, Instant::now()));
         }
     }
+}
+
+/// A connection just opened, in the protocol it speaks.
+enum Opened {
+    Http1(SendRequest<UpstreamBody>),
+    H2(Arc<H2Conn>),
 }
 
 /// The sender once it can take a request; `None` when its connection has closed.

@@ -8,7 +8,7 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 
-use crate::config::UpstreamTls;
+use crate::config::{Protocol, UpstreamTls};
 
 /// Connects TLS to one upstream's instances under one server name.
 #[derive(Clone)]
@@ -21,7 +21,8 @@ impl UpstreamConnector {
     /// Builds the client. The config was validated at load, so this cannot fail for a
     /// compiled [`UpstreamTls`]; a CA certificate rustls rejects is left out (and every
     /// handshake then fails verification, which is the safe direction).
-    pub fn new(spec: &UpstreamTls) -> Option<Self> {
+    /// ALPN offers what `protocol` may speak.
+    pub fn new(spec: &UpstreamTls, protocol: Protocol) -> Option<Self> {
         let mut roots = RootCertStore::empty();
         match &spec.roots {
             Some(certs) => {
@@ -39,7 +40,11 @@ impl UpstreamConnector {
                 .ok()?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = match protocol {
+            Protocol::H2 => vec![b"h2".to_vec()],
+            Protocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            Protocol::Http1 | Protocol::H2c => vec![b"http/1.1".to_vec()],
+        };
         Some(Self {
             connector: TlsConnector::from(Arc::new(config)),
             server_name: ServerName::try_from(spec.server_name.clone()).ok()?,
