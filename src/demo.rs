@@ -2,16 +2,25 @@
 //! proxy in front of them, with nothing to configure. The canary has a switch
 //! (`POST /fail`, `POST /heal` on its own port) so a newcomer can watch the SLO guard
 //! pull it.
+//!
+//! The same upstreams answer gRPC calls (any method, over h2c): the message back with
+//! their name, `grpc-status: 0` in the trailers; while failing, still HTTP 200 with a
+//! message, but `grpc-status: 14` in the trailers, which only a judge that reads
+//! trailers sees. The demo config routes `/splitgate.demo.` to them as h2c upstreams.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use bytes::{Bytes, BytesMut};
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -47,11 +56,17 @@ async fn answer(
     name: &'static str,
     failing: Arc<AtomicBool>,
     request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<DemoBody>, Infallible> {
+    if crate::grpc::is_grpc(request.headers()) {
+        return Ok(answer_grpc(name, failing.load(Ordering::Relaxed), request).await);
+    }
     let (status, body) = match (request.method(), request.uri().path()) {
         (&Method::POST, "/fail") => {
             failing.store(true, Ordering::Relaxed);
-            (StatusCode::OK, format!("{name} now answers 500\n"))
+            (
+                StatusCode::OK,
+                format!("{name} now fails: HTTP 500, and gRPC status 14 in the trailers\n"),
+            )
         }
         (&Method::POST, "/heal") => {
             failing.store(false, Ordering::Relaxed);
@@ -76,9 +91,77 @@ async fn answer(
             )
         }
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(DemoBody::new(Bytes::from(body), None));
     *response.status_mut() = status;
     Ok(response)
+}
+
+/// A gRPC call: one message back ("hello from NAME: " and the caller's message), and
+/// the status in the trailers: 0, or 14 (UNAVAILABLE) while failing.
+async fn answer_grpc(name: &str, failing: bool, request: Request<Incoming>) -> Response<DemoBody> {
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    // A gRPC message: a flag byte, a 4-byte length, the bytes.
+    let said = body.get(5..).unwrap_or_default();
+    let mut text = format!("hello from {name}: ").into_bytes();
+    text.extend_from_slice(said);
+    let mut message = BytesMut::with_capacity(5 + text.len());
+    message.extend_from_slice(&[0]);
+    message.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    message.extend_from_slice(&text);
+    let mut trailers = HeaderMap::new();
+    let status = if failing { "14" } else { "0" };
+    trailers.insert("grpc-status", HeaderValue::from_static(status));
+    if failing {
+        trailers.insert(
+            "grpc-message",
+            HeaderValue::from_static("demo upstream failing"),
+        );
+    }
+    let mut response = Response::new(DemoBody::new(message.freeze(), Some(trailers)));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
+}
+
+/// A demo response body: its bytes, then trailers if it has any.
+pub struct DemoBody {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl DemoBody {
+    fn new(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self {
+            data: Some(data),
+            trailers,
+        }
+    }
+}
+
+impl Body for DemoBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
 }
 
 /// The demo's config: one route, 10 % canary by `X-User-Id`, an SLO and a rollout plan.
@@ -104,6 +187,28 @@ instances = ["{stable}"]
 
 [upstreams.demo-canary]
 instances = ["{canary}"]
+
+# The same two servers, spoken to in HTTP/2 for gRPC.
+[upstreams.demo-stable-grpc]
+instances = ["{stable}"]
+protocol = "h2c"
+
+[upstreams.demo-canary-grpc]
+instances = ["{canary}"]
+protocol = "h2c"
+
+[[routes]]
+name = "demo-grpc"
+path_prefix = "/splitgate.demo."
+stable = "demo-stable-grpc"
+canary = "demo-canary-grpc"
+canary_weight = 10
+split_key = ["header:x-user-id", "client_ip"]
+
+[routes.slo]
+window = "1m"
+min_requests = 10
+max_error_rate = 0.1
 
 [[routes]]
 name = "demo"

@@ -907,6 +907,14 @@ Break the canary and watch the SLO guard set its weight to 0:
 Heal it, then reset the trip:
   curl -X POST http://{canary}/heal
   cargo run --release -- reset demo --admin http://{admin}
+
+gRPC: route "demo-grpc" sends /splitgate.demo.* to the same servers over h2c. A call
+with curl (the reply's grpc-status comes in the trailers, printed last):
+  printf '\0\0\0\0\5hello' | curl -s --http2-prior-knowledge -H 'content-type: application/grpc' -H 'te: trailers' -H 'X-User-Id: alice' --data-binary @- http://{proxy}/splitgate.demo.Greeter/Hello -D - -o - | cat -v
+While the canary fails, its calls are HTTP 200 with grpc-status 14 in the trailers;
+the judge reads them and trips "demo-grpc" too:
+  for i in $(seq 200); do printf '\0\0\0\0\5hello' | curl -s -o /dev/null --http2-prior-knowledge -H 'content-type: application/grpc' -H 'te: trailers' -H "X-User-Id: user$i" --data-binary @- http://{proxy}/splitgate.demo.Greeter/Hello; done
+  cargo run --release -- status demo-grpc --admin http://{admin}
 "#,
         proxy = running.proxy_addr,
         admin = running.admin_addr,

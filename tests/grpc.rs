@@ -599,6 +599,12 @@ async fn raw_h2_conn(mut stream: tokio::net::TcpStream, reply: fn(u32) -> Vec<u8
             4 if head[4] & 1 == 0 => {
                 let _ = stream.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await;
             }
+            // PING without ACK: answer it.
+            6 if head[4] & 1 == 0 => {
+                let mut pong = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                pong.extend_from_slice(&payload);
+                let _ = stream.write_all(&pong).await;
+            }
             // HEADERS.
             1 => {
                 let _ = stream.write_all(&reply(stream_id)).await;
@@ -622,4 +628,152 @@ impl CollectH2 for h2::RecvStream {
         }
         all.freeze()
     }
+}
+
+#[tokio::test]
+async fn the_demo_answers_grpc_through_its_h2c_route() {
+    let stable = splitgate::demo::start_upstream("stable").await.unwrap();
+    let canary = splitgate::demo::start_upstream("canary").await.unwrap();
+    let dir = Arc::new(TempDir::new("grpc-demo"));
+    let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
+    let text =
+        splitgate::demo::config_text(localhost, localhost, dir.path(), stable.addr, canary.addr);
+    let proxy = start_proxy(dir, &text).await;
+    let mut client = channel(&proxy).await;
+    let path = || http::uri::PathAndQuery::from_static("/splitgate.demo.Greeter/Hello");
+    client.ready().await.unwrap();
+    let reply = client
+        .unary::<_, Bytes, _>(
+            tonic::Request::new(Bytes::from_static(b"hi")),
+            path(),
+            BytesCodec,
+        )
+        .await
+        .unwrap();
+    assert!(reply.get_ref().starts_with(b"hello from"), "{reply:?}");
+    // A failing demo server still answers HTTP 200 with its message; the status is in
+    // the trailers.
+    canary.failing.store(true, Ordering::SeqCst);
+    stable.failing.store(true, Ordering::SeqCst);
+    client.ready().await.unwrap();
+    let status = client
+        .unary::<_, Bytes, _>(
+            tonic::Request::new(Bytes::from_static(b"hi")),
+            path(),
+            BytesCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), "demo upstream failing");
+}
+
+#[tokio::test]
+async fn streams_fill_the_advertised_limit_before_a_new_connection_opens() {
+    // The instance allows 2 concurrent streams per connection and answers after 300 ms.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let opened = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            opened.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut connection = h2::server::Builder::new()
+                    .max_concurrent_streams(2)
+                    .handshake::<_, Bytes>(stream)
+                    .await
+                    .unwrap();
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let mut body = respond.send_response(Response::new(()), false).unwrap();
+                        body.send_data(Bytes::from_static(b"ok"), true).unwrap();
+                    });
+                }
+            });
+        }
+    });
+    let run = |cap: &'static str, name: &'static str| {
+        let connections = connections.clone();
+        async move {
+            connections.store(0, Ordering::SeqCst);
+            let dir = Arc::new(TempDir::new(name));
+            let extra = format!("protocol = \"h2c\"\n{cap}");
+            // One worker: each has connections of its own.
+            let proxy = start_proxy(
+                dir.clone(),
+                &config(dir.path(), &[addr], None, "workers = 1", &extra, ""),
+            )
+            .await;
+            // Warm one connection, so that its SETTINGS (2 streams) are known.
+            assert_eq!(get(proxy.addr, "/", &[]).await.status, StatusCode::OK);
+            let calls: Vec<_> = (0..6)
+                .map(|_| tokio::spawn(get(proxy.addr, "/", &[])))
+                .collect();
+            for call in calls {
+                assert_eq!(call.await.unwrap().text(), "ok");
+            }
+            connections.load(Ordering::SeqCst)
+        }
+    };
+    // Six at once, two per connection: three connections.
+    assert_eq!(run("", "h2-streams").await, 3);
+    // At a cap of one connection, the six share its two streams in turn.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        run(
+            "max_connections_per_instance = 1\nqueue_timeout = \"5s\"",
+            "h2-cap"
+        )
+        .await,
+        1
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "three rounds of two"
+    );
+}
+
+#[tokio::test]
+async fn the_callers_grpc_timeout_bounds_the_wait_for_the_head() {
+    let slow = upstream_h2(|_request: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        Response::new(full("late"))
+    })
+    .await;
+    let dir = Arc::new(TempDir::new("grpc-deadline"));
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[slow.addr], None, "", "protocol = \"h2c\"", ""),
+    )
+    .await;
+    // A plain HTTP/2 client: tonic's would give up on its own at the deadline.
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::post(format!("http://{}/test.Echo/Unary", proxy.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "200m")
+        .body(full(Bytes::from_static(b"\0\0\0\0\x01x")))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let response = sender.send_request(request).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["grpc-status"], "4", "{response:?}");
+    // The caller's deadline is not the upstream's failure.
+    let text = metrics(&proxy).await;
+    assert!(
+        text.contains(&format!("{} 1", series(STABLE, "grpc_ok"))),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{} 0", series(STABLE, "error"))),
+        "{text}"
+    );
 }

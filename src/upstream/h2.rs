@@ -70,8 +70,23 @@ impl H2Conn {
 #[derive(Default)]
 pub struct H2Conns {
     conns: Mutex<Vec<Arc<H2Conn>>>,
-    /// Told whenever a stream ends, for requests waiting at the connection cap.
+    /// Told whenever a stream ends or a connection opens (or fails to), for requests
+    /// waiting for room.
     freed: Notify,
+    /// A connection is being opened: requests that find no room wait for it rather
+    /// than each opening one of their own.
+    opening: AtomicBool,
+}
+
+/// Marks a connection being opened; when dropped (opened, failed, or the request
+/// went away), the waiting requests look again.
+struct Opening<'a>(&'a H2Conns);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.opening.store(false, Ordering::Relaxed);
+        self.0.freed.notify_waiters();
+    }
 }
 
 impl H2Conns {
@@ -131,7 +146,7 @@ pub async fn handshake<I>(io: I, permit: OwnedSemaphorePermit) -> Result<Arc<H2C
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = h2::client::Builder::new()
+    let (sender, mut connection) = h2::client::Builder::new()
         .initial_max_send_streams(INITIAL_STREAMS)
         .enable_push(false)
         // Room for a burst of responses without stalling on WINDOW_UPDATEs, while
@@ -142,6 +157,7 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(UpstreamError::from_h2)?;
+    let mut ping = connection.ping_pong();
     let closed = Arc::new(AtomicBool::new(false));
     let flag = closed.clone();
     tokio::spawn(async move {
@@ -151,6 +167,14 @@ where
         flag.store(true, Ordering::Relaxed);
         drop(permit);
     });
+    // The instance's SETTINGS are the first frame it sends, so once a PING comes back
+    // its concurrent-stream limit is known: streams are then placed by the real limit,
+    // not the assumed one. One round trip, once per connection.
+    if let Some(ping) = ping.as_mut() {
+        ping.ping(h2::Ping::opaque())
+            .await
+            .map_err(UpstreamError::from_h2)?;
+    }
     Ok(Arc::new(H2Conn {
         sender,
         active: AtomicUsize::new(0),
@@ -183,10 +207,21 @@ pub async fn stream(pool: &Arc<Pool>, timeouts: Timeouts) -> Result<StreamSlot, 
                 conn,
             });
         }
-        if let Some(conn) = pool.open_h2(timeouts.connect).await? {
+        // Below the cap, and nobody else opening one: open a connection.
+        let opening = pool.free_slot().filter(|_| {
+            pool.h2
+                .opening
+                .compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        });
+        if let Some(permit) = opening {
+            let opening = Opening(&pool.h2);
+            let conn = pool.open_h2(permit, timeouts.connect).await?;
+            let conn = pool.h2.add(conn);
+            drop(opening);
             return Ok(StreamSlot {
                 pool: pool.clone(),
-                conn: pool.h2.add(conn),
+                conn,
             });
         }
         tokio::select! {

@@ -118,18 +118,21 @@ impl Pool {
         self.h2.close_all();
     }
 
-    /// A new HTTP/2 connection when the instance is below its connection cap; `None` at
-    /// the cap. With `auto`, an instance whose ALPN picked HTTP/1.1 instead gets its
-    /// connection pooled as such and [`UpstreamError::ProtocolSwitched`].
+    /// One of the instance's connection slots, if the instance is below its cap.
+    pub(super) fn free_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// A new HTTP/2 connection in `permit`'s slot. With `auto`, an instance whose ALPN
+    /// picked HTTP/1.1 instead gets its connection pooled as such and
+    /// [`UpstreamError::ProtocolSwitched`].
     pub(super) async fn open_h2(
         &self,
+        permit: OwnedSemaphorePermit,
         timeout: Duration,
-    ) -> Result<Option<Arc<H2Conn>>, UpstreamError> {
-        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            return Ok(None);
-        };
+    ) -> Result<Arc<H2Conn>, UpstreamError> {
         match self.open(permit, timeout).await? {
-            Opened::H2(conn) => Ok(Some(conn)),
+            Opened::H2(conn) => Ok(conn),
             Opened::Http1(sender) => {
                 self.speaks_h2.store(false, Ordering::Relaxed);
                 self.put_back(sender);
