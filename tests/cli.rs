@@ -948,3 +948,37 @@ fn the_readme_shows_the_rolling_deploy_script_as_shipped() {
         "README and examples/rolling-deploy.sh differ"
     );
 }
+
+#[test]
+fn check_names_protocol_and_grpc_status_mistakes() {
+    let (code, _, stderr) = check(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[upstreams.plain]
+instances = ["127.0.0.1:1"]
+protocol = "h2"
+[upstreams.cleartext]
+instances = ["127.0.0.1:2"]
+protocol = "h2c"
+tls = true
+sni = "upstream.test"
+[upstreams.typo]
+instances = ["127.0.0.1:3"]
+protocol = "http2"
+[[routes]]
+name = "r"
+stable = "plain"
+grpc_error_statuses = ["UNAVAILABLE", "BROKEN"]
+"#,
+    );
+    assert_eq!(code, 2);
+    for expected in [
+        "upstreams.plain.protocol: \"h2\" is negotiated over TLS and needs tls = true; for HTTP/2 without TLS use \"h2c\"",
+        "upstreams.cleartext.protocol: \"h2c\" is HTTP/2 without TLS; with tls = true use \"h2\" (or \"auto\")",
+        "upstreams.typo.protocol: \"http2\" is not one of \"http1\", \"h2c\", \"h2\", \"auto\"",
+        "routes[0] (r).grpc_error_statuses: \"BROKEN\" is not a gRPC status",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+}

@@ -330,6 +330,12 @@ fn bad_certificate_configs_are_refused_with_clear_messages() {
 
 /// An HTTPS upstream presenting a certificate for `upstream.test` from `ca`.
 async fn tls_upstream(ca: &Ca, dir: &Path) -> std::net::SocketAddr {
+    tls_upstream_alpn(ca, dir, &[]).await
+}
+
+/// As [`tls_upstream`], offering `alpn` (none: HTTP/1.1 only) and answering with the
+/// protocol version each request came in.
+async fn tls_upstream_alpn(ca: &Ca, dir: &Path, alpn: &[&[u8]]) -> std::net::SocketAddr {
     let (cert, key, _) = ca.issue(dir, "upstream", &["upstream.test"], false);
     use rustls::pki_types::pem::PemObject;
     let chain = vec![CertificateDer::from_pem_file(&cert).unwrap()];
@@ -342,6 +348,9 @@ async fn tls_upstream(ca: &Ca, dir: &Path) -> std::net::SocketAddr {
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .unwrap();
+    let mut config = config;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let versions = !alpn.is_empty();
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -352,18 +361,72 @@ async fn tls_upstream(ca: &Ca, dir: &Path) -> std::net::SocketAddr {
                 let Ok(stream) = acceptor.accept(stream).await else {
                     return;
                 };
-                let service = service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(full(Bytes::from_static(
-                        b"secure upstream",
-                    ))))
+                let service = service_fn(move |request: Request<Incoming>| async move {
+                    let text = match versions {
+                        true => format!("secure upstream over {:?}", request.version()),
+                        false => "secure upstream".to_string(),
+                    };
+                    Ok::<_, std::convert::Infallible>(Response::new(full(text)))
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
         }
     });
     addr
+}
+
+#[tokio::test]
+async fn h2_and_auto_upstreams_negotiate_http2_by_alpn() {
+    let ca = Ca::new("upstream CA");
+    for (protocol, offered, expected) in [
+        ("h2", &[&b"h2"[..]][..], "HTTP/2.0"),
+        ("auto", &[&b"h2"[..], &b"http/1.1"[..]][..], "HTTP/2.0"),
+        ("auto", &[&b"http/1.1"[..]][..], "HTTP/1.1"),
+        ("http1", &[&b"h2"[..], &b"http/1.1"[..]][..], "HTTP/1.1"),
+    ] {
+        let dir = Arc::new(TempDir::new(&format!("up-alpn-{protocol}")));
+        let upstream = tls_upstream_alpn(&ca, dir.path(), offered).await;
+        let ca_path = dir.path().join("ca.pem");
+        ca.write(&ca_path);
+        let extra = format!(
+            "tls = true\nsni = \"upstream.test\"\nca = \"{}\"\nprotocol = \"{protocol}\"",
+            ca_path.display()
+        );
+        let proxy = start_proxy(
+            dir.clone(),
+            &config(dir.path(), &[upstream], None, "", &extra, ""),
+        )
+        .await;
+        // Twice: the second goes on the pooled connection or stream.
+        for _ in 0..2 {
+            let reply = get(proxy.addr, "/", &[]).await;
+            assert_eq!(
+                (reply.status, reply.text()),
+                (StatusCode::OK, format!("secure upstream over {expected}")),
+                "{protocol} with ALPN {offered:?}"
+            );
+        }
+    }
+    // protocol = "h2" to an instance that does not offer h2 fails the handshake: 502.
+    let dir = Arc::new(TempDir::new("up-alpn-refused"));
+    let upstream = tls_upstream_alpn(&ca, dir.path(), &[b"http/1.1"]).await;
+    let ca_path = dir.path().join("ca.pem");
+    ca.write(&ca_path);
+    let extra = format!(
+        "tls = true\nsni = \"upstream.test\"\nca = \"{}\"\nprotocol = \"h2\"",
+        ca_path.display()
+    );
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[upstream], None, "", &extra, ""),
+    )
+    .await;
+    assert_eq!(
+        get(proxy.addr, "/", &[]).await.status,
+        StatusCode::BAD_GATEWAY
+    );
 }
 
 #[tokio::test]
