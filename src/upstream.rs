@@ -94,6 +94,23 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the failure says something about the instance (its health, and the
+    /// canary's evidence), rather than the client, the caller's own deadline, the
+    /// proxy's connection cap, or a request its protocol cannot carry (gRPC to an
+    /// HTTP/1.1 instance, an upgrade to an HTTP/2 one: a client could send those at
+    /// will).
+    pub fn is_the_instances(&self) -> bool {
+        !matches!(
+            self,
+            UpstreamError::ClientBody(_)
+                | UpstreamError::QueueTimeout
+                | UpstreamError::DeadlineExceeded
+                | UpstreamError::Http1Only
+                | UpstreamError::UpgradeOverH2
+                | UpstreamError::ProtocolSwitched
+        )
+    }
+
     /// The `kind` label of `splitgate_upstream_errors_total`.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -572,13 +589,10 @@ impl Upstream {
         let passive = &instance.instance.passive;
         match &result {
             Ok(_) => passive.success(),
-            // Neither the client's body, our own connection cap, nor the caller's own
-            // deadline says anything about the instance's health.
-            Err(
-                UpstreamError::ClientBody(_)
-                | UpstreamError::QueueTimeout
-                | UpstreamError::DeadlineExceeded,
-            ) => {}
+            // Neither the client's body, our own connection cap, the caller's own
+            // deadline, nor a request the instance's protocol cannot carry says
+            // anything about the instance's health.
+            Err(error) if !error.is_the_instances() => {}
             Err(_) => passive.failure(instance.addr(), self.policy),
         }
         Sent {

@@ -209,11 +209,13 @@ const STABLE: &str = "upstream=\"stable-pool\",variant=\"stable\"";
 async fn unary_and_bidirectional_streaming_grpc_through_an_h2c_upstream() {
     let server = grpc_server("stable", false).await;
     let dir = Arc::new(TempDir::new("grpc-e2e"));
+    // A short client_body_timeout: a streaming call may still pause longer between
+    // messages once it is under way.
     let text = config(
         dir.path(),
         &[server.addr],
         None,
-        "",
+        "client_body_timeout = \"1s\"",
         "protocol = \"h2c\"",
         "",
     );
@@ -241,6 +243,9 @@ async fn unary_and_bidirectional_streaming_grpc_through_an_h2c_upstream() {
         .expect("a streaming call")
         .into_inner();
     for word in ["one", "two", "three"] {
+        if word == "three" {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
         if word != "one" {
             sender.send(Bytes::from(word)).await.unwrap();
         }
@@ -286,6 +291,17 @@ async fn grpc_to_an_http1_upstream_is_a_clear_grpc_error() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("needs HTTP/2"), "{status:?}");
     assert_eq!(plain.hits(), 0, "nothing downgraded to HTTP/1.1 reached it");
+    // A client's gRPC call is no evidence against the instance: not an upstream error,
+    // not an ejection.
+    let text = metrics(&proxy).await;
+    assert!(
+        text.contains(&format!("{} 1", series(STABLE, "5xx"))),
+        "{text}"
+    );
+    assert!(
+        !text.contains("splitgate_upstream_errors_total{route=\"main\",upstream=\"stable-pool\",kind=\"protocol\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -766,10 +782,11 @@ async fn the_callers_grpc_timeout_bounds_the_wait_for_the_head() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["grpc-status"], "4", "{response:?}");
-    // The caller's deadline is not the upstream's failure.
+    // Counted as the instance's own DEADLINE_EXCEEDED would be (in the route's
+    // grpc_error_statuses by default: a hanging canary must not look healthy).
     let text = metrics(&proxy).await;
     assert!(
-        text.contains(&format!("{} 1", series(STABLE, "grpc_ok"))),
+        text.contains(&format!("{} 1", series(STABLE, "grpc_error"))),
         "{text}"
     );
     assert!(

@@ -5,7 +5,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;

@@ -18,6 +18,7 @@ use crate::grpc;
 use crate::proxy::split::Variant;
 use crate::state::LiveRoute;
 use crate::telemetry::Outcome;
+use crate::upstream::body::ClientAborted;
 use crate::upstream::{BoxError, ErrorKind, ResponseBody};
 use crate::worker::snapshot::Local;
 
@@ -159,6 +160,10 @@ impl Body for Observed {
                 }
             }
             Poll::Ready(None) => self.finish(End::Complete(None)),
+            // The client's request body failed and the stream was cancelled for it.
+            Poll::Ready(Some(Err(error))) if error.is::<ClientAborted>() => {
+                self.finish(End::Abandoned)
+            }
             Poll::Ready(Some(Err(error))) => self.finish(End::Failed(body_error_kind(error))),
             Poll::Pending => {}
         }

@@ -194,19 +194,36 @@ impl ProxyService {
         // A response's outcome is recorded when it ends (see `outcome.rs`); a failure
         // without one, now.
         if let Err(error) = &result {
+            // A request the instance's protocol cannot carry (gRPC to HTTP/1.1, an
+            // upgrade to HTTP/2) is the client's to send at will: no evidence.
+            let unsuitable = matches!(
+                error,
+                UpstreamError::Http1Only
+                    | UpstreamError::UpgradeOverH2
+                    | UpstreamError::ProtocolSwitched
+            );
             let outcome = match error {
-                // The client's own body failed: not held against the upstream.
+                // The caller's deadline ran out first: as the instance's own
+                // DEADLINE_EXCEEDED would count (a hanging canary must not hide).
+                UpstreamError::DeadlineExceeded => Outcome::Grpc {
+                    failed: route
+                        .spec
+                        .grpc_errors
+                        .contains(crate::grpc::DEADLINE_EXCEEDED),
+                },
+                // The client's own body failed: counted by the status it got.
                 UpstreamError::ClientBody(_) => Outcome::Status(upstream_status(error).as_u16()),
-                // Nor is the caller's own deadline.
-                UpstreamError::DeadlineExceeded => Outcome::Grpc { failed: false },
+                _ if unsuitable => Outcome::Status(upstream_status(error).as_u16()),
                 error => Outcome::Error(error.kind()),
             };
             let side = route.metrics.side(variant);
             side.record(outcome, elapsed);
             side.record_stream(elapsed);
-            route
-                .windows
-                .record_in_step(variant, outcome, elapsed, evidence_step);
+            if !unsuitable {
+                route
+                    .windows
+                    .record_in_step(variant, outcome, elapsed, evidence_step);
+            }
         }
 
         let mut response = match result {

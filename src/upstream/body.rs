@@ -22,6 +22,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("client sent no body bytes for {0:?}")]
 pub struct ClientBodyTimeout(pub Duration);
 
+/// The client's request body failed after the response head, and the stream to the
+/// instance was cancelled for it: the response body's failure that follows is the
+/// client's, not the instance's.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed; the upstream stream was cancelled")]
+pub struct ClientAborted;
+
 pub enum UpstreamBody {
     Client(ClientBody),
     Empty,
@@ -31,7 +38,8 @@ pub enum UpstreamBody {
 pub struct ClientBody {
     inner: Incoming,
     timeout: Duration,
-    timer: Pin<Box<Sleep>>,
+    /// `None` once stopped (see [`UpstreamBody::stop_idle_timer`]).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl ClientBody {
@@ -39,7 +47,17 @@ impl ClientBody {
         Self {
             inner,
             timeout,
-            timer: Box::pin(tokio::time::sleep(timeout)),
+            timer: Some(Box::pin(tokio::time::sleep(timeout))),
+        }
+    }
+}
+
+impl UpstreamBody {
+    /// Stops the idle timer: the body may pause for as long as it likes (a streaming
+    /// gRPC call between messages, once the call is under way).
+    pub fn stop_idle_timer(&mut self) {
+        if let UpstreamBody::Client(body) = self {
+            body.timer = None;
         }
     }
 }
@@ -58,15 +76,16 @@ impl Body for UpstreamBody {
         };
         match Pin::new(&mut body.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = Instant::now() + body.timeout;
-                body.timer.as_mut().reset(deadline);
+                if let Some(timer) = &mut body.timer {
+                    timer.as_mut().reset(Instant::now() + body.timeout);
+                }
                 Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
             }
-            Poll::Pending => match body.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => {
+            Poll::Pending => match body.timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => {
                     Poll::Ready(Some(Err(Box::new(ClientBodyTimeout(body.timeout)))))
                 }
-                Poll::Pending => Poll::Pending,
+                _ => Poll::Pending,
             },
         }
     }

@@ -237,7 +237,8 @@ impl Checker {
         let (sender, connection) = ::h2::client::handshake(io)
             .await
             .map_err(|e| format!("h2: {e}"))?;
-        let connection = tokio::spawn(connection);
+        // Aborted however the check ends, a timeout included.
+        let _connection = AbortOnDrop(tokio::spawn(connection));
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let uri = http::Uri::builder()
             .scheme(scheme)
@@ -256,7 +257,15 @@ impl Checker {
         }
         .await
         .map_err(|e| format!("h2: {e}"));
-        connection.abort();
         Ok(result?.status().as_u16())
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -362,9 +362,9 @@ impl Pool {
                 .map_err(UpstreamError::Connect)?;
             let _ = stream.set_nodelay(true);
             match &self.tls {
-                None if self.protocol == Protocol::H2c => {
-                    Ok(Opened::H2(super::h2::handshake(stream, permit).await?))
-                }
+                None if self.protocol == Protocol::H2c => Ok(Opened::H2(
+                    super::h2::handshake(stream, permit, self.h2.freed()).await?,
+                )),
                 None => Ok(Opened::Http1(handshake(stream, permit).await?)),
                 Some(tls) => {
                     let stream = tls
@@ -378,7 +378,9 @@ impl Pool {
                         Protocol::Http1 | Protocol::H2c => false,
                     };
                     match h2 {
-                        true => Ok(Opened::H2(super::h2::handshake(stream, permit).await?)),
+                        true => Ok(Opened::H2(
+                            super::h2::handshake(stream, permit, self.h2.freed()).await?,
+                        )),
                         false => Ok(Opened::Http1(handshake(stream, permit).await?)),
                     }
                 }

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""HTTP/2 to upstreams, side by side: proxy CPU microseconds per request, interleaved.
+
+usage: h2_upstream.py [--rounds R] [--seconds S] NAME=CLIENT=PORT=COMMAND ...
+
+CLIENT is `h2load` (h2c prior knowledge: 16 connections, 10 streams each) or `wrk`
+(HTTP/1.1: 64 keep-alive connections). The proxy under test is pinned to CPU 0; the
+client and the upstream nginx (h2c on :19011, HTTP/1.1 on :19001) share CPU 1. Each
+round runs every candidate once, so drift hits all alike. Prints one JSON line per
+candidate: medians of CPU us/request, requests/s, and failures.
+"""
+import argparse, json, os, re, shlex, signal, statistics, subprocess, sys, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "peer"))
+from compare import cpu_ticks, rss_kib, TICK  # noqa: E402
+
+
+def h2load(port, seconds):
+    out = subprocess.run(["taskset", "-c", "1", "h2load", "-c16", "-m10", "-t1", f"-D{seconds}",
+                          "--warm-up-time=1", f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True).stdout
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    if not m:
+        raise SystemExit(f"h2load on :{port} printed no summary:\n{out}")
+    status = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    done, ok = int(m.group(3)), int(status.group(1)) if status else 0
+    return dict(reqs=done, failed=done - ok + int(m.group(5)) + int(m.group(6)))
+
+
+def wrk(port, seconds):
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s",
+                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = (int(bad.group(1)) if bad else 0) + (sum(int(g) for g in sock.groups()) if sock else 0)
+    return dict(reqs=reqs, failed=failed)
+
+
+CLIENTS = {"h2load": h2load, "wrk": wrk}
+
+
+def answers(port):
+    for _ in range(100):
+        try:
+            import socket
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def one(name, client, port, cmd, seconds):
+    p = subprocess.Popen(["taskset", "-c", "0"] + shlex.split(cmd), stdout=open(f"/tmp/h2b-{name}.log", "w"),
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        if not answers(port):
+            raise SystemExit(f"{name}: nothing listens on :{port}; see /tmp/h2b-{name}.log")
+        time.sleep(0.3)
+        CLIENTS[client](port, 2)  # warm-up
+        c0 = cpu_ticks(p.pid)
+        r = CLIENTS[client](port, seconds)
+        c1 = cpu_ticks(p.pid)
+        r["rss"] = rss_kib(p.pid)
+        r["cpu_us"] = (c1 - c0) / TICK * 1e6 / max(r["reqs"], 1)
+        r["rps"] = r["reqs"] / seconds
+        return r
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=6)
+    ap.add_argument("candidates", nargs="+")
+    a = ap.parse_args()
+    cands = [c.split("=", 3) for c in a.candidates]
+    runs = {n: [] for n, _, _, _ in cands}
+    for _ in range(a.rounds):
+        for n, client, port, cmd in cands:
+            runs[n].append(one(n, client, int(port), cmd, a.seconds))
+    for n, rs in runs.items():
+        med = lambda k: round(statistics.median(r[k] for r in rs), 2)
+        print(json.dumps(dict(name=n, cpu_us_per_req=med("cpu_us"), cpu_us_all=[round(r["cpu_us"], 1) for r in rs],
+                              rps=round(med("rps")), rss_kib=med("rss"), failed=sum(r["failed"] for r in rs))))
+
+
+if __name__ == "__main__":
+    main()
