@@ -24,8 +24,9 @@ def h2load(port, seconds):
     if not m:
         raise SystemExit(f"h2load on :{port} printed no summary:\n{out}")
     status = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
-    done, ok = int(m.group(3)), int(status.group(1)) if status else 0
-    return dict(reqs=done, failed=done - ok + int(m.group(5)) + int(m.group(6)))
+    not_2xx = sum(int(g) for g in status.groups()[1:]) if status else 0
+    # failed: streams h2load saw fail or error, and answers other than 2xx.
+    return dict(reqs=int(m.group(3)), failed=int(m.group(5)) + int(m.group(6)) + not_2xx)
 
 
 def wrk(port, seconds):

@@ -160,6 +160,15 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Whether a TLS connection that negotiated `alpn` speaks HTTP/2.
+    pub fn h2_over_tls(self, alpn: Option<&[u8]>) -> bool {
+        match self {
+            Protocol::H2 => true,
+            Protocol::Auto => alpn == Some(b"h2"),
+            Protocol::Http1 | Protocol::H2c => false,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Http1 => "http1",

@@ -174,11 +174,9 @@ impl Checker {
                     .connect(tls.server_name.clone(), stream)
                     .await
                     .map_err(|e| format!("tls: {e}"))?;
-                let h2 = match self.protocol {
-                    Protocol::H2 => true,
-                    Protocol::Auto => stream.get_ref().1.alpn_protocol() == Some(b"h2"),
-                    Protocol::Http1 | Protocol::H2c => false,
-                };
+                let h2 = self
+                    .protocol
+                    .h2_over_tls(stream.get_ref().1.alpn_protocol());
                 self.exchange(stream, h2).await
             }
         }

@@ -372,11 +372,9 @@ impl Pool {
                         .connect(tls.server_name.clone(), stream)
                         .await
                         .map_err(UpstreamError::Connect)?;
-                    let h2 = match self.protocol {
-                        Protocol::H2 => true,
-                        Protocol::Auto => stream.get_ref().1.alpn_protocol() == Some(b"h2"),
-                        Protocol::Http1 | Protocol::H2c => false,
-                    };
+                    let h2 = self
+                        .protocol
+                        .h2_over_tls(stream.get_ref().1.alpn_protocol());
                     match h2 {
                         true => Ok(Opened::H2(
                             super::h2::handshake(stream, permit, self.h2.freed()).await?,
