@@ -510,7 +510,13 @@ async fn misbehaving_h2_upstreams_are_clean_errors() {
             .unwrap()
     })
     .await;
+    // Every stream reset at once: with an error, and as refused (sent again, a few
+    // times, then given up).
+    let reset = raw_h2(|stream_id| rst_stream(stream_id, 2)).await;
+    let refuse_all = raw_h2(|stream_id| rst_stream(stream_id, 7)).await;
     for (name, addr, kind) in [
+        ("reset", reset, "reset"),
+        ("refuse-all", refuse_all, "reset"),
         ("storm", storm, "reset"),
         ("broken", broken, "protocol"),
         ("huge", huge.addr, "protocol"),
@@ -577,6 +583,15 @@ async fn goaway_then_h2(goaways: usize) -> SocketAddr {
         }
     });
     addr
+}
+
+/// An RST_STREAM frame for `stream_id` with error `code` (2 INTERNAL_ERROR, 7
+/// REFUSED_STREAM).
+fn rst_stream(stream_id: u32, code: u32) -> Vec<u8> {
+    let mut frame = vec![0, 0, 4, 3, 0];
+    frame.extend_from_slice(&stream_id.to_be_bytes());
+    frame.extend_from_slice(&code.to_be_bytes());
+    frame
 }
 
 /// A hand-rolled HTTP/2 server: SETTINGS, then for each HEADERS frame it reads, the
