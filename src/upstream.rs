@@ -52,6 +52,10 @@ pub enum UpstreamError {
     ClientBody(BoxError),
     #[error("upstream response framing is ambiguous: {0}")]
     Ambiguous(&'static str),
+    /// The connection this request waited for (another request was opening it) could
+    /// not be opened: the request moves on, and the failure is that request's to count.
+    #[error("the connection this request waited for could not be opened")]
+    OpenFailed,
     /// An upgrade (WebSocket) to an instance spoken to in HTTP/2, which has none.
     #[error("upgrades (WebSocket) need HTTP/1.1 to the instance, and this upstream speaks HTTP/2")]
     UpgradeOverH2,
@@ -105,6 +109,7 @@ impl UpstreamError {
             UpstreamError::ClientBody(_)
                 | UpstreamError::QueueTimeout
                 | UpstreamError::DeadlineExceeded
+                | UpstreamError::OpenFailed
                 | UpstreamError::Http1Only
                 | UpstreamError::UpgradeOverH2
                 | UpstreamError::ProtocolSwitched
@@ -114,7 +119,7 @@ impl UpstreamError {
     /// The `kind` label of `splitgate_upstream_errors_total`.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            UpstreamError::Connect(_) => ErrorKind::Connect,
+            UpstreamError::Connect(_) | UpstreamError::OpenFailed => ErrorKind::Connect,
             UpstreamError::ConnectTimeout
             | UpstreamError::QueueTimeout
             | UpstreamError::ResponseTimeout
@@ -519,6 +524,7 @@ impl Upstream {
         let upgrade = request.headers().contains_key(UPGRADE);
         let grpc = crate::grpc::is_grpc(request.headers());
         let mut tried = Vec::new();
+        let mut failed_connects = 0;
         let (mut instance, mut in_flight) = self.claim(instance);
         let mut switches = 0;
         let connection = loop {
@@ -526,23 +532,31 @@ impl Upstream {
                 Ok(connection) => break connection,
                 // An `auto` instance picked the other protocol; nothing was sent.
                 Err(UpstreamError::ProtocolSwitched) if switches < 2 => switches += 1,
-                Err(error @ (UpstreamError::Connect(_) | UpstreamError::ConnectTimeout)) => {
-                    instance
-                        .instance
-                        .passive
-                        .failure(instance.addr(), self.policy);
+                Err(
+                    error @ (UpstreamError::Connect(_)
+                    | UpstreamError::ConnectTimeout
+                    | UpstreamError::OpenFailed),
+                ) => {
+                    // Another request's failed connect is that request's to count.
+                    let own = !matches!(error, UpstreamError::OpenFailed);
+                    if own {
+                        instance
+                            .instance
+                            .passive
+                            .failure(instance.addr(), self.policy);
+                    }
                     tried.push(instance.addr());
                     let next = (tried.len() < MAX_CONNECT_TRIES)
                         .then(|| self.pick_untried(&tried).cloned())
                         .flatten();
                     let Some(next) = next else {
-                        tried.pop();
                         return Sent {
                             instance,
                             result: Err(error),
-                            failed_connects: tried.len(),
+                            failed_connects,
                         };
                     };
+                    failed_connects += usize::from(own);
                     tracing::debug!(
                         upstream = self.name(),
                         failed = %instance.addr(),
@@ -556,7 +570,7 @@ impl Upstream {
                     return Sent {
                         instance,
                         result: Err(error),
-                        failed_connects: tried.len(),
+                        failed_connects,
                     }
                 }
             }
@@ -598,7 +612,7 @@ impl Upstream {
         Sent {
             instance,
             result,
-            failed_connects: tried.len(),
+            failed_connects,
         }
     }
 }

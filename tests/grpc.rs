@@ -607,13 +607,24 @@ async fn raw_h2(reply: fn(u32) -> Vec<u8>) -> SocketAddr {
     addr
 }
 
-async fn raw_h2_conn(mut stream: tokio::net::TcpStream, reply: fn(u32) -> Vec<u8>) {
+async fn raw_h2_conn(stream: tokio::net::TcpStream, reply: fn(u32) -> Vec<u8>) {
+    raw_h2_conn_with(stream, &[], reply).await
+}
+
+/// As [`raw_h2_conn`], sending `settings` (id and value pairs, 6 bytes each).
+async fn raw_h2_conn_with(
+    mut stream: tokio::net::TcpStream,
+    settings: &[u8],
+    reply: fn(u32) -> Vec<u8>,
+) {
     let mut preface = [0u8; 24];
     if stream.read_exact(&mut preface).await.is_err() {
         return;
     }
-    // Our SETTINGS (empty), then frames as they come.
-    let _ = stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+    // Our SETTINGS, then frames as they come.
+    let mut frame = vec![0, 0, settings.len() as u8, 4, 0, 0, 0, 0, 0];
+    frame.extend_from_slice(settings);
+    let _ = stream.write_all(&frame).await;
     loop {
         let mut head = [0u8; 9];
         if stream.read_exact(&mut head).await.is_err() {
@@ -808,4 +819,63 @@ async fn the_callers_grpc_timeout_bounds_the_wait_for_the_head() {
         text.contains(&format!("{} 0", series(STABLE, "error"))),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn a_stream_whose_response_ended_frees_its_place_though_the_client_keeps_sending() {
+    // One stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS 1): the instance answers
+    // each call at once with a bare `:status 200` and END_STREAM, never reads the
+    // request and never resets it, so the stream stays half open until we let go.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(raw_h2_conn_with(stream, &[0, 3, 0, 0, 0, 1], |stream_id| {
+                // HEADERS, END_STREAM | END_HEADERS, HPACK static index 8 (:status 200).
+                let mut frame = vec![0, 0, 1, 1, 5];
+                frame.extend_from_slice(&stream_id.to_be_bytes());
+                frame.push(0x88);
+                frame
+            }));
+        }
+    });
+    let dir = Arc::new(TempDir::new("h2-ended"));
+    let extra = "protocol = \"h2c\"\nmax_connections_per_instance = 1\nqueue_timeout = \"3s\"";
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[addr], None, "workers = 1", extra, ""),
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let call = |body: TestBody| {
+        Request::post(format!("http://{}/test.Echo/Chat", proxy.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap()
+    };
+    // A request stream that stays open.
+    let (frames, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
+    frames
+        .send(Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x01a"))))
+        .await
+        .unwrap();
+    let open = BodyExt::boxed(StreamBody::new(ReceiverStream::new(receiver)));
+    let first = sender.send_request(call(open)).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    // The next call gets the instance's one stream, though the first client is still
+    // sending: its response is over, so its stream was let go.
+    let started = std::time::Instant::now();
+    let second = sender
+        .send_request(call(full(Bytes::from_static(b"\0\0\0\0\x01b"))))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::OK, "{second:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(frames);
 }

@@ -168,9 +168,15 @@ where
         ));
     };
     let closed = Arc::new(AtomicBool::new(false));
-    let flag = closed.clone();
+    // However the task ends (a panic in h2 included): closed, the slot freed, told.
+    let ending = Ending {
+        closed: closed.clone(),
+        permit: Some(permit),
+        freed,
+    };
     let (settled, settled_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
+        let _ending = ending;
         let keepalive = async move {
             let first = ping_pong.ping(h2::Ping::opaque()).await;
             let ok = first.is_ok();
@@ -198,9 +204,6 @@ where
             },
             _ = keepalive => {}
         }
-        flag.store(true, Ordering::Relaxed);
-        drop(permit);
-        freed.notify_waiters();
     });
     match settled_rx.await {
         Ok(Ok(_)) => Ok(Arc::new(H2Conn {
@@ -212,6 +215,22 @@ where
         Err(_) => Err(UpstreamError::Reset(
             "the connection closed during its handshake".into(),
         )),
+    }
+}
+
+/// What a connection task does when it ends: the connection takes no more streams, its
+/// slot under the instance's cap is freed, and requests waiting for room look again.
+struct Ending {
+    closed: Arc<AtomicBool>,
+    permit: Option<OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+        drop(self.permit.take());
+        self.freed.notify_waiters();
     }
 }
 
@@ -237,6 +256,10 @@ pub async fn stream(pool: &Arc<Pool>, timeouts: Timeouts) -> Result<StreamSlot, 
     let queue_deadline = Instant::now() + timeouts.queue;
     let h2 = &pool.h2;
     loop {
+        // An `auto` instance that now picks HTTP/1.1: the request goes that way.
+        if !pool.speaks_h2() {
+            return Err(UpstreamError::ProtocolSwitched);
+        }
         let freed = h2.freed.notified();
         if let Some(conn) = h2.take_stream() {
             return Ok(StreamSlot {
@@ -255,6 +278,9 @@ pub async fn stream(pool: &Arc<Pool>, timeouts: Timeouts) -> Result<StreamSlot, 
             let _opening = Opening(h2);
             let conn = match pool.open_h2(permit, timeouts.connect).await {
                 Ok(conn) => conn,
+                Err(UpstreamError::ProtocolSwitched) => {
+                    return Err(UpstreamError::ProtocolSwitched)
+                }
                 Err(error) => {
                     h2.open_failures.fetch_add(1, Ordering::Relaxed);
                     return Err(error);
@@ -273,9 +299,7 @@ pub async fn stream(pool: &Arc<Pool>, timeouts: Timeouts) -> Result<StreamSlot, 
         tokio::select! {
             _ = freed => {
                 if h2.open_failures.load(Ordering::Relaxed) != failures {
-                    return Err(UpstreamError::Connect(std::io::Error::other(
-                        "the connection this request waited for could not be opened",
-                    )));
+                    return Err(UpstreamError::OpenFailed);
                 }
             }
             _ = tokio::time::sleep_until(queue_deadline) => return Err(UpstreamError::QueueTimeout),

@@ -341,6 +341,8 @@ impl Pool {
             Opened::H2(conn) => {
                 self.speaks_h2.store(true, Ordering::Relaxed);
                 self.h2.keep(conn);
+                // Idle HTTP/1.1 connections would only hold slots the streams need.
+                drop(std::mem::take(&mut self.idle().senders));
                 Err(UpstreamError::ProtocolSwitched)
             }
         }
@@ -365,7 +367,9 @@ impl Pool {
                 None if self.protocol == Protocol::H2c => Ok(Opened::H2(
                     super::h2::handshake(stream, permit, self.h2.freed()).await?,
                 )),
-                None => Ok(Opened::Http1(handshake(stream, permit).await?)),
+                None => Ok(Opened::Http1(
+                    handshake(stream, permit, self.h2.freed()).await?,
+                )),
                 Some(tls) => {
                     let stream = tls
                         .connector
@@ -379,7 +383,9 @@ impl Pool {
                         true => Ok(Opened::H2(
                             super::h2::handshake(stream, permit, self.h2.freed()).await?,
                         )),
-                        false => Ok(Opened::Http1(handshake(stream, permit).await?)),
+                        false => Ok(Opened::Http1(
+                            handshake(stream, permit, self.h2.freed()).await?,
+                        )),
                     }
                 }
             }
@@ -462,6 +468,7 @@ fn retry_copy(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> 
 async fn handshake<I>(
     io: I,
     permit: OwnedSemaphorePermit,
+    freed: Arc<tokio::sync::Notify>,
 ) -> Result<SendRequest<UpstreamBody>, UpstreamError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -475,6 +482,8 @@ where
             tracing::debug!(%error, "upstream connection ended with an error");
         }
         drop(permit);
+        // An `auto` pool's HTTP/2 requests may be waiting at the cap for this slot.
+        freed.notify_waiters();
     });
     Ok(sender)
 }

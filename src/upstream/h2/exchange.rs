@@ -18,6 +18,7 @@ use h2::{Reason, RecvStream, SendStream};
 use http::header::{self, HeaderName, HOST};
 use http::{HeaderMap, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{stream, StreamSlot};
@@ -34,8 +35,12 @@ use crate::upstream::UpstreamError;
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 const PART_COST: usize = 64;
 
-/// Tries of one request on refused streams or closed connections before it fails.
+/// Tries of one request on streams the instance refused before it fails.
 const MAX_SEND_TRIES: usize = 3;
+
+/// Connections found gone (a GOAWAY, a close) as a request was about to use them,
+/// before it fails. Nothing was sent on them; each is taken out of use.
+const MAX_STALE_CONNECTIONS: usize = 8;
 
 /// Sends `request` as an HTTP/2 stream, on `first` (from [`stream`]), and waits for
 /// the response head until `head_deadline` (`deadline_error` when it passes). The
@@ -55,24 +60,28 @@ pub async fn send(
     let uri = target(pool, &mut parts)?;
     let bodiless = matches!(body, UpstreamBody::Empty);
     let mut source = Source::new(body);
-    let mut tries = 0;
+    let (mut refusals, mut stale) = (0, 0);
     let mut first = Some(first);
     loop {
-        tries += 1;
-        if tries > MAX_SEND_TRIES {
-            return Err(UpstreamError::Reset(
-                "every connection tried went away before taking the stream".into(),
-            ));
-        }
         let slot = match first.take() {
             Some(slot) => slot,
-            None => stream(pool, timeouts).await?,
+            // Another stream, within the caller's time.
+            None => match tokio::time::timeout_at(head_deadline, stream(pool, timeouts)).await {
+                Ok(slot) => slot?,
+                Err(_) => return Err(deadline_error()),
+            },
         };
         let mut sender = slot.conn.sender.clone();
         // A connection that failed or went away since its last stream: out of use, and
         // nothing was sent on it.
         if poll_fn(|cx| sender.poll_ready(cx)).await.is_err() {
             slot.conn.close();
+            stale += 1;
+            if stale >= MAX_STALE_CONNECTIONS {
+                return Err(UpstreamError::Reset(
+                    "every connection tried went away before taking the stream".into(),
+                ));
+            }
             continue;
         }
         let mut head = Request::new(());
@@ -82,21 +91,27 @@ pub async fn send(
         let (response, mut stream) = match sender.send_request(head, bodiless) {
             Ok(sent) => sent,
             Err(error) => {
-                slot.conn.close();
                 if is_refused_by_h2(&error) {
                     // h2 refused the head itself: nothing another connection would take.
                     return Err(UpstreamError::ClientBody(Box::new(error)));
+                }
+                slot.conn.close();
+                stale += 1;
+                if stale >= MAX_STALE_CONNECTIONS {
+                    return Err(UpstreamError::from_h2(error));
                 }
                 continue;
             }
         };
         let head = {
             let mut response = response;
-            let mut pump = std::pin::pin!(source.pump(&mut stream));
+            let mut pump = std::pin::pin!(source.pump(&mut stream, None));
             let mut pumped = bodiless;
             let exchange = async {
                 loop {
                     tokio::select! {
+                        // A head that is in wins over what the pump has to say.
+                        biased;
                         response = &mut response => break response.map_err(Failure::Upstream),
                         done = &mut pump, if !pumped => {
                             pumped = true;
@@ -117,6 +132,7 @@ pub async fn send(
             Ok(head) => {
                 let slot = Arc::new(slot);
                 let client_failed = Arc::new(AtomicBool::new(false));
+                let response_ended = Arc::new(Notify::new());
                 if !source.finished() {
                     source.forget_replay();
                     if grpc {
@@ -125,8 +141,10 @@ pub async fn send(
                         source.body.stop_idle_timer();
                     }
                     let (slot, client_failed) = (slot.clone(), client_failed.clone());
+                    let response_ended = response_ended.clone();
                     tokio::spawn(async move {
-                        if let Err(Failure::Client(_)) = source.pump(&mut stream).await {
+                        let pumped = source.pump(&mut stream, Some(&response_ended)).await;
+                        if let Err(Failure::Client(_)) = pumped {
                             client_failed.store(true, Ordering::Relaxed);
                         }
                         drop(slot);
@@ -139,6 +157,7 @@ pub async fn send(
                     slot: Some(slot),
                     in_flight: Some(in_flight),
                     client_failed,
+                    response_ended,
                 };
                 let mut response = Response::from_parts(parts, body);
                 if response.body().recv.is_end_stream() {
@@ -150,7 +169,8 @@ pub async fn send(
                 if error.is_go_away() {
                     slot.conn.close();
                 }
-                if source.rewind() {
+                refusals += 1;
+                if refusals < MAX_SEND_TRIES && source.rewind() {
                     tracing::debug!(%error, addr = %pool.addr(), "stream refused unprocessed; sending it again");
                     continue;
                 }
@@ -321,17 +341,37 @@ impl Source {
     }
 
     /// Sends the body on `stream` with HTTP/2 flow control, until it ends, the client's
-    /// body fails, or the stream is reset or closed under it (the stream is reset on
-    /// any failure of ours, so the instance never waits on a half-sent body).
-    async fn pump(&mut self, stream: &mut SendStream<Bytes>) -> Result<(), Failure> {
+    /// body fails, the stream is reset or closed under it, or (`response_ended`) the
+    /// response is over: the call is then done, and the stream is reset rather than
+    /// held open for a client that never finishes. The stream is reset on any failure
+    /// of ours, so the instance never waits on a half-sent body.
+    async fn pump(
+        &mut self,
+        stream: &mut SendStream<Bytes>,
+        response_ended: Option<&Notify>,
+    ) -> Result<(), Failure> {
         while !self.done {
+            let ended = async {
+                match response_ended {
+                    Some(ended) => ended.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
-                next = self.next() => next,
+                // A reset or the response's end, when they are in, win over the next
+                // part: it would go to a stream that no longer takes it.
+                biased;
                 // The instance reset the stream (or it closed): nothing more to send.
                 _ = poll_fn(|cx| stream.poll_reset(cx)) => {
                     self.done = true;
                     return Ok(());
                 }
+                _ = ended => {
+                    self.done = true;
+                    stream.send_reset(Reason::NO_ERROR);
+                    return Ok(());
+                }
+                next = self.next() => next,
             };
             let part = match next {
                 Ok(part) => part,
@@ -427,10 +467,15 @@ pub struct H2Body {
     /// Set when the client's request body failed and the stream was cancelled for it:
     /// the failure that follows here is then the client's, not the instance's.
     client_failed: Arc<AtomicBool>,
+    /// Told when the response is over, so the request body's pump stops.
+    response_ended: Arc<Notify>,
 }
 
 impl H2Body {
     fn release(&mut self) {
+        if !matches!(self.state, Stage::Done) {
+            self.response_ended.notify_one();
+        }
         self.state = Stage::Done;
         self.slot = None;
         self.in_flight = None;
