@@ -162,6 +162,18 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Print a shell completion script, generated from this command line's definition.
+    ///
+    /// Example: `splitgate completions bash > /etc/bash_completion.d/splitgate`, or
+    /// `splitgate completions zsh > "${fpath[1]}/_splitgate"`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from this command line's definition.
+    ///
+    /// Example: `splitgate man > /usr/local/share/man/man1/splitgate.1`.
+    Man,
     /// The fleet this replica belongs to (`[fleet]`).
     Fleet {
         #[command(subcommand)]
@@ -252,11 +264,42 @@ struct AdminArgs {
     token: Option<String>,
 }
 
+/// Writes generated text to stdout; a reader that stopped early (`| head`) is no error.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("splitgate: cannot write to stdout: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format;
     init_logging(format);
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "splitgate", &mut script);
+            print_bytes(&script)
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(command).render(&mut page) {
+                Ok(()) => print_bytes(&page),
+                Err(error) => {
+                    eprintln!("splitgate: cannot render the man page: {error}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Check { config } => match load_and_preflight(&config, LogFormat::Text) {
             Ok(_) => {
                 println!("ok");
