@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod handlers;
+pub mod health;
 pub mod instances;
 pub mod view;
 
@@ -73,6 +74,9 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
 
     // Reads.
     match segments.as_slice() {
+        ["healthz"] if health::wants_verbose(parts.uri.query()) => {
+            return only(method, &Method::GET, || health::verbose(state))
+        }
         ["healthz"] => return only(method, &Method::GET, || text(StatusCode::OK, "ok\n")),
         ["readyz"] => {
             return only(method, &Method::GET, || {

@@ -53,6 +53,23 @@ pub struct Shared {
     pub(crate) reloads_failed: Counter,
     /// Failed writes of `state.dir` (`splitgate_state_persist_failures_total`).
     pub(crate) persist_failures: Counter,
+    /// When the last write of `state.dir` failed (unix ms; 0: none since start), for
+    /// `/healthz?verbose=1`.
+    pub last_persist_failure_ms: AtomicU64,
+    /// When the process started serving, and the config file reloads re-read.
+    pub started: std::time::Instant,
+    pub config_path: Option<std::path::PathBuf>,
+}
+
+impl Shared {
+    /// Counts a failed write of `state.dir`.
+    pub(crate) fn persist_failed(&self) {
+        self.persist_failures.increment(1);
+        self.last_persist_failure_ms.store(
+            crate::timefmt::unix_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
 }
 
 /// Who asked for a change; recorded in the audit log.

@@ -782,3 +782,50 @@ async fn a_weight_change_reaches_every_workers_next_request() {
         }
     }
 }
+
+#[tokio::test]
+async fn verbose_health_says_version_config_state_and_instances_up() {
+    let Setup { proxy, .. } = setup("workers = 2", "").await;
+    // Plain /healthz stays the cheap answer.
+    let plain = get(proxy.admin, "/healthz", &[]).await;
+    assert_eq!(
+        (plain.status, plain.text().as_str()),
+        (StatusCode::OK, "ok\n")
+    );
+
+    let (status, health) = admin(proxy.admin, "GET", "/healthz?verbose=1", "", None).await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
+    assert!(health["uptime_seconds"].is_u64());
+    assert_eq!(
+        health["config"]["file"],
+        proxy.config_path.display().to_string()
+    );
+    let generation = health["config"]["generation"].as_u64().unwrap();
+    assert!(generation >= 1, "{health}");
+    assert_eq!(health["workers"], 2);
+    assert!(health["state"]["dir"].is_string());
+    assert!(health["state"]["last_write_failed_at"].is_null());
+    assert!(health["fleet"].is_null());
+    let upstreams = health["upstreams"].as_array().unwrap();
+    assert_eq!(upstreams.len(), 2, "{health}");
+    for upstream in upstreams {
+        assert_eq!(upstream["instances"], 1, "{health}");
+        assert_eq!(upstream["up"], 1, "{health}");
+        assert_eq!(upstream["protocol"], "http1");
+    }
+
+    // A change shows as a new config generation.
+    let (status, _) = admin(
+        proxy.admin,
+        "PUT",
+        "/admin/routes/main/weight",
+        r#"{"canary_weight": 20}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, health) = admin(proxy.admin, "GET", "/healthz?verbose", "", None).await;
+    assert!(health["config"]["generation"].as_u64().unwrap() > generation);
+}

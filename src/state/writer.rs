@@ -148,6 +148,9 @@ pub async fn start(
         reloads_ok,
         reloads_failed,
         persist_failures,
+        last_persist_failure_ms: std::sync::atomic::AtomicU64::new(0),
+        started: std::time::Instant::now(),
+        config_path: config_path.clone(),
         fleet: std::sync::OnceLock::new(),
         freeze: std::sync::Mutex::new(freeze),
     });
@@ -778,7 +781,7 @@ impl Writer {
             .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
             .and_then(|saved| saved.map_err(ChangeError::Persist));
             if let Err(error) = persisted {
-                self.shared.persist_failures.increment(1);
+                self.shared.persist_failed();
                 tracing::error!(upstream, instance = %addr, %error, "could not write state; the instance state change was refused");
                 return Err(error);
             }
@@ -842,7 +845,7 @@ impl Writer {
         .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
         .and_then(|saved| saved.map_err(ChangeError::Persist));
         if let Err(error) = persisted {
-            self.shared.persist_failures.increment(1);
+            self.shared.persist_failed();
             return Err(error);
         }
         match &freeze {
@@ -946,7 +949,7 @@ impl Writer {
         .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
         .and_then(|saved| saved.map_err(ChangeError::Persist));
         if let Err(error) = persisted {
-            self.shared.persist_failures.increment(1);
+            self.shared.persist_failed();
             tracing::error!(
                 state_dir = %self.state_dir.display(),
                 by = source.as_str(),
