@@ -7,6 +7,7 @@ pub mod auth;
 pub mod handlers;
 pub mod health;
 pub mod instances;
+pub mod page;
 pub mod view;
 
 use std::sync::atomic::Ordering;
@@ -74,6 +75,8 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
 
     // Reads.
     match segments.as_slice() {
+        [] => return only(method, &Method::GET, page::index),
+        ["ui", "app.js"] => return only(method, &Method::GET, page::script),
         ["healthz"] if health::wants_verbose(parts.uri.query()) => {
             return only(method, &Method::GET, || health::verbose(state))
         }
@@ -139,6 +142,13 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
     };
     if *method != wanted {
         return method_not_allowed(&wanted);
+    }
+    // Without a token (a loopback-only admin API), a web page the operator has open
+    // must still not be able to make changes: see `auth::browser_safe`.
+    if admin.token.is_none() {
+        if let Err(reason) = auth::browser_safe(&parts.headers) {
+            return json_error(StatusCode::FORBIDDEN, reason);
+        }
     }
     if let Some(token) = &admin.token {
         if !auth::authorized(&parts.headers, token) {
