@@ -26,7 +26,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[command(
     name = "splitgate",
     version,
-    about = "Traffic-splitting reverse proxy: stable/canary by user ID, hot weights, SLO auto-revert"
+    about = "Traffic-splitting reverse proxy: stable/canary by user ID, hot weights, SLO auto-revert",
+    after_help = EXAMPLES
 )]
 struct Cli {
     /// Log format.
@@ -35,6 +36,22 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// The top-level help's (and the man page's) examples; each subcommand's `--help` has
+/// its own.
+const EXAMPLES: &str = "Examples:
+  splitgate demo                                  # try it: two demo upstreams and the proxy
+  splitgate check -c /etc/splitgate/splitgate.toml
+  splitgate run -c /etc/splitgate/splitgate.toml
+  splitgate status                                # every route; exit 1 when one is tripped
+  splitgate weight api 25                         # 25 % of users to the canary
+  splitgate rollout api start && splitgate rollout api wait
+  splitgate rollback api                          # weight 0 now
+  splitgate instance drain api-v1 10.0.0.7:8080 --wait
+  splitgate freeze on --reason \"incident 42\"
+  splitgate completions bash > /etc/bash_completion.d/splitgate
+The admin API is http://127.0.0.1:9901 unless --admin or SPLITGATE_ADMIN says
+otherwise; changes send SPLITGATE_ADMIN_TOKEN (or --token) when set.";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -45,7 +62,11 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve with a config file.
+    #[command(
+        after_help = "Example:\n  splitgate run -c /etc/splitgate/splitgate.toml\n  splitgate run --takeover -c /etc/splitgate/splitgate.toml   # replace the running binary"
+    )]
     Run {
+        /// The config file (TOML; `config/splitgate.toml` is an annotated example).
         #[arg(short, long)]
         config: PathBuf,
         /// Take over from the splitgate running on the same state.dir: receive its
@@ -55,11 +76,16 @@ enum Command {
         takeover: bool,
     },
     /// Validate a config file: prints `ok` or every error, exits 2 on error.
+    #[command(
+        after_help = "Example:\n  splitgate check -c config/splitgate.toml && systemctl reload splitgate"
+    )]
     Check {
+        /// The config file to check.
         #[arg(short, long)]
         config: PathBuf,
     },
     /// Start two demo upstreams and the proxy in front of them.
+    #[command(after_help = "Example:\n  splitgate demo --port 18080 --admin-port 19901")]
     Demo {
         /// Proxy port on 127.0.0.1.
         #[arg(long, default_value_t = 8080)]
@@ -69,8 +95,13 @@ enum Command {
         admin_port: u16,
     },
     /// Set a route's canary weight (percent, up to two decimals).
+    #[command(
+        after_help = "Example:\n  splitgate weight api 25\n  splitgate weight api 12.5 --admin http://10.0.0.5:9901 --token \"$TOKEN\""
+    )]
     Weight {
+        /// The route's name (`[[routes]] name`).
         route: String,
+        /// The new weight, 0 to 100, up to two decimals.
         percent: String,
         /// Also when a rollout runs: it is aborted (audited as such). Without it, a
         /// weight other than 0 during a rollout is refused (409).
@@ -80,7 +111,11 @@ enum Command {
         admin: AdminArgs,
     },
     /// Show every route, or one.
+    #[command(
+        after_help = "Example:\n  splitgate status            # exit 1 when a route is tripped\n  splitgate status api --json"
+    )]
     Status {
+        /// Only this route.
         route: Option<String>,
         /// Print the admin API's JSON instead of a table.
         #[arg(long)]
@@ -89,18 +124,25 @@ enum Command {
         admin: AdminArgs,
     },
     /// Set a route's canary weight to 0 now.
+    #[command(after_help = "Example:\n  splitgate rollback api")]
     Rollback {
+        /// The route's name.
         route: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
     /// Clear an SLO trip so the weight may rise again.
+    #[command(after_help = "Example:\n  splitgate reset api && splitgate weight api 5")]
     Reset {
+        /// The route's name.
         route: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
     /// Exit 0 when the admin API answers /healthz (for container health checks).
+    #[command(
+        after_help = "Example:\n  splitgate health --admin http://127.0.0.1:9901 || echo down"
+    )]
     Health {
         #[command(flatten)]
         admin: AdminArgs,
@@ -108,7 +150,9 @@ enum Command {
     /// Drive a route's progressive rollout (`[routes.rollout]`), or wait for it.
     #[command(after_help = ROLLOUT_HELP)]
     Rollout {
+        /// The route's name.
         route: String,
+        /// What to do (see the list below).
         #[arg(value_enum)]
         action: RolloutCommand,
         /// promote: straight to the last step (still guarded by the judge).
@@ -127,9 +171,14 @@ enum Command {
     /// Put an upstream instance in service or take it out: `ready`, `drain` (no new
     /// requests, those in flight finish) or `maint` (no requests, no health checks).
     /// Exits 0 when done, 1 when refused, 2 when `--wait` timed out.
+    #[command(
+        after_help = "Example:\n  splitgate instance drain api-v1 10.0.0.7:8080 --wait --timeout 5m\n  splitgate instance ready api-v1 10.0.0.7:8080 --wait"
+    )]
     Instance {
+        /// The state to put the instance in.
         #[arg(value_enum)]
         state: InstanceAction,
+        /// The upstream's name (`[upstreams.NAME]`).
         upstream: String,
         /// The instance's address as `splitgate upstreams` lists it (ip:port).
         addr: String,
@@ -145,7 +194,11 @@ enum Command {
     },
     /// Stop every rollout from advancing (incident mode), or let them go on. Trips,
     /// rollbacks and aborts still apply. With a fleet, for every replica.
+    #[command(
+        after_help = "Example:\n  splitgate freeze on --reason \"incident 42\"\n  splitgate freeze off"
+    )]
     Freeze {
+        /// `on` stops every rollout from advancing; `off` lets them go on.
         #[arg(value_enum)]
         state: FreezeState,
         /// Why (shown in status and the audit log).
@@ -155,6 +208,9 @@ enum Command {
         admin: AdminArgs,
     },
     /// Every upstream instance: state, health, requests in flight, connections.
+    #[command(
+        after_help = "Example:\n  splitgate upstreams\n  splitgate upstreams --json | jq '.upstreams[].instances[] | select(.serving | not)'"
+    )]
     Upstreams {
         /// Print the admin API's JSON instead of a table.
         #[arg(long)]
@@ -163,18 +219,21 @@ enum Command {
         admin: AdminArgs,
     },
     /// Print a shell completion script, generated from this command line's definition.
-    ///
-    /// Example: `splitgate completions bash > /etc/bash_completion.d/splitgate`, or
-    /// `splitgate completions zsh > "${fpath[1]}/_splitgate"`.
+    #[command(
+        after_help = "Example:\n  splitgate completions bash > /etc/bash_completion.d/splitgate\n  splitgate completions zsh > \"${fpath[1]}/_splitgate\""
+    )]
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
     /// Print the man page (roff), generated from this command line's definition.
-    ///
-    /// Example: `splitgate man > /usr/local/share/man/man1/splitgate.1`.
+    #[command(
+        after_help = "Example:\n  splitgate man > /usr/local/share/man/man1/splitgate.1 && man splitgate"
+    )]
     Man,
     /// The fleet this replica belongs to (`[fleet]`).
+    #[command(after_help = "Example:\n  splitgate fleet status --admin http://10.0.0.5:9901")]
     Fleet {
         #[command(subcommand)]
         command: FleetCommand,
@@ -183,7 +242,9 @@ enum Command {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum FreezeState {
+    /// No rollout advances until `freeze off`.
     On,
+    /// Rollouts go on.
     Off,
 }
 
@@ -193,6 +254,7 @@ enum RolloutCommand {
     Start,
     /// Stop the clock at the current step.
     Pause,
+    /// Start the clock again after a pause.
     Resume,
     /// Weight 0 now; the rollout ends as aborted.
     Abort,
@@ -222,8 +284,11 @@ Examples:
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum InstanceAction {
+    /// In service (after passing its health checks, when it has them).
     Ready,
+    /// No new requests; those in flight finish.
     Drain,
+    /// No requests and no health checks.
     Maint,
 }
 

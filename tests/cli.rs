@@ -1015,10 +1015,43 @@ fn completions_and_the_man_page_come_from_the_command_line_definition() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values"));
 
+    // Every subcommand's help ends with an example.
+    for sub in [
+        "run",
+        "check",
+        "demo",
+        "weight",
+        "status",
+        "rollback",
+        "reset",
+        "health",
+        "rollout",
+        "instance",
+        "freeze",
+        "upstreams",
+        "completions",
+        "man",
+        "fleet",
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args([sub, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains("Example") && help.contains(&format!("splitgate {sub}")),
+            "{sub} --help has no example:\n{help}"
+        );
+    }
+
     let out = std::process::Command::new(BIN).arg("man").output().unwrap();
     assert!(out.status.success());
     let page = String::from_utf8_lossy(&out.stdout);
     assert!(page.contains(".TH splitgate 1"), "{page}");
+    assert!(
+        page.contains("splitgate rollout api start"),
+        "the man page has the examples"
+    );
     for section in [".SH NAME", ".SH SYNOPSIS", ".SH SUBCOMMANDS"] {
         assert!(page.contains(section), "man page lacks {section}");
     }
