@@ -59,7 +59,13 @@ pub struct Shared {
     /// When the process started serving, and the config file reloads re-read.
     pub started: std::time::Instant,
     pub config_path: Option<std::path::PathBuf>,
+    /// The last trips applied, oldest first, at most [`RECENT_TRIPS`] per route: what
+    /// the operators' page lists. Written by the writer.
+    pub recent_trips: std::sync::Mutex<Vec<(String, Trip)>>,
 }
+
+/// Trips kept per route for `recent_trips`.
+pub const RECENT_TRIPS: usize = 5;
 
 impl Shared {
     /// Counts a failed write of `state.dir`.
@@ -278,6 +284,21 @@ pub struct StateHandle {
 }
 
 impl StateHandle {
+    /// The route's last trips in this process, newest first.
+    pub fn recent_trips(&self, route: &str) -> Vec<Trip> {
+        let trips = self
+            .shared
+            .recent_trips
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        trips
+            .iter()
+            .rev()
+            .filter(|(r, _)| r == route)
+            .map(|(_, trip)| trip.clone())
+            .collect()
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ChangeError> {
         let (reply, answer) = oneshot::channel();
         self.tx

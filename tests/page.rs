@@ -298,6 +298,15 @@ async fn the_operators_page_shows_routes_follows_changes_and_refuses_actions_wit
     )
     .await;
     assert!(tripped_at.elapsed() <= Duration::from_secs(2));
+    let trips = page
+        .eval("document.querySelector('[aria-label=\"last trips of demo\"]').textContent")
+        .await;
+    assert!(
+        trips
+            .as_str()
+            .is_some_and(|t| t.contains("error_rate (test)")),
+        "{trips}"
+    );
 
     if let Some(path) = std::env::var_os("SPLITGATE_SCREENSHOT") {
         page.eval(

@@ -25,7 +25,14 @@ pub fn list_routes(state: &StateHandle) -> Response<AdminBody> {
     let mut routes: Vec<_> = snapshot
         .routes
         .iter()
-        .map(|r| route_view(&snapshot, r, freeze.as_ref()))
+        .map(|r| {
+            route_view(
+                &snapshot,
+                r,
+                freeze.as_ref(),
+                state.recent_trips(&r.spec.name),
+            )
+        })
         .collect();
     routes.sort_by(|a, b| a.name.cmp(&b.name));
     json_response(
@@ -39,7 +46,12 @@ pub fn show_route(state: &StateHandle, name: &str) -> Response<AdminBody> {
     match snapshot.route(name) {
         Some(route) => json_response(
             StatusCode::OK,
-            &route_view(&snapshot, route, state.freeze().as_ref()),
+            &route_view(
+                &snapshot,
+                route,
+                state.freeze().as_ref(),
+                state.recent_trips(&route.spec.name),
+            ),
         ),
         None => json_error(StatusCode::NOT_FOUND, &format!("no route named {name:?}")),
     }

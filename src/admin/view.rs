@@ -17,6 +17,9 @@ pub struct RouteView {
     pub canary_weight: f64,
     pub file_weight: f64,
     pub slo: SloView,
+    /// This process's last trips of the route, newest first (at most
+    /// [`crate::state::RECENT_TRIPS`]); the audit log has them all.
+    pub recent_trips: Vec<crate::state::Trip>,
     pub window: WindowsView,
     pub rollout: Option<RolloutView>,
 }
@@ -43,6 +46,8 @@ pub struct SloView {
 
 #[derive(Serialize)]
 pub struct WindowsView {
+    /// The time the figures span (the SLO window), for rates.
+    pub seconds: f64,
     pub stable: StatsView,
     pub canary: StatsView,
 }
@@ -108,6 +113,7 @@ pub fn route_view(
     snapshot: &Snapshot,
     route: &LiveRoute,
     freeze: Option<&crate::state::Freeze>,
+    recent_trips: Vec<crate::state::Trip>,
 ) -> RouteView {
     let spec = &route.spec;
     let now = route.windows.now_ms();
@@ -206,7 +212,9 @@ pub fn route_view(
                 at: Some(trip.at.clone()),
             },
         },
+        recent_trips,
         window: WindowsView {
+            seconds: route.windows.stable.span_ms() as f64 / 1000.0,
             stable: route.windows.stable.stats(now).into(),
             canary: route.windows.canary.stats(now).into(),
         },

@@ -127,6 +127,11 @@ impl Window {
         slot.latency[bucket_of(latency)].fetch_add(1, Relaxed);
     }
 
+    /// How much time the window figures span.
+    pub fn span_ms(&self) -> u64 {
+        self.slice_ms * SLICES
+    }
+
     /// Sums the slices of the last window ending at `now_ms`.
     pub fn stats(&self, now_ms: u64) -> WindowStats {
         let newest = now_ms / self.slice_ms + 1;

@@ -151,6 +151,7 @@ pub async fn start(
         last_persist_failure_ms: std::sync::atomic::AtomicU64::new(0),
         started: std::time::Instant::now(),
         config_path: config_path.clone(),
+        recent_trips: std::sync::Mutex::new(Vec::new()),
         fleet: std::sync::OnceLock::new(),
         freeze: std::sync::Mutex::new(freeze),
     });
@@ -193,6 +194,35 @@ pub async fn start(
 }
 
 impl Writer {
+    /// Keeps the trips among `lines` for `StateHandle::recent_trips`, at most
+    /// [`super::RECENT_TRIPS`] per route.
+    fn remember_trips(
+        &self,
+        lines: &[(String, &'static str, u32, u32, Option<String>)],
+        next: &BTreeMap<String, SavedRoute>,
+    ) {
+        let mut trips = self
+            .shared
+            .recent_trips
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (route, action, ..) in lines {
+            let Some(trip) = next.get(route).and_then(|r| r.trip.clone()) else {
+                continue;
+            };
+            if *action != "trip" {
+                continue;
+            }
+            trips.push((route.clone(), trip));
+            let kept = trips.iter().filter(|(r, _)| r == route).count();
+            if kept > super::RECENT_TRIPS {
+                if let Some(oldest) = trips.iter().position(|(r, _)| r == route) {
+                    trips.remove(oldest);
+                }
+            }
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(command) = rx.recv().await {
             match command {
@@ -958,6 +988,7 @@ impl Writer {
             );
             return Err(error);
         }
+        self.remember_trips(&lines, &next);
         // Webhooks hear of a change once: from the replica it was made on.
         let made_here = match origin {
             None => true,

@@ -65,20 +65,25 @@ async function change(method, path, body, what) {
   refresh();
 }
 
-function side(name, upstream, w, values, key) {
+function side(name, upstream, w, seconds, values, key) {
   const errs = values.map((v) => v[key + "Err"]);
   const p99s = values.map((v) => v[key + "P99"]);
+  const rates = values.map((v) => v[key + "Rate"]);
+  const rate = seconds > 0 ? w.requests / seconds : 0;
   return el("div", {},
     el("h4", { style: "margin:0" }, `${name}: ${upstream}`),
-    el("div", {}, `${w.requests} requests, errors ${pct(w.error_rate)} `, spark(errs, `${name} error rate, last ${values.length} s`)),
+    el("div", {}, `${rate.toFixed(1)} requests/s `, spark(rates, `${name} request rate, last ${values.length} s`)),
+    el("div", {}, `errors ${pct(w.error_rate)} (${w.errors} of ${w.requests}) `, spark(errs, `${name} error rate, last ${values.length} s`)),
     el("div", {}, `p50 ${ms(w.p50_ms)}, p99 ${ms(w.p99_ms)} `, spark(p99s, `${name} p99 latency, last ${values.length} s`)));
 }
 
 function drawRoute(route) {
   const h = (history[route.name] = history[route.name] || []);
+  const seconds = route.window.seconds || 1;
   h.push({
     canaryErr: route.window.canary.error_rate, canaryP99: route.window.canary.p99_ms,
     stableErr: route.window.stable.error_rate, stableP99: route.window.stable.p99_ms,
+    canaryRate: route.window.canary.requests / seconds, stableRate: route.window.stable.requests / seconds,
   });
   if (h.length > HISTORY) h.shift();
   const weight = route.canary_weight;
@@ -108,8 +113,14 @@ function drawRoute(route) {
   }
   const values = h;
   section.append(el("div", { class: "sides" },
-    side("stable", route.stable, route.window.stable, values, "stable"),
-    route.canary ? side("canary", route.canary, route.window.canary, values, "canary") : null));
+    side("stable", route.stable, route.window.stable, seconds, values, "stable"),
+    route.canary ? side("canary", route.canary, route.window.canary, seconds, values, "canary") : null));
+  section.append(el("p", { class: "muted" }, `Figures over the last ${seconds} s (the SLO window); sparklines over the last ${values.length} s.`));
+  if (route.recent_trips && route.recent_trips.length) {
+    const list = el("ul", { "aria-label": `last trips of ${route.name}` });
+    for (const trip of route.recent_trips) list.append(el("li", {}, `${trip.at}: ${trip.reason} (${trip.detail})`));
+    section.append(el("div", {}, "Last trips (newest first):", list));
+  }
   const rollout = route.rollout;
   if (rollout) {
     const steps = rollout.steps.map((s, i) => (s.pause ? "pause" : `${s.weight} %`) + (rollout.step === i + 1 ? " ◀" : "")).join(" → ");
