@@ -109,7 +109,8 @@ function drawRoute(route) {
       body.append(el("tr", {}, el("td", {}, rule.rule), el("td", { class: vcls }, rule.verdict), el("td", {}, rule.summary)));
     }
     table.append(body);
-    section.append(table);
+    // After a trip or a reset the judge starts over: no verdicts to list yet.
+    if ((slo.rules || []).length) section.append(table);
   }
   const values = h;
   section.append(el("div", { class: "sides" },
