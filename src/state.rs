@@ -53,8 +53,8 @@ pub struct Shared {
     pub(crate) reloads_failed: Counter,
     /// Failed writes of `state.dir` (`splitgate_state_persist_failures_total`).
     pub(crate) persist_failures: Counter,
-    /// When the last write of `state.dir` failed (unix ms; 0: none since start), for
-    /// `/healthz?verbose=1`.
+    /// When the last write of `state.dir` failed, if no write has gone through since
+    /// (unix ms; 0: none), for `/healthz?verbose=1`.
     pub last_persist_failure_ms: AtomicU64,
     /// When the process started serving, and the config file reloads re-read.
     pub started: std::time::Instant,
@@ -68,6 +68,12 @@ pub struct Shared {
 pub const RECENT_TRIPS: usize = 5;
 
 impl Shared {
+    /// A write of `state.dir` went through: `/healthz?verbose=1` is healthy again.
+    pub(crate) fn persist_succeeded(&self) {
+        self.last_persist_failure_ms
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Counts a failed write of `state.dir`.
     pub(crate) fn persist_failed(&self) {
         self.persist_failures.increment(1);

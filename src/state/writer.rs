@@ -810,6 +810,9 @@ impl Writer {
             .await
             .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
             .and_then(|saved| saved.map_err(ChangeError::Persist));
+            if persisted.is_ok() {
+                self.shared.persist_succeeded();
+            }
             if let Err(error) = persisted {
                 self.shared.persist_failed();
                 tracing::error!(upstream, instance = %addr, %error, "could not write state; the instance state change was refused");
@@ -874,6 +877,9 @@ impl Writer {
         .await
         .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
         .and_then(|saved| saved.map_err(ChangeError::Persist));
+        if persisted.is_ok() {
+            self.shared.persist_succeeded();
+        }
         if let Err(error) = persisted {
             self.shared.persist_failed();
             return Err(error);
@@ -978,6 +984,9 @@ impl Writer {
         .await
         .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
         .and_then(|saved| saved.map_err(ChangeError::Persist));
+        if persisted.is_ok() {
+            self.shared.persist_succeeded();
+        }
         if let Err(error) = persisted {
             self.shared.persist_failed();
             tracing::error!(

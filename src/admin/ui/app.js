@@ -7,6 +7,7 @@
 const history = {}; // route name -> [{canaryErr, canaryP99, stableErr, stableP99}]
 const HISTORY = 120; // two minutes of one-second samples
 let paused = false;
+let refreshing = false;
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -134,11 +135,18 @@ function drawRoute(route) {
     const name = encodeURIComponent(route.name);
     form.append(
       el("label", { for: `w-${route.name}` }, "New weight (%)"), input,
-      el("button", { type: "button", onclick: () => change("PUT", `/admin/routes/${name}/weight`, { canary_weight: Number(input.value) }, `Set ${route.name} to ${input.value} %`) }, "Set weight"),
+      el("button", { type: "button", onclick: () => {
+        const percent = Number(input.value);
+        if (input.value.trim() === "" || !Number.isFinite(percent) || percent < 0 || percent > 100) {
+          say(`A weight is a number from 0 to 100, not "${input.value}"`, true);
+          return;
+        }
+        change("PUT", `/admin/routes/${name}/weight`, { canary_weight: percent }, `Set ${route.name} to ${percent} %`);
+      } }, "Set weight"),
       el("button", { type: "button", onclick: () => change("POST", `/admin/routes/${name}/rollback`, null, `Roll ${route.name} back to 0 %`) }, "Rollback"),
       el("button", { type: "button", onclick: () => change("POST", `/admin/routes/${name}/reset`, null, `Reset the trip of ${route.name}`) }, "Reset trip"));
     if (rollout) {
-      for (const action of ["start", "pause", "resume", "promote", "abort"]) {
+      for (const action of ["start", "pause", "resume", "promote", "abort", "retry"]) {
         form.append(el("button", { type: "button", onclick: () => change("POST", `/admin/routes/${name}/rollout/${action}`, action === "start" ? { from_current: true } : {}, `Rollout ${action} on ${route.name}`) }, `Rollout ${action}`));
       }
     }
@@ -191,15 +199,18 @@ async function getJson(path) {
 }
 
 async function refresh() {
+  // One at a time: a slow admin API must not stack reads (or sparkline samples).
+  if (refreshing) return;
+  refreshing = true;
   try {
     const [routes, upstreams, fleet] = await Promise.all([getJson("/admin/routes"), getJson("/admin/upstreams"), getJson("/admin/fleet")]);
     const tripped = routes.routes.filter((r) => r.slo && r.slo.state === "tripped").length;
     document.getElementById("summary").textContent =
       `${routes.routes.length} routes, ${tripped} tripped; config generation ${routes.generation}` + (routes.frozen ? `; rollouts frozen: ${routes.frozen.reason}` : "");
     const sections = routes.routes.map(drawRoute);
-    // Not while the operator is typing or on a control: redrawing would take it away.
+    // Not while the operator is typing into a field: redrawing would take it away.
     const active = document.activeElement;
-    const busy = active && active !== document.body && active.closest("#routes, #upstreams");
+    const busy = active && active.tagName === "INPUT" && active.closest("#routes, #upstreams");
     if (!busy) {
       document.getElementById("routes").replaceChildren(...sections);
       document.getElementById("upstreams").replaceChildren(...upstreams.upstreams.map(drawUpstream));
@@ -207,6 +218,8 @@ async function refresh() {
     document.getElementById("fleet").replaceChildren(drawFleet(fleet));
   } catch (error) {
     document.getElementById("summary").textContent = `cannot read the admin API: ${error.message}`;
+  } finally {
+    refreshing = false;
   }
 }
 
