@@ -194,6 +194,23 @@ pub async fn start(
 }
 
 impl Writer {
+    /// Runs a write of `state.dir` off the runtime and records how it went, so the
+    /// failure counter and `/healthz?verbose=1` see every write alike.
+    async fn persist(
+        &self,
+        write: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(), ChangeError> {
+        let persisted = tokio::task::spawn_blocking(write)
+            .await
+            .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
+            .and_then(|saved| saved.map_err(ChangeError::Persist));
+        match &persisted {
+            Ok(()) => self.shared.persist_succeeded(),
+            Err(_) => self.shared.persist_failed(),
+        }
+        persisted
+    }
+
     /// Keeps the trips among `lines` for `StateHandle::recent_trips`, at most
     /// [`super::RECENT_TRIPS`] per route.
     fn remember_trips(
@@ -800,21 +817,16 @@ impl Writer {
                 .map(|line| serde_json::to_value(&line))
                 .transpose()
                 .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))?;
-            let persisted = tokio::task::spawn_blocking(move || {
-                store.save_instances(&states)?;
-                match line {
-                    Some(line) => store.audit(&[line]),
-                    None => Ok(()),
-                }
-            })
-            .await
-            .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
-            .and_then(|saved| saved.map_err(ChangeError::Persist));
-            if persisted.is_ok() {
-                self.shared.persist_succeeded();
-            }
+            let persisted = self
+                .persist(move || {
+                    store.save_instances(&states)?;
+                    match line {
+                        Some(line) => store.audit(&[line]),
+                        None => Ok(()),
+                    }
+                })
+                .await;
             if let Err(error) = persisted {
-                self.shared.persist_failed();
                 tracing::error!(upstream, instance = %addr, %error, "could not write state; the instance state change was refused");
                 return Err(error);
             }
@@ -870,20 +882,11 @@ impl Writer {
             "by": freeze.as_ref().map(|f| f.by.clone()),
         });
         let to_save = freeze.clone();
-        let persisted = tokio::task::spawn_blocking(move || {
+        self.persist(move || {
             store.save_freeze(to_save.as_ref())?;
             store.audit(&[line])
         })
-        .await
-        .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
-        .and_then(|saved| saved.map_err(ChangeError::Persist));
-        if persisted.is_ok() {
-            self.shared.persist_succeeded();
-        }
-        if let Err(error) = persisted {
-            self.shared.persist_failed();
-            return Err(error);
-        }
+        .await?;
         match &freeze {
             Some(f) => {
                 tracing::warn!(reason = %f.reason, by = %f.by, "rollouts frozen: none advances until `splitgate freeze off`")
@@ -963,32 +966,27 @@ impl Writer {
         let to_save = next.clone();
         let audited = lines.clone();
         let audit_replica = replica.clone();
-        let persisted = tokio::task::spawn_blocking(move || {
-            store.save(&to_save)?;
-            let entries: Vec<AuditEntry<'_>> = audited
-                .iter()
-                .map(|(route, action, old, new, detail)| AuditEntry {
-                    time: time.clone(),
-                    route,
-                    action,
-                    old_weight: bp_to_percent(*old),
-                    new_weight: bp_to_percent(*new),
-                    source: source.as_str(),
-                    detail: detail.as_deref(),
-                    replica: audit_replica.as_deref(),
-                    revision,
-                })
-                .collect();
-            store.audit(&entries)
-        })
-        .await
-        .map_err(|e| ChangeError::Persist(std::io::Error::other(e)))
-        .and_then(|saved| saved.map_err(ChangeError::Persist));
-        if persisted.is_ok() {
-            self.shared.persist_succeeded();
-        }
+        let persisted = self
+            .persist(move || {
+                store.save(&to_save)?;
+                let entries: Vec<AuditEntry<'_>> = audited
+                    .iter()
+                    .map(|(route, action, old, new, detail)| AuditEntry {
+                        time: time.clone(),
+                        route,
+                        action,
+                        old_weight: bp_to_percent(*old),
+                        new_weight: bp_to_percent(*new),
+                        source: source.as_str(),
+                        detail: detail.as_deref(),
+                        replica: audit_replica.as_deref(),
+                        revision,
+                    })
+                    .collect();
+                store.audit(&entries)
+            })
+            .await;
         if let Err(error) = persisted {
-            self.shared.persist_failed();
             tracing::error!(
                 state_dir = %self.state_dir.display(),
                 by = source.as_str(),
