@@ -183,8 +183,17 @@ async fn unary(
     client: &mut tonic::client::Grpc<tonic::transport::Channel>,
     message: &'static [u8],
 ) -> Result<Bytes, Status> {
+    unary_at(client, "/test.Echo/Unary", message).await
+}
+
+/// One unary call to `path`; the reply's message or its status.
+async fn unary_at(
+    client: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    path: &'static str,
+    message: &'static [u8],
+) -> Result<Bytes, Status> {
     client.ready().await.unwrap();
-    let path = http::uri::PathAndQuery::from_static("/test.Echo/Unary");
+    let path = http::uri::PathAndQuery::from_static(path);
     client
         .unary(
             tonic::Request::new(Bytes::from_static(message)),
@@ -682,30 +691,14 @@ async fn the_demo_answers_grpc_through_its_h2c_route() {
         splitgate::demo::config_text(localhost, localhost, dir.path(), stable.addr, canary.addr);
     let proxy = start_proxy(dir, &text).await;
     let mut client = channel(&proxy).await;
-    let path = || http::uri::PathAndQuery::from_static("/splitgate.demo.Greeter/Hello");
-    client.ready().await.unwrap();
-    let reply = client
-        .unary::<_, Bytes, _>(
-            tonic::Request::new(Bytes::from_static(b"hi")),
-            path(),
-            BytesCodec,
-        )
-        .await
-        .unwrap();
-    assert!(reply.get_ref().starts_with(b"hello from"), "{reply:?}");
+    let path = "/splitgate.demo.Greeter/Hello";
+    let reply = unary_at(&mut client, path, b"hi").await.unwrap();
+    assert!(reply.starts_with(b"hello from"), "{reply:?}");
     // A failing demo server still answers HTTP 200 with its message; the status is in
     // the trailers.
     canary.failing.store(true, Ordering::SeqCst);
     stable.failing.store(true, Ordering::SeqCst);
-    client.ready().await.unwrap();
-    let status = client
-        .unary::<_, Bytes, _>(
-            tonic::Request::new(Bytes::from_static(b"hi")),
-            path(),
-            BytesCodec,
-        )
-        .await
-        .unwrap_err();
+    let status = unary_at(&mut client, path, b"hi").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(status.message(), "demo upstream failing");
 }
