@@ -385,7 +385,8 @@ impl Running {
 }
 
 /// Serves until SIGTERM or SIGINT (reloading on SIGHUP), or until a new binary takes
-/// over (`takeover.rs`). With `takeover`, first takes over from the running process.
+/// over (`takeover.rs`; SIGUSR2 starts one). With `takeover`, first takes over from the
+/// running process.
 pub async fn run(
     settings: Settings,
     config_path: PathBuf,
@@ -394,6 +395,10 @@ pub async fn run(
     // Handlers first: a SIGHUP that arrives once "serving" is logged must reload, not
     // take the default action and end the process.
     let mut signals = Signals::install()?;
+    // Before anything can replace the binary at this path.
+    let successors = crate::takeover::Successors::of_this_process()
+        .map_err(|error| tracing::warn!(%error, "SIGUSR2 cannot start a successor"))
+        .ok();
     let (inherited, ready) = if takeover {
         let state_dir = settings.state_dir.clone();
         let (sockets, ready) =
@@ -416,6 +421,8 @@ pub async fn run(
                 tracing::warn!(%error, "the predecessor did not hear that this process is ready")
             }
         }
+    } else {
+        crate::systemd::ready();
     }
     // Listen for a successor (a binary takeover), with duplicates of the sockets.
     let control = running.sockets.take().and_then(|sockets| {
@@ -434,15 +441,21 @@ pub async fn run(
         }
     };
     tokio::select! {
-        _ = signals.wait(&running.state) => {
+        _ = signals.wait(&running.state, successors.as_ref()) => {
             tracing::info!("shutting down: draining in-flight requests");
+            crate::systemd::stopping();
             // The control socket goes, and with it the sockets it would hand over.
             if let Some(file) = &socket_file {
                 file.remove();
             }
         }
-        () = taken_over => {
-            tracing::info!("a new splitgate took over: draining in-flight requests");
+        pid = taken_over => {
+            tracing::info!(successor = pid, "a new splitgate took over: draining in-flight requests");
+            // Before this process exits, so systemd finds the unit still running.
+            crate::systemd::main_process_is(pid);
+            if let Some(successors) = &successors {
+                successors.handed_over();
+            }
             // The successor answers the admin API from now on.
             let _ = running.stop_admin.send(true);
         }
@@ -465,12 +478,13 @@ impl crate::takeover::StateDir for StateHandle {
     }
 }
 
-/// SIGTERM and SIGINT drain; SIGHUP reloads.
+/// SIGTERM and SIGINT drain; SIGHUP reloads; SIGUSR2 starts a successor.
 #[cfg(unix)]
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 #[cfg(unix)]
@@ -481,15 +495,25 @@ impl Signals {
             term: signal(SignalKind::terminate()).map_err(StartError::Signals)?,
             int: signal(SignalKind::interrupt()).map_err(StartError::Signals)?,
             hup: signal(SignalKind::hangup()).map_err(StartError::Signals)?,
+            usr2: signal(SignalKind::user_defined2()).map_err(StartError::Signals)?,
         })
     }
 
-    /// Returns on SIGTERM or SIGINT, reloading on each SIGHUP meanwhile.
-    async fn wait(&mut self, state: &StateHandle) {
+    /// Returns on SIGTERM or SIGINT, reloading on each SIGHUP and starting a successor
+    /// on each SIGUSR2 meanwhile.
+    async fn wait(
+        &mut self,
+        state: &StateHandle,
+        successors: Option<&crate::takeover::Successors>,
+    ) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
+                _ = self.usr2.recv() => match successors {
+                    Some(successors) => successors.start(),
+                    None => tracing::warn!("SIGUSR2 ignored: this process cannot start a successor (see the start log)"),
+                },
                 _ = self.hup.recv() => match state.reload(Source::Reload).await {
                     Ok(warnings) => {
                         for warning in warnings {
@@ -512,7 +536,11 @@ impl Signals {
         Ok(Self)
     }
 
-    async fn wait(&mut self, _state: &StateHandle) {
+    async fn wait(
+        &mut self,
+        _state: &StateHandle,
+        _successors: Option<&crate::takeover::Successors>,
+    ) {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -20,7 +20,8 @@
 //! state writer (`state`), which persists it before swapping in a new snapshot. The
 //! admin API (`admin`), SIGHUP and the SLO guard (`slo::guard`, which runs the judge in
 //! `slo::rules` and `slo::sequential`) only send it commands. `takeover` hands the
-//! listening sockets and `state.dir` to a new binary. `config` parses and validates
+//! listening sockets and `state.dir` to a new binary (started by hand, or on SIGUSR2 by
+//! `takeover::successor`); `systemd` tells a `Type=notify` unit where the process stands. `config` parses and validates
 //! the file; `app` wires it all and runs the shutdown sequence. `demo` is the
 //! self-contained demo, `client` the deploy CLI's admin client.
 
@@ -36,6 +37,7 @@ pub mod proxy;
 pub mod server;
 pub mod slo;
 pub mod state;
+pub mod systemd;
 pub mod takeover;
 pub mod telemetry;
 pub mod timefmt;

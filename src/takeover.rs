@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+mod successor;
+pub use successor::Successors;
+
 /// The control socket's name in `state.dir`.
 pub const SOCKET: &str = "splitgate.sock";
 
@@ -263,8 +266,8 @@ impl SocketFile {
 
 /// How one takeover attempt ended on the running process's side.
 enum Attempt {
-    /// The successor serves: drain and exit.
-    Done,
+    /// The successor (this PID) serves: drain and exit.
+    Done(u32),
     /// Nothing changed (a probe, a failed exchange before the release, or the state
     /// directory taken back): keep serving and listening.
     Abandoned(String),
@@ -278,7 +281,7 @@ pub fn listen(
     state_dir: &Path,
     sockets: Sockets,
     state: impl StateDir + Send + Sync + 'static,
-) -> std::io::Result<(SocketFile, impl std::future::Future<Output = ()>)> {
+) -> std::io::Result<(SocketFile, impl std::future::Future<Output = u32>)> {
     let path = socket_path(state_dir);
     // A socket file left by a process that died is ours to replace: the state
     // directory's lock says no other splitgate runs here.
@@ -291,7 +294,7 @@ pub fn listen(
                 continue;
             };
             match attempt(stream, sockets.clone(), &state).await {
-                Attempt::Done => return,
+                Attempt::Done(successor) => return successor,
                 Attempt::Abandoned(why) => {
                     tracing::warn!(%why, "a takeover attempt did not complete; still serving")
                 }
@@ -315,7 +318,7 @@ async fn attempt(
     };
     let handed = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
         // Only the same user (or root) may take the sockets.
-        same_user(&stream)?;
+        let successor = same_user(&stream)?;
         let deadline = Instant::now() + STEP_TIMEOUT;
         let mut reader = BufReader::new(stream.try_clone()?);
         let asked = read_line(&stream, &mut reader, deadline)?;
@@ -323,10 +326,10 @@ async fn attempt(
             return Err(std::io::Error::other("not a takeover request"));
         }
         passing::send(&stream, &sockets)?;
-        Ok((stream, reader))
+        Ok((stream, reader, successor))
     })
     .await;
-    let (stream, mut reader) = match handed {
+    let (stream, mut reader, successor) = match handed {
         Ok(Ok(handed)) => handed,
         Ok(Err(error)) => return Attempt::Abandoned(error.to_string()),
         Err(error) => return Attempt::Abandoned(error.to_string()),
@@ -352,29 +355,29 @@ async fn attempt(
     })
     .await;
     match finished {
-        Ok(Ok(())) => Attempt::Done,
-        Ok(Err(error)) => resume(state, error.to_string()).await,
-        Err(error) => resume(state, error.to_string()).await,
+        Ok(Ok(())) => Attempt::Done(successor),
+        Ok(Err(error)) => resume(state, error.to_string(), successor).await,
+        Err(error) => resume(state, error.to_string(), successor).await,
     }
 }
 
 /// After a takeover that broke off past the release: take `state.dir` back, unless the
 /// successor holds it (then it serves, and this process drains).
-async fn resume(state: &impl StateDir, why: String) -> Attempt {
+async fn resume(state: &impl StateDir, why: String, successor: u32) -> Attempt {
     match state.resume().await {
         Ok(()) => Attempt::Abandoned(why),
         Err(holder) => {
             tracing::warn!(%why, %holder, "the new process holds state.dir: it serves; draining");
-            Attempt::Done
+            Attempt::Done(successor)
         }
     }
 }
 
-/// Refuses a peer of another user (root may take over anyone's).
-fn same_user(stream: &UnixStream) -> std::io::Result<()> {
-    passing::peer_uid(stream).and_then(|(peer, own)| {
+/// Refuses a peer of another user (root may take over anyone's); returns the peer's PID.
+fn same_user(stream: &UnixStream) -> std::io::Result<u32> {
+    passing::peer(stream).and_then(|(peer, pid, own)| {
         if peer == own || peer == 0 {
-            Ok(())
+            Ok(pid)
         } else {
             Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
@@ -403,9 +406,14 @@ mod passing {
     const CHUNK: usize = 250;
 
     /// The peer's uid and this process's.
-    pub fn peer_uid(stream: &UnixStream) -> std::io::Result<(u32, u32)> {
+    /// The peer's user and PID, and this process's user.
+    pub fn peer(stream: &UnixStream) -> std::io::Result<(u32, u32, u32)> {
         let peer = rustix::net::sockopt::socket_peercred(stream)?;
-        Ok((peer.uid.as_raw(), rustix::process::getuid().as_raw()))
+        Ok((
+            peer.uid.as_raw(),
+            peer.pid.as_raw_nonzero().get() as u32,
+            rustix::process::getuid().as_raw(),
+        ))
     }
 
     fn send_chunk(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
@@ -505,7 +513,7 @@ mod passing {
         Err(std::io::Error::other("binary takeover needs Linux"))
     }
 
-    pub fn peer_uid(_: &UnixStream) -> std::io::Result<(u32, u32)> {
+    pub fn peer(_: &UnixStream) -> std::io::Result<(u32, u32, u32)> {
         unsupported()
     }
 

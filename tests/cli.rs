@@ -262,10 +262,20 @@ fn spawn(config: &std::path::Path) -> Process {
 
 /// `spawn` with more arguments after `run -c CONFIG`.
 fn spawn_with(config: &std::path::Path, extra: &[&str]) -> Process {
+    spawn_with_env(config, extra, &[])
+}
+
+/// `spawn_with`, and environment variables for the process.
+fn spawn_with_env(
+    config: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> Process {
     let mut child = Command::new(BIN)
         .args(["--log-format", "json", "run", "-c"])
         .arg(config)
         .args(extra)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -737,27 +747,7 @@ async fn a_new_binary_takes_over_under_load_without_a_failed_request() {
             .unwrap();
     assert_eq!(code, 0, "{stderr}");
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load: Vec<_> = (0..4)
-        .map(|client| {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let (mut ok, mut failed) = (0u32, Vec::new());
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let request = Request::get("/")
-                        .header("x-user-id", format!("u{client}-{ok}"))
-                        .body(full(""))
-                        .unwrap();
-                    match try_send(proxy, request).await {
-                        Ok(reply) if reply.status == StatusCode::OK => ok += 1,
-                        Ok(reply) => failed.push(format!("status {}", reply.status)),
-                        Err(error) => failed.push(error.to_string()),
-                    }
-                }
-                (ok, failed)
-            })
-        })
-        .collect();
+    let load = Load::start(proxy, 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // A probe of the control socket (connect, say nothing useful, leave) changes nothing.
@@ -801,18 +791,199 @@ async fn a_new_binary_takes_over_under_load_without_a_failed_request() {
         "the first did not drain and exit"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut total = 0;
-    for task in load {
-        let (ok, failed) = task.await.unwrap();
-        assert!(failed.is_empty(), "failed requests: {failed:?}");
-        total += ok;
-    }
-    assert!(total > 100, "too little load to mean anything: {total}");
+    load.finish_without_a_failure().await;
     // The successor has the state and answers the admin API.
     let state: serde_json::Value =
         serde_json::from_slice(&get(second.admin, "/admin/routes/main", &[]).await.body).unwrap();
     assert_eq!(state["canary_weight"], 30.0);
+}
+
+/// Clients sending requests one after another on fresh connections, each counting what
+/// failed.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<(u32, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(proxy: SocketAddr, clients: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|client| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let (mut ok, mut failed) = (0u32, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let request = Request::get("/")
+                            .header("x-user-id", format!("u{client}-{ok}"))
+                            .body(full(""))
+                            .unwrap();
+                        match try_send(proxy, request).await {
+                            Ok(reply) if reply.status == StatusCode::OK => ok += 1,
+                            Ok(reply) => failed.push(format!("status {}", reply.status)),
+                            Err(error) => failed.push(error.to_string()),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    /// Stops the clients; asserts none failed and enough went through to mean something.
+    async fn finish_without_a_failure(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = 0;
+        for client in self.clients {
+            let (ok, failed) = client.await.unwrap();
+            assert!(failed.is_empty(), "failed requests: {failed:?}");
+            total += ok;
+        }
+        assert!(total > 100, "too little load to mean anything: {total}");
+    }
+}
+
+/// SIGUSR2, as a systemd unit's upgrade sends it (`deploy/systemd`): the running process
+/// starts its own successor (the binary at its path, its arguments, `--takeover`); once
+/// that one serves, the old one tells the notify socket the successor is the unit's main
+/// process, drains and exits 0, and no request fails. A successor that cannot start (the config
+/// broken meanwhile) leaves the old process serving, and its log says so.
+#[tokio::test]
+async fn sigusr2_starts_a_successor_that_becomes_the_units_main_process() {
+    let dir = TempDir::new("usr2");
+    let (path, _stable, _canary) = two_pool_config(&dir).await;
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let next_notice = move || {
+        let mut buffer = [0u8; 512];
+        let n = notify.recv(&mut buffer).expect("no notice within 20 s");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    let mut first = spawn_with_env(&path, &[], &[("NOTIFY_SOCKET", &notify_path)]);
+    let (next_notice, notice) = tokio::task::spawn_blocking(move || {
+        let notice = next_notice();
+        (next_notice, notice)
+    })
+    .await
+    .unwrap();
+    assert_eq!(notice, "READY=1\n", "the first process is ready");
+
+    // A successor that fails: the config is broken before SIGUSR2.
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, "[server\n").unwrap();
+    signal(&first, "USR2");
+    let exited_early = |log: &[serde_json::Value]| {
+        log.iter().any(|event| {
+            event["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("the successor exited before taking over"))
+        })
+    };
+    for _ in 0..100 {
+        if exited_early(&first.log.lock().unwrap()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        exited_early(&first.log.lock().unwrap()),
+        "{:?}",
+        first.log.lock().unwrap()
+    );
+    assert_eq!(get(first.proxy, "/", &[]).await.status, StatusCode::OK);
+    std::fs::write(&path, good).unwrap();
+
+    // The real one, under load.
+    let load = Load::start(first.proxy, 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&first, "USR2");
+    let (next_notice, notice) = tokio::task::spawn_blocking(move || {
+        let notice = next_notice();
+        (next_notice, notice)
+    })
+    .await
+    .unwrap();
+    let successor: u32 = notice
+        .strip_prefix("MAINPID=")
+        .and_then(|rest| rest.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("not a main-process notice: {notice:?}"))
+        .parse()
+        .unwrap();
+    assert_ne!(successor, first.child.id());
+    let exited = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = first.child.try_wait().unwrap() {
+                return (first, Some(status));
+            }
+            if std::time::Instant::now() > deadline {
+                return (first, None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    let (first, status) = exited;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "the first did not drain and exit"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    load.finish_without_a_failure().await;
+    let answers: Vec<u32> = first
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|event| event["message"] == "SIGUSR2: started a successor to take over")
+        .filter_map(|event| event["pid"].as_u64().map(|pid| pid as u32))
+        .collect();
+    assert_eq!(
+        answers.last(),
+        Some(&successor),
+        "the log names the successor"
+    );
+
+    // The successor has the sockets: it answers the admin API, and a stop is announced.
+    assert_eq!(
+        get(first.admin, "/readyz", &[]).await.status,
+        StatusCode::OK
+    );
+    let kill = Command::new("kill")
+        .args(["-TERM", &successor.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (_, notice) = tokio::task::spawn_blocking(move || {
+        let notice = next_notice();
+        (next_notice, notice)
+    })
+    .await
+    .unwrap();
+    assert_eq!(notice, "STOPPING=1\n");
+    // It is nobody's child here: wait for it to leave (or turn into a zombie).
+    for _ in 0..200 {
+        match std::fs::read_to_string(format!("/proc/{successor}/stat")) {
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z') =>
+            {
+                break
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => break,
+        }
+    }
 }
 
 /// A successor that breaks off after the state directory was released (it died while
