@@ -323,5 +323,79 @@ async fn the_operators_page_shows_routes_follows_changes_and_refuses_actions_wit
             .unwrap();
         std::fs::write(&path, png).unwrap();
     }
+    reads_well(&mut page).await;
     let _ = browser.kill().await;
+}
+
+/// What a screen reader and a narrow window get: every control has an accessible name
+/// (Chromium's accessibility tree, what assistive technology reads), text meets WCAG's
+/// 4.5:1 contrast, and at 400 px nothing needs a sideways scroll.
+async fn reads_well(page: &mut Page) {
+    page.call("Accessibility.enable", json!({})).await;
+    let tree = page.call("Accessibility.getFullAXTree", json!({})).await;
+    let nodes = tree["nodes"].as_array().unwrap();
+    let controls = [
+        "button",
+        "textbox",
+        "spinbutton",
+        "combobox",
+        "checkbox",
+        "link",
+    ];
+    let mut named = 0;
+    for node in nodes {
+        let role = node["role"]["value"].as_str().unwrap_or("");
+        if node["ignored"] == true || !controls.contains(&role) {
+            continue;
+        }
+        let name = node["name"]["value"].as_str().unwrap_or("").trim();
+        assert!(
+            !name.is_empty(),
+            "a {role} without an accessible name: {node}"
+        );
+        named += 1;
+    }
+    assert!(named >= 10, "only {named} named controls in the tree");
+    let headings = nodes
+        .iter()
+        .filter(|n| n["role"]["value"] == "heading")
+        .count();
+    assert!(headings >= 4, "{headings} headings");
+
+    let low_contrast = page
+        .eval(
+            "(() => {
+               const rgb = c => (c.match(/[\\d.]+/g) || []).map(Number);
+               const lum = ([r, g, b]) => [r, g, b].map(v => { v /= 255;
+                 return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+                 .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
+               const background = e => { for (; e; e = e.parentElement) {
+                 const c = rgb(getComputedStyle(e).backgroundColor);
+                 if (c.length === 3 || c[3] > 0) return c.slice(0, 3); } return [255, 255, 255]; };
+               const bad = [];
+               for (const e of document.querySelectorAll('body *')) {
+                 const own = [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+                 if (!own || !e.getClientRects().length) continue;
+                 const [a, b] = [lum(rgb(getComputedStyle(e).color).slice(0, 3)), lum(background(e))];
+                 const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+                 if (ratio < 4.5) bad.push(e.tagName + ' ' + e.textContent.trim().slice(0, 30) + ' ' + ratio.toFixed(2));
+               }
+               return bad; })()",
+        )
+        .await;
+    assert_eq!(low_contrast, json!([]), "text below 4.5:1 contrast");
+
+    page.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 400, "height": 900, "deviceScaleFactor": 1, "mobile": true}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let widths = page
+        .eval("[document.documentElement.scrollWidth, window.innerWidth]")
+        .await;
+    assert!(
+        widths[0].as_f64() <= widths[1].as_f64(),
+        "a sideways scroll at 400 px: {widths}"
+    );
 }
