@@ -418,6 +418,13 @@ async fn drive<C: Graceful>(
             .idle_deadline(RELEASE_AFTER)
             .unwrap_or_else(|| Instant::now() + RELEASE_AFTER);
         let drain_wake = drain.wake(activity);
+        // One timer for both the idle timeout and the release: every poll of the
+        // connection polls the timers too, and each costs.
+        let timer_at = if release_due {
+            wake_at.min(release_at)
+        } else {
+            wake_at
+        };
         tokio::select! {
             result = &mut *connection => {
                 if let Err(error) = result {
@@ -425,20 +432,20 @@ async fn drive<C: Graceful>(
                 }
                 return Ended::Closed;
             }
-            _ = tokio::time::sleep_until(wake_at) => {
-                if activity.idle_deadline(idle_timeout).is_some_and(|at| at <= Instant::now()) {
+            _ = tokio::time::sleep_until(timer_at) => {
+                let now = Instant::now();
+                if activity.idle_deadline(idle_timeout).is_some_and(|at| at <= now) {
                     if hard_close_at.is_some() {
                         tracing::debug!(%peer, "idle connection did not close gracefully; dropping it");
                         return Ended::Closed;
                     }
                     connection.graceful_shutdown();
                     closing = true;
-                    hard_close_at = Some(Instant::now() + idle_timeout);
+                    hard_close_at = Some(now + idle_timeout);
+                    continue;
                 }
-            }
-            _ = tokio::time::sleep_until(release_at), if release_due => {
-                let idle = activity.idle_deadline(RELEASE_AFTER).is_some_and(|at| at <= Instant::now());
-                if idle && activity.at_rest() {
+                let idle = activity.idle_deadline(RELEASE_AFTER).is_some_and(|at| at <= now);
+                if release_due && idle && activity.at_rest() {
                     // hyper closes an idle connection at once, writing nothing. One
                     // that does not (a response still being written to a client that
                     // stopped reading) is not idle: it closes for real instead.
