@@ -421,15 +421,24 @@ pub async fn run(
                 tracing::warn!(%error, "the predecessor did not hear that this process is ready")
             }
         }
-    } else {
-        crate::systemd::ready();
     }
     // Listen for a successor (a binary takeover), with duplicates of the sockets.
+    let admit = {
+        let successors = successors.clone();
+        move |pid| successors.as_ref().map_or(Ok(()), |s| s.admit(pid))
+    };
     let control = running.sockets.take().and_then(|sockets| {
-        crate::takeover::listen(&running.state_dir, sockets, running.state.clone())
+        crate::takeover::listen(&running.state_dir, sockets, running.state.clone(), admit)
             .map_err(|error| tracing::warn!(%error, "no control socket: binary takeover is off"))
             .ok()
     });
+    if !takeover {
+        // Once a SIGUSR2 could find the control socket bound.
+        crate::systemd::ready();
+    }
+    // A SIGUSR2 that came while starting (`systemctl kill` without `--kill-whom=main`
+    // reaches a starting successor too) asked the predecessor, not this process.
+    signals.forget_early_upgrades().await;
     let (socket_file, successor) = match control {
         Some((file, successor)) => (Some(file), Some(successor)),
         None => (None, None),
@@ -454,7 +463,7 @@ pub async fn run(
             // Before this process exits, so systemd finds the unit still running.
             crate::systemd::main_process_is(pid);
             if let Some(successors) = &successors {
-                successors.handed_over();
+                successors.handed_over(pid);
             }
             // The successor answers the admin API from now on.
             let _ = running.stop_admin.send(true);
@@ -499,6 +508,16 @@ impl Signals {
         })
     }
 
+    /// Drops the SIGUSR2s received so far.
+    async fn forget_early_upgrades(&mut self) {
+        while tokio::time::timeout(std::time::Duration::ZERO, self.usr2.recv())
+            .await
+            .is_ok()
+        {
+            tracing::warn!("SIGUSR2 received while starting: ignored");
+        }
+    }
+
     /// Returns on SIGTERM or SIGINT, reloading on each SIGHUP and starting a successor
     /// on each SIGUSR2 meanwhile.
     async fn wait(
@@ -535,6 +554,8 @@ impl Signals {
     fn install() -> Result<Self, StartError> {
         Ok(Self)
     }
+
+    async fn forget_early_upgrades(&mut self) {}
 
     async fn wait(
         &mut self,

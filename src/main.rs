@@ -63,7 +63,7 @@ enum LogFormat {
 enum Command {
     /// Serve with a config file.
     #[command(
-        after_help = "Signals: SIGTERM/SIGINT drain and exit; SIGHUP reloads the config; SIGUSR2 starts the binary now at this one's path with --takeover (an upgrade; what the systemd unit uses).\n\nExample:\n  splitgate run -c /etc/splitgate/splitgate.toml\n  splitgate run --takeover -c /etc/splitgate/splitgate.toml   # replace the running binary\n  kill -USR2 \"$(cat /var/lib/splitgate/splitgate.lock)\"          # the same, started by the running one"
+        after_help = "Signals: SIGTERM/SIGINT drain and exit; SIGHUP reloads the config; SIGUSR2 starts the binary now at this one's path with --takeover (an upgrade; what the systemd unit uses).\n\nExample:\n  splitgate run -c /etc/splitgate/splitgate.toml\n  splitgate run --takeover -c /etc/splitgate/splitgate.toml   # replace the running binary\n  systemctl kill --kill-who=main --signal=SIGUSR2 splitgate   # the same, under systemd"
     )]
     Run {
         /// The config file (TOML; `config/splitgate.toml` is an annotated example).

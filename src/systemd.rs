@@ -1,5 +1,5 @@
 //! Tells systemd (`Type=notify`) where the service stands: ready, stopping, or (after a
-//! takeover) that the unit's main process is now this one. Without `NOTIFY_SOCKET`
+//! takeover) that the unit's main process is now the successor. Without `NOTIFY_SOCKET`
 //! (not started by systemd) every call does nothing.
 
 /// Serving: `systemctl start` returns, dependants start.
@@ -10,8 +10,9 @@ pub fn ready() {
 
 /// A successor took over: from now on systemd watches it, and this process's exit
 /// does not stop the unit. The main process says it (so the unit keeps the default
-/// `NotifyAccess=main`); systemd accepts only a PID inside the unit, which a successor
-/// started by SIGUSR2 is (`takeover::successor`).
+/// `NotifyAccess=main`); from an unprivileged process systemd accepts only a PID inside
+/// the unit, which a successor started by SIGUSR2 is (`takeover::successor`), and
+/// under systemd no other may take over (`Successors::admit`).
 pub fn main_process_is(pid: u32) {
     #[cfg(target_os = "linux")]
     send(&[sd_notify::NotifyState::MainPid(pid)]);

@@ -93,6 +93,12 @@ struct Message {
     released: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     ready: bool,
+    /// The requester's version, for the running process's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    /// Why the running process refuses this takeover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 fn exchange_error(what: &str) -> impl Fn(std::io::Error) -> TakeoverError + '_ {
@@ -156,6 +162,7 @@ pub fn request(state_dir: &Path) -> Result<(Sockets, Ready), TakeoverError> {
         &stream,
         &Message {
             takeover: true,
+            version: Some(env!("CARGO_PKG_VERSION").into()),
             ..Message::default()
         },
     )
@@ -165,6 +172,11 @@ pub fn request(state_dir: &Path) -> Result<(Sockets, Ready), TakeoverError> {
         .map_err(exchange_error("control socket"))?;
     let (header, fds, rest) =
         passing::receive(&stream).map_err(exchange_error("receiving the sockets"))?;
+    if let Some(error) = header.error {
+        return Err(TakeoverError::Exchange(format!(
+            "the running splitgate refused: {error}"
+        )));
+    }
     let mut fds: Vec<std::net::TcpListener> =
         fds.into_iter().map(std::net::TcpListener::from).collect();
     let (proxy, tls) = (header.proxy.unwrap_or(0), header.tls.unwrap_or(0));
@@ -281,6 +293,7 @@ pub fn listen(
     state_dir: &Path,
     sockets: Sockets,
     state: impl StateDir + Send + Sync + 'static,
+    admit: impl Fn(u32) -> Result<(), String> + Send + Sync + 'static,
 ) -> std::io::Result<(SocketFile, impl std::future::Future<Output = u32>)> {
     let path = socket_path(state_dir);
     // A socket file left by a process that died is ours to replace: the state
@@ -288,12 +301,13 @@ pub fn listen(
     let listener = bind_private(&path)?;
     let file = SocketFile::new(&path);
     let sockets = std::sync::Arc::new(sockets);
+    let admit: Admit = std::sync::Arc::new(admit);
     let serve = async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            match attempt(stream, sockets.clone(), &state).await {
+            match attempt(stream, sockets.clone(), &state, admit.clone()).await {
                 Attempt::Done(successor) => return successor,
                 Attempt::Abandoned(why) => {
                     tracing::warn!(%why, "a takeover attempt did not complete; still serving")
@@ -304,10 +318,14 @@ pub fn listen(
     Ok((file, serve))
 }
 
+/// Whether a process (by PID) may take over, and if not why.
+type Admit = std::sync::Arc<dyn Fn(u32) -> Result<(), String> + Send + Sync>;
+
 async fn attempt(
     stream: tokio::net::UnixStream,
     sockets: std::sync::Arc<Sockets>,
     state: &impl StateDir,
+    admit: Admit,
 ) -> Attempt {
     let stream = match stream
         .into_std()
@@ -325,6 +343,21 @@ async fn attempt(
         if !asked.takeover {
             return Err(std::io::Error::other("not a takeover request"));
         }
+        if let Err(why) = admit(successor) {
+            let refusal = Message {
+                error: Some(why.clone()),
+                ..Message::default()
+            };
+            let _ = send_line(&stream, &refusal);
+            return Err(std::io::Error::other(format!(
+                "refused pid {successor}: {why}"
+            )));
+        }
+        tracing::info!(
+            successor,
+            version = asked.version.as_deref().unwrap_or("unknown"),
+            "a new splitgate asks to take over"
+        );
         passing::send(&stream, &sockets)?;
         Ok((stream, reader, successor))
     })
@@ -488,6 +521,10 @@ mod passing {
                         Some(serde_json::from_slice(&data[..end]).map_err(std::io::Error::other)?);
                     data.drain(..=end);
                 }
+            }
+            // A refusal comes without sockets.
+            if let Some(refused) = header.take_if(|h| h.error.is_some()) {
+                return Ok((refused, fds, data));
             }
             let expected = header
                 .as_ref()

@@ -847,8 +847,9 @@ impl Load {
 /// SIGUSR2, as a systemd unit's upgrade sends it (`deploy/systemd`): the running process
 /// starts its own successor (the binary at its path, its arguments, `--takeover`); once
 /// that one serves, the old one tells the notify socket the successor is the unit's main
-/// process, drains and exits 0, and no request fails. A successor that cannot start (the config
-/// broken meanwhile) leaves the old process serving, and its log says so.
+/// process, drains and exits 0, and no request fails. A successor that cannot start
+/// (the config broken meanwhile) leaves the old process serving, and its log says so; a
+/// takeover started from a shell, outside the unit, is refused.
 #[tokio::test]
 async fn sigusr2_starts_a_successor_that_becomes_the_units_main_process() {
     let dir = TempDir::new("usr2");
@@ -871,6 +872,19 @@ async fn sigusr2_starts_a_successor_that_becomes_the_units_main_process() {
     .await
     .unwrap();
     assert_eq!(notice, "READY=1\n", "the first process is ready");
+
+    // Under systemd, a takeover started from a shell (outside the unit) is refused.
+    let manual = Command::new(BIN)
+        .args(["run", "--takeover", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&manual.stderr);
+    assert_eq!(manual.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("runs under systemd") && stderr.contains("SIGUSR2"),
+        "{stderr}"
+    );
 
     // A successor that fails: the config is broken before SIGUSR2.
     let good = std::fs::read_to_string(&path).unwrap();
