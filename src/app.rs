@@ -453,6 +453,9 @@ pub async fn run(
         _ = signals.wait(&running.state, successors.as_ref()) => {
             tracing::info!("shutting down: draining in-flight requests");
             crate::systemd::stopping();
+            if let Some(successors) = &successors {
+                successors.draining();
+            }
             // The control socket goes, and with it the sockets it would hand over.
             if let Some(file) = &socket_file {
                 file.remove();

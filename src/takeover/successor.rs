@@ -11,6 +11,7 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ pub struct Successors {
     /// The arguments after the program name, `--takeover` included.
     args: Vec<OsString>,
     phase: Arc<Mutex<Phase>>,
+    /// This process drains (for a stop, or after any takeover).
+    draining: Arc<AtomicBool>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -66,6 +69,7 @@ impl Successors {
             exe,
             args,
             phase: Arc::new(Mutex::new(Phase::Idle)),
+            draining: Arc::default(),
         })
     }
 
@@ -83,8 +87,15 @@ impl Successors {
         Err("this splitgate runs under systemd: a takeover must start inside its unit; send the running process SIGUSR2 instead (see deploy/systemd/splitgate.service)".into())
     }
 
+    /// This process drains: a successor still starting will find no one to take over
+    /// from.
+    pub fn draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
     /// Marks the takeover by `pid` done (this process now drains).
     pub fn handed_over(&self, pid: u32) {
+        self.draining();
         let mut phase = self.phase();
         if *phase == Phase::Starting(pid) {
             *phase = Phase::HandedOver(pid);
@@ -139,7 +150,11 @@ impl Successors {
                 Some(status) => {
                     process::reap(pid);
                     *self.phase() = Phase::Idle;
-                    tracing::error!(pid, %status, "the successor exited before taking over (its log says why); this process serves on");
+                    if self.draining.load(Ordering::Relaxed) {
+                        tracing::warn!(pid, %status, "the successor exited without taking over; this process was draining already");
+                    } else {
+                        tracing::error!(pid, %status, "the successor exited before taking over (its log says why); this process serves on");
+                    }
                     return;
                 }
                 None if phase != Phase::Starting(pid) => {}
