@@ -224,6 +224,8 @@ pub async fn start_with(
         https = tls_addr.map(tracing::field::display),
         admin = %admin_addr,
         workers = worker_count,
+        version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
         "splitgate serving"
     );
     Ok(Running {
@@ -436,7 +438,7 @@ pub async fn run(
         // Once a SIGUSR2 could find the control socket bound.
         crate::systemd::ready();
     }
-    // A SIGUSR2 that came while starting (`systemctl kill` without `--kill-whom=main`
+    // A SIGUSR2 that came while starting (`systemctl kill` without `--kill-who=main`
     // reaches a starting successor too) asked the predecessor, not this process.
     signals.forget_early_upgrades().await;
     let (socket_file, successor) = match control {

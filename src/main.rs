@@ -227,11 +227,14 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff), generated from this command line's definition.
+    /// Print a man page (roff), generated from this command line's definition: splitgate(1), or a subcommand's splitgate-SUBCOMMAND(1).
     #[command(
-        after_help = "Example:\n  splitgate man > /usr/local/share/man/man1/splitgate.1 && man splitgate"
+        after_help = "Example:\n  splitgate man > /usr/local/share/man/man1/splitgate.1 && man splitgate\n  for c in run check weight; do splitgate man $c > /usr/local/share/man/man1/splitgate-$c.1; done"
     )]
-    Man,
+    Man {
+        /// The subcommand whose page to print (`run` lists the signals); none for splitgate(1).
+        subcommand: Option<String>,
+    },
     /// The fleet this replica belongs to (`[fleet]`).
     #[command(after_help = "Example:\n  splitgate fleet status --admin http://10.0.0.5:9901")]
     Fleet {
@@ -354,8 +357,19 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut command, "splitgate", &mut script);
             print_bytes(&script)
         }
-        Command::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
+        Command::Man { subcommand } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            if let Some(name) = subcommand {
+                let Some(sub) = command.find_subcommand(&name) else {
+                    eprintln!("splitgate: no subcommand {name:?}; `splitgate --help` lists them");
+                    return ExitCode::from(2);
+                };
+                command = sub
+                    .clone()
+                    .display_name(format!("splitgate-{name}"))
+                    .bin_name(format!("splitgate {name}"))
+                    .version(env!("CARGO_PKG_VERSION"));
+            }
             let mut page = Vec::new();
             match clap_mangen::Man::new(command).render(&mut page) {
                 Ok(()) => print_bytes(&page),

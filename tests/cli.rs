@@ -1240,4 +1240,21 @@ fn completions_and_the_man_page_come_from_the_command_line_definition() {
     for section in [".SH NAME", ".SH SYNOPSIS", ".SH SUBCOMMANDS"] {
         assert!(page.contains(section), "man page lacks {section}");
     }
+    // A subcommand's own page, which the main page's SUBCOMMANDS section points to.
+    let out = std::process::Command::new(BIN)
+        .args(["man", "run"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH splitgate-run 1"), "{page}");
+    assert!(
+        page.contains("SIGUSR2") && page.contains("\\-\\-takeover"),
+        "{page}"
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["man", "nosuch"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }

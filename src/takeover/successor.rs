@@ -77,11 +77,14 @@ impl Successors {
         self.phase.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether process `pid` may take over. Under systemd only the successor this
-    /// process started may: one started from a shell would be outside the unit, and
-    /// systemd would take this process's exit for the service's end.
+    /// Whether process `pid` may take over. Under systemd (any unit: `INVOCATION_ID`,
+    /// or the notify socket) only the successor this process started may: one started
+    /// from a shell would be outside the unit, and systemd would take this process's
+    /// exit for the service's end.
     pub fn admit(&self, pid: u32) -> Result<(), String> {
-        if std::env::var_os("NOTIFY_SOCKET").is_none() || *self.phase() == Phase::Starting(pid) {
+        let under_systemd = std::env::var_os("NOTIFY_SOCKET").is_some()
+            || std::env::var_os("INVOCATION_ID").is_some();
+        if !under_systemd || *self.phase() == Phase::Starting(pid) {
             return Ok(());
         }
         Err("this splitgate runs under systemd: a takeover must start inside its unit; send the running process SIGUSR2 instead (see deploy/systemd/splitgate.service)".into())
