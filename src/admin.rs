@@ -73,6 +73,16 @@ pub async fn handle(admin: &Admin, request: Request<Incoming>) -> Response<Admin
     let state = &admin.state;
     let method = &parts.method;
 
+    // Without a token, only requests that name this API by address; liveness and
+    // readiness probes, which reveal nothing, from anywhere.
+    let probe = matches!(segments.as_slice(), ["readyz"])
+        || (segments.as_slice() == ["healthz"] && !health::wants_verbose(parts.uri.query()));
+    if admin.token.is_none() && !probe {
+        if let Err(reason) = auth::addressed_locally(&parts.headers) {
+            return json_error(StatusCode::FORBIDDEN, reason);
+        }
+    }
+
     // Reads.
     match segments.as_slice() {
         [] => return only(method, &Method::GET, page::index),

@@ -194,6 +194,44 @@ async fn bad_admin_requests_are_refused_and_change_nothing() {
     );
 }
 
+/// A tokenless admin API (loopback only) answers only requests that address it by IP
+/// or `localhost`: a web page that re-pointed its own DNS name at 127.0.0.1 reads
+/// nothing (DNS rebinding), and a change needs JSON, which a page elsewhere cannot send
+/// without a preflight (CSRF). Liveness and readiness answer whatever the Host.
+#[tokio::test]
+async fn a_tokenless_admin_api_answers_only_requests_addressed_to_it_by_ip_or_localhost() {
+    let s = setup("", "").await;
+    let a = s.proxy.admin;
+    let rebound = format!("evil.example:{}", a.port());
+    for path in ["/admin/routes", "/metrics", "/", "/healthz?verbose=1"] {
+        let reply = get(a, path, &[("host", &rebound)]).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
+        assert!(reply.text().contains("Host"), "{path}: {}", reply.text());
+        assert!(!reply.text().contains("main"), "{path} leaked a route");
+    }
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            get(a, path, &[("host", &rebound)]).await.status,
+            StatusCode::OK
+        );
+    }
+    for host in [format!("localhost:{}", a.port()), a.to_string()] {
+        let reply = get(a, "/admin/routes", &[("host", &host)]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{host}");
+        assert!(reply.text().contains("main"));
+    }
+    let form = send(
+        a,
+        http::Request::put("/admin/routes/main/weight")
+            .header("content-type", "text/plain")
+            .body(full(r#"{"canary_weight": 50}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(form.status, StatusCode::FORBIDDEN, "{}", form.text());
+    assert_eq!(weight_of(a).await, 10.0);
+}
+
 #[tokio::test]
 async fn changes_need_the_bearer_token_when_one_is_set() {
     // A variable name of this test's own: tests share the process environment.

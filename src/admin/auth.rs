@@ -32,6 +32,16 @@ pub fn browser_safe(headers: &HeaderMap) -> Result<(), &'static str> {
             "changes need Content-Type: application/json (so that no other web page can send them)",
         );
     }
+    addressed_locally(headers).map_err(|_| {
+        "changes without a token must address the admin API by IP address or localhost"
+    })
+}
+
+/// Whether the request names the admin API by an IP address or `localhost` in `Host`,
+/// never by a DNS name: a tokenless (loopback) admin API must not answer a page that
+/// re-pointed its own name at 127.0.0.1 (DNS rebinding), or that page could read the
+/// routes, upstreams and metrics as if it were the operator.
+pub fn addressed_locally(headers: &HeaderMap) -> Result<(), &'static str> {
     let host = headers
         .get(http::header::HOST)
         .and_then(|v| v.to_str().ok())
@@ -42,9 +52,7 @@ pub fn browser_safe(headers: &HeaderMap) -> Result<(), &'static str> {
     };
     let name = name.trim_start_matches('[').trim_end_matches(']');
     if name.parse::<std::net::IpAddr>().is_err() && !name.eq_ignore_ascii_case("localhost") {
-        return Err(
-            "changes without a token must address the admin API by IP address or localhost",
-        );
+        return Err("an admin API without a token answers only requests addressed to an IP address or localhost (Host)");
     }
     Ok(())
 }
