@@ -139,6 +139,46 @@ def takeover(times=5, seconds=20):
         p.wait()
 
 
+def upgrade(times=5, seconds=20):
+    """`takeover`, as the systemd unit upgrades: SIGUSR2 to the serving process, which
+    starts its successor itself; each successor's PID comes from the old one's log."""
+    log = "/tmp/splitgate-loadcheck.log"
+    open(log, "w").close()
+    first = start_splitgate()
+    pid = first.pid
+    try:
+        wrk = subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s",
+                                os.path.join(PEER, "users.lua"), "http://127.0.0.1:18084/"],
+                               stdout=subprocess.PIPE, text=True)
+        for i in range(times):
+            time.sleep(seconds / (times + 1))
+            os.kill(pid, signal.SIGUSR2)
+            for _ in range(200):
+                text = open(log).read()
+                if text.count("a new splitgate took over") > i:
+                    break
+                time.sleep(0.05)
+            else:
+                raise SystemExit(f"upgrade {i + 1} did not finish; see {log}")
+            pid = int(re.findall(r"SIGUSR2: started a successor to take over pid=(\d+)", text)[-1])
+        out = wrk.communicate()[0]
+        first_exit = first.wait(timeout=30)
+        reqs = int(re.search(r"(\d+) requests in", out).group(1))
+        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        sock = re.search(r"Socket errors: (.*)", out)
+        print(json.dumps(dict(check="upgrade", replacements=times, first_exit_code=first_exit, requests=reqs,
+                              non2xx=int(bad.group(1)) if bad else 0,
+                              socket_errors=sock.group(1) if sock else "none")))
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(200):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+
+
 def idle(count=10_000):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
@@ -243,6 +283,6 @@ def h2load(port):
 
 
 if __name__ == "__main__":
-    checks = sys.argv[1:] or ["weights", "idle", "slowloris", "h2", "takeover"]
+    checks = sys.argv[1:] or ["weights", "idle", "slowloris", "h2", "takeover", "upgrade"]
     for check in checks:
         globals()[check]()
