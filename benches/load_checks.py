@@ -69,6 +69,10 @@ def start_splitgate(extra_server="", takeover=False):
     return p
 
 
+# A tokenless admin API takes changes only as JSON (no CSRF from a browser).
+JSON = {"Content-Type": "application/json"}
+
+
 def weights():
     p = start_splitgate()
     try:
@@ -82,13 +86,13 @@ def weights():
             while time.time() < stop and changes < 1000:
                 t0 = time.time()
                 weight = (i * 37) % 101
-                conn.request("PUT", "/admin/routes/bench/weight", json.dumps({"canary_weight": weight}))
+                conn.request("PUT", "/admin/routes/bench/weight", json.dumps({"canary_weight": weight}), JSON)
                 r = conn.getresponse()
                 r.read()
                 changes += 1
                 refused += r.status != 200
                 if i % 20 == 0 and reloads < 50:
-                    conn.request("POST", "/admin/reload", "")
+                    conn.request("POST", "/admin/reload", "", JSON)
                     r = conn.getresponse()
                     r.read()
                     reloads += 1
@@ -98,20 +102,29 @@ def weights():
 
         t = threading.Thread(target=mover)
         t.start()
-        out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c64", "-d10s", "--latency", "-s",
-                              os.path.join(PEER, "users.lua"), "http://127.0.0.1:18084/"],
-                             capture_output=True, text=True).stdout
+        counts = wrk_counts(start_wrk(10))
         t.join()
-        reqs = int(re.search(r"(\d+) requests in", out).group(1))
-        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        sock = re.search(r"Socket errors: (.*)", out)
         print(json.dumps(dict(check="weights", weight_changes=changes, changes_refused=refused, reloads=reloads,
-                              reloads_refused=reloads_refused, requests=reqs,
-                              rps=round(reqs / 10), non2xx=int(bad.group(1)) if bad else 0,
-                              socket_errors=sock.group(1) if sock else "none")))
+                              reloads_refused=reloads_refused, rps=round(counts["requests"] / 10), **counts)))
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait()
+
+
+def start_wrk(seconds):
+    """wrk on CPU 1, 64 connections with random user IDs, for `seconds`."""
+    return subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s",
+                             os.path.join(PEER, "users.lua"), "http://127.0.0.1:18084/"],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def wrk_counts(wrk):
+    """Waits for `start_wrk`'s run: requests, non-2xx and socket errors."""
+    out = wrk.communicate()[0]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    return dict(requests=int(re.search(r"(\d+) requests in", out).group(1)),
+                non2xx=int(bad.group(1)) if bad else 0, socket_errors=sock.group(1) if sock else "none")
 
 
 def takeover(times=5, seconds=20):
@@ -119,21 +132,14 @@ def takeover(times=5, seconds=20):
     p = start_splitgate()
     old = []
     try:
-        wrk = subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s",
-                                os.path.join(PEER, "users.lua"), "http://127.0.0.1:18084/"],
-                               stdout=subprocess.PIPE, text=True)
+        wrk = start_wrk(seconds)
         for i in range(times):
             time.sleep(seconds / (times + 1))
             old.append(p)
             p = start_splitgate(takeover=i + 2)
-        out = wrk.communicate()[0]
+        counts = wrk_counts(wrk)
         exits = [o.wait(timeout=30) for o in old]
-        reqs = int(re.search(r"(\d+) requests in", out).group(1))
-        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        sock = re.search(r"Socket errors: (.*)", out)
-        print(json.dumps(dict(check="takeover", replacements=times, old_exit_codes=exits, requests=reqs,
-                              non2xx=int(bad.group(1)) if bad else 0,
-                              socket_errors=sock.group(1) if sock else "none")))
+        print(json.dumps(dict(check="takeover", replacements=times, old_exit_codes=exits, **counts)))
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait()
@@ -147,9 +153,7 @@ def upgrade(times=5, seconds=20):
     first = start_splitgate()
     pid = first.pid
     try:
-        wrk = subprocess.Popen(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "--latency", "-s",
-                                os.path.join(PEER, "users.lua"), "http://127.0.0.1:18084/"],
-                               stdout=subprocess.PIPE, text=True)
+        wrk = start_wrk(seconds)
         for i in range(times):
             time.sleep(seconds / (times + 1))
             os.kill(pid, signal.SIGUSR2)
@@ -161,14 +165,9 @@ def upgrade(times=5, seconds=20):
             else:
                 raise SystemExit(f"upgrade {i + 1} did not finish; see {log}")
             pid = int(re.findall(r"SIGUSR2: started a successor to take over pid=(\d+)", text)[-1])
-        out = wrk.communicate()[0]
+        counts = wrk_counts(wrk)
         first_exit = first.wait(timeout=30)
-        reqs = int(re.search(r"(\d+) requests in", out).group(1))
-        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        sock = re.search(r"Socket errors: (.*)", out)
-        print(json.dumps(dict(check="upgrade", replacements=times, first_exit_code=first_exit, requests=reqs,
-                              non2xx=int(bad.group(1)) if bad else 0,
-                              socket_errors=sock.group(1) if sock else "none")))
+        print(json.dumps(dict(check="upgrade", replacements=times, first_exit_code=first_exit, **counts)))
     finally:
         os.kill(pid, signal.SIGTERM)
         for _ in range(200):

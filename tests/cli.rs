@@ -771,31 +771,32 @@ async fn a_new_binary_takes_over_under_load_without_a_failed_request() {
         (proxy, admin_addr),
         "the same sockets"
     );
-    let exited = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = first.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        exited.and_then(|s| s.code()),
-        Some(0),
-        "the first did not drain and exit"
-    );
+    let (_, exit) = exit_within_20_s(first).await;
+    assert_eq!(exit, Some(0), "the first did not drain and exit");
     tokio::time::sleep(Duration::from_millis(300)).await;
     load.finish_without_a_failure().await;
     // The successor has the state and answers the admin API.
     let state: serde_json::Value =
         serde_json::from_slice(&get(second.admin, "/admin/routes/main", &[]).await.body).unwrap();
     assert_eq!(state["canary_weight"], 30.0);
+}
+
+/// Waits up to 20 s for `process` to exit; its exit code, if it exited with one.
+async fn exit_within_20_s(mut process: Process) -> (Process, Option<i32>) {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = process.child.try_wait().unwrap() {
+                return (process, status.code());
+            }
+            if std::time::Instant::now() > deadline {
+                return (process, None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap()
 }
 
 /// Clients sending requests one after another on fresh connections, each counting what
@@ -928,26 +929,8 @@ async fn sigusr2_starts_a_successor_that_becomes_the_units_main_process() {
         .parse()
         .unwrap();
     assert_ne!(successor, first.child.id());
-    let exited = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = first.child.try_wait().unwrap() {
-                return (first, Some(status));
-            }
-            if std::time::Instant::now() > deadline {
-                return (first, None);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
-    let (first, status) = exited;
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "the first did not drain and exit"
-    );
+    let (first, exit) = exit_within_20_s(first).await;
+    assert_eq!(exit, Some(0), "the first did not drain and exit");
     tokio::time::sleep(Duration::from_millis(300)).await;
     load.finish_without_a_failure().await;
     let answers: Vec<u32> = first
