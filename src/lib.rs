@@ -21,8 +21,8 @@
 //! admin API (`admin`), SIGHUP and the SLO guard (`slo::guard`, which runs the judge in
 //! `slo::rules` and `slo::sequential`) only send it commands. `takeover` hands the
 //! listening sockets and `state.dir` to a new binary (started by hand, or on SIGUSR2 by
-//! `takeover::successor`); `systemd` tells a `Type=notify` unit where the process stands. `config` parses and validates
-//! the file; `app` wires it all and runs the shutdown sequence. `demo` is the
+//! `takeover::successor`); `systemd` tells a `Type=notify` unit where the process
+//! stands. `config` parses and validates the file; `app` wires it all and runs the shutdown sequence. `demo` is the
 //! self-contained demo, `client` the deploy CLI's admin client.
 
 pub mod admin;

@@ -9,8 +9,10 @@
 //! `SO_REUSEPORT` sockets instead would lose the queue of every socket the old process
 //! closes. The exchange, one line of JSON each way:
 //!
-//! 1. new → old `{"takeover":true}`; old → new the sockets (proxy, HTTPS, admin), with a
-//!    line naming how many of each;
+//! 1. new → old `{"takeover":true}` (and its version); old → new the sockets (proxy,
+//!    HTTPS, admin), with a line naming how many of each, or `{"error":…}` when it
+//!    refuses this requester (under systemd, anyone but the successor it started on
+//!    SIGUSR2: `successor`);
 //! 2. old releases `state.dir` (its writer refuses changes from now on) →
 //!    `{"released":true}`;
 //! 3. new takes `state.dir`, starts serving on the sockets → `{"ready":true}`;
