@@ -738,7 +738,7 @@ async fn a_new_binary_takes_over_under_load_without_a_failed_request() {
         .replace("access_log = false", "access_log = false\nworkers = 2")
         + &format!("\n[[notify]]\nurl = \"http://{hook}/\"\n");
     std::fs::write(&path, text).unwrap();
-    let mut first = spawn(&path);
+    let first = spawn(&path);
     let (proxy, admin_addr) = (first.proxy, first.admin);
     let admin = admin_addr;
     let (code, _, stderr) =
@@ -865,7 +865,7 @@ async fn sigusr2_starts_a_successor_that_becomes_the_units_main_process() {
         let n = notify.recv(&mut buffer).expect("no notice within 20 s");
         String::from_utf8_lossy(&buffer[..n]).into_owned()
     };
-    let mut first = spawn_with_env(&path, &[], &[("NOTIFY_SOCKET", &notify_path)]);
+    let first = spawn_with_env(&path, &[], &[("NOTIFY_SOCKET", &notify_path)]);
     let (next_notice, notice) = tokio::task::spawn_blocking(move || {
         let notice = next_notice();
         (next_notice, notice)
