@@ -872,3 +872,123 @@ async fn a_stream_whose_response_ended_frees_its_place_though_the_client_keeps_s
     assert!(started.elapsed() < Duration::from_secs(2));
     drop(frames);
 }
+
+/// `grpc.health.v1.Health/Check` for service "api": SERVING or NOT_SERVING as `serving`
+/// says; any other service is NOT_FOUND, as a gRPC health server answers.
+#[derive(Clone)]
+struct Health(Arc<std::sync::atomic::AtomicBool>);
+
+impl tower_service::Service<tonic::Request<Bytes>> for Health {
+    type Response = tonic::Response<Bytes>;
+    type Error = Status;
+    type Future = BoxFuture<Result<tonic::Response<Bytes>, Status>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        // HealthCheckRequest { service: "api" }: field 1, 3 bytes.
+        let known = request.get_ref()[..] == b"\x0a\x03api"[..];
+        let status = if self.0.load(Ordering::SeqCst) { 1 } else { 2 };
+        Box::pin(async move {
+            if !known {
+                return Err(Status::not_found("unknown service"));
+            }
+            Ok(tonic::Response::new(Bytes::from(vec![0x08, status])))
+        })
+    }
+}
+
+/// `check = "grpc"`: the gRPC health protocol over h2c against a gRPC server (tonic's):
+/// SERVING keeps the instance in, NOT_SERVING takes it out with the reason, SERVING
+/// brings it back; a service the server does not know fails with its grpc-status; a
+/// plain HTTP/1.1 upstream cannot have the check at all.
+#[tokio::test]
+async fn grpc_health_checks_follow_the_servers_health_status() {
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let paths = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = {
+        let (serving, paths) = (serving.clone(), paths.clone());
+        upstream_h2(move |request: Request<Incoming>| {
+            let (serving, paths) = (serving.clone(), paths.clone());
+            async move {
+                paths.lock().unwrap().push(request.uri().path().to_string());
+                let mut grpc = tonic::server::Grpc::new(BytesCodec);
+                grpc.unary(Health(serving), request).await
+            }
+        })
+        .await
+    };
+    let health = |service: &str| {
+        format!(
+            "protocol = \"h2c\"\n[upstreams.stable-pool.health]\ncheck = \"grpc\"\nservice = \"{service}\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n"
+        )
+    };
+    let dir = Arc::new(TempDir::new("grpc-health"));
+    let text = config(dir.path(), &[server.addr], None, "", &health("api"), "");
+    let mut proxy = start_proxy(dir.clone(), &text).await;
+    let instance = format!("/admin/upstreams/stable-pool/instances/{}", server.addr);
+    let wait = |what, check| instance_becomes(proxy.admin, &instance, what, check);
+    wait("SERVING: up", |i| i["health"] == "up").await;
+    serving.store(false, Ordering::SeqCst);
+    let down = wait("NOT_SERVING: down", |i| i["health"] == "down").await;
+    assert!(
+        down["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("NOT_SERVING")),
+        "{down}"
+    );
+    serving.store(true, Ordering::SeqCst);
+    wait("SERVING again: up", |i| i["health"] == "up").await;
+    assert!(paths
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|p| p == "/grpc.health.v1.Health/Check"));
+    proxy.shutdown().await;
+
+    // A service the server does not know: its grpc-status is the reason.
+    let dir = Arc::new(TempDir::new("grpc-health-unknown"));
+    let text = config(dir.path(), &[server.addr], None, "", &health("billing"), "");
+    let proxy = start_proxy(dir, &text).await;
+    let wait = |what, check| instance_becomes(proxy.admin, &instance, what, check);
+    let down = wait("unknown service: down", |i| i["health"] == "down").await;
+    assert!(
+        down["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("grpc-status 5")),
+        "{down}"
+    );
+
+    // Without HTTP/2 to the upstream the check cannot run: refused, naming the field.
+    let dir = TempDir::new("grpc-health-http1");
+    let text = config(dir.path(), &[server.addr], None, "", &health("api"), "")
+        .replace("protocol = \"h2c\"\n", "");
+    let errors = splitgate::config::parse(std::path::Path::new("c.toml"), &text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("upstreams.stable-pool.health.check") && errors.contains("h2c"),
+        "{errors}"
+    );
+}
+
+/// Polls an instance's admin view (up to 5 s) until `check` holds; the view then.
+async fn instance_becomes(
+    admin: SocketAddr,
+    instance: &str,
+    what: &str,
+    check: fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, value) = common::admin(admin, "GET", instance, "", None).await;
+        if check(&value) {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

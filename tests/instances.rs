@@ -981,6 +981,13 @@ fn a_bad_health_or_resolve_section_is_refused_with_the_field_named() {
             "check = \"tcp\"\npath = \"/x\"",
             "upstreams.app.health.path",
         ),
+        ("service = \"api\"", "upstreams.app.health.service"),
+        // gRPC needs HTTP/2 to the upstream, and has no path or expected status.
+        ("check = \"grpc\"", "upstreams.app.health.check"),
+        (
+            "check = \"grpc\"\nexpect = \"200\"",
+            "upstreams.app.health.expect",
+        ),
     ];
     for (line, field) in cases {
         let text = proxy_config(

@@ -65,6 +65,10 @@ pub fn upstream_view(upstream: &Upstream) -> UpstreamView {
             let what = match &h.check {
                 HealthCheck::Tcp => "tcp connect".to_string(),
                 HealthCheck::Http { path, .. } => format!("http GET {path}"),
+                HealthCheck::Grpc { service, .. } if service.is_empty() => {
+                    "grpc health of the server".to_string()
+                }
+                HealthCheck::Grpc { service, .. } => format!("grpc health of {service:?}"),
             };
             format!(
                 "{what} every {}ms (timeout {}ms, rise {}, fall {})",

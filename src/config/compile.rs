@@ -224,6 +224,12 @@ pub enum HealthCheck {
         host: Option<String>,
         expect: std::ops::RangeInclusive<u16>,
     },
+    /// The gRPC health protocol (`grpc.health.v1.Health/Check` for `service`, "" for
+    /// the whole server) over HTTP/2, with `host` as the authority; passes on SERVING.
+    Grpc {
+        service: String,
+        host: Option<String>,
+    },
 }
 
 /// The bounds on one upstream exchange.
@@ -927,8 +933,15 @@ fn compile_upstream(
         .first()
         .filter(|text| text.parse::<SocketAddr>().is_err())
         .cloned();
+    let protocol = compile_protocol(&field, section, errors);
     let health = section.health.as_ref().and_then(|health| {
-        compile_health(&format!("{field}.health"), health, default_host, errors)
+        compile_health(
+            &format!("{field}.health"),
+            health,
+            default_host,
+            protocol,
+            errors,
+        )
     });
     for (key, value) in [
         ("connect_timeout", section.connect_timeout),
@@ -958,7 +971,6 @@ fn compile_upstream(
     if !section.tls && (section.sni.is_some() || section.ca.is_some()) {
         errors.push(&format!("{field}.tls"), "sni and ca need tls = true");
     }
-    let protocol = compile_protocol(&field, section, errors);
     (!bad_instances && !section.instances.is_empty()).then(|| UpstreamSpec {
         protocol,
         tls,
@@ -1055,6 +1067,7 @@ fn compile_health(
     field: &str,
     section: &HealthSection,
     default_host: Option<String>,
+    protocol: Protocol,
     errors: &mut Errors,
 ) -> Option<HealthSpec> {
     let before = errors.0.len();
@@ -1079,6 +1092,13 @@ fn compile_health(
         }
     }
     let check = match section.check.as_deref() {
+        None | Some("http") if section.service.is_some() => {
+            errors.push(
+                &format!("{field}.service"),
+                "applies to check = \"grpc\" only",
+            );
+            HealthCheck::Tcp
+        }
         None | Some("http") => {
             let path = section.path.clone().unwrap_or_else(|| "/".to_string());
             if !path.starts_with('/') || http::uri::PathAndQuery::try_from(path.as_str()).is_err() {
@@ -1111,11 +1131,43 @@ fn compile_health(
                 expect,
             }
         }
+        Some("grpc") => {
+            for (key, set) in [
+                ("path", section.path.is_some()),
+                ("expect", section.expect.is_some()),
+            ] {
+                if set {
+                    errors.push(
+                        &format!("{field}.{key}"),
+                        "applies to check = \"http\" only (a gRPC check asks grpc.health.v1.Health/Check)",
+                    );
+                }
+            }
+            if protocol == Protocol::Http1 {
+                errors.push(
+                    &format!("{field}.check"),
+                    "\"grpc\" needs HTTP/2 to the upstream: set protocol = \"h2c\", \"h2\" or \"auto\"",
+                );
+            }
+            if let Some(host) = &section.host {
+                if host.parse::<http::uri::Authority>().is_err() || host.contains('@') {
+                    errors.push(
+                        &format!("{field}.host"),
+                        format!("{host:?} is not a valid authority"),
+                    );
+                }
+            }
+            HealthCheck::Grpc {
+                service: section.service.clone().unwrap_or_default(),
+                host: section.host.clone().or(default_host),
+            }
+        }
         Some("tcp") => {
             for (key, set) in [
                 ("path", section.path.is_some()),
                 ("expect", section.expect.is_some()),
                 ("host", section.host.is_some()),
+                ("service", section.service.is_some()),
             ] {
                 if set {
                     errors.push(
@@ -1129,7 +1181,7 @@ fn compile_health(
         Some(other) => {
             errors.push(
                 &format!("{field}.check"),
-                format!("unknown check {other:?} (use \"http\" or \"tcp\")"),
+                format!("unknown check {other:?} (use \"http\", \"tcp\" or \"grpc\")"),
             );
             HealthCheck::Tcp
         }

@@ -66,7 +66,8 @@ pub struct ResolverSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSection {
-    /// `"http"` (the default: a GET of `path`) or `"tcp"` (a connect).
+    /// `"http"` (the default: a GET of `path`), `"tcp"` (a connect) or `"grpc"` (the
+    /// gRPC health protocol).
     #[serde(default)]
     pub check: Option<String>,
     #[serde(default)]
@@ -90,9 +91,13 @@ pub struct HealthSection {
     /// Statuses that pass, as `"200-399"` or `"204"`.
     #[serde(default)]
     pub expect: Option<String>,
-    /// The `Host` header of HTTP checks; the instance's address when absent.
+    /// The `Host` header of HTTP checks (the authority of gRPC ones); the instance's
+    /// address when absent.
     #[serde(default)]
     pub host: Option<String>,
+    /// The service a gRPC check asks about; "" (the default) asks about the server.
+    #[serde(default)]
+    pub service: Option<String>,
 }
 
 /// `[fleet]`: replicas that share weights, trips and rollouts through etcd.

@@ -4,9 +4,11 @@
 //! at once. Instances in maintenance are not checked. The set of tasks follows the
 //! snapshot: an instance added by a reload or by DNS gets a task, one removed loses it.
 
+mod grpc;
+
 use std::sync::Arc;
 
-use http::header::{CONNECTION, HOST, USER_AGENT};
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, USER_AGENT};
 use http::{HeaderValue, Request};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
@@ -159,7 +161,8 @@ impl Checker {
     }
 
     /// One check: a connect (and TLS handshake), then for HTTP a GET whose status must
-    /// be in the expected range. A fresh connection each time, closed after.
+    /// be in the expected range, for gRPC a health call that must say SERVING. A fresh
+    /// connection each time, closed after.
     async fn check(&self) -> Result<(), String> {
         let addr = self.instance.addr;
         let stream = TcpStream::connect(addr)
@@ -186,14 +189,16 @@ impl Checker {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let HealthCheck::Http { path, host, expect } = &self.health.check else {
-            return Ok(());
+        let (path, host, expect) = match &self.health.check {
+            HealthCheck::Tcp => return Ok(()),
+            HealthCheck::Grpc { service, host } if h2 => {
+                return self.grpc(io, service, self.host(host)?).await
+            }
+            HealthCheck::Grpc { .. } => {
+                return Err("the instance did not pick HTTP/2 (ALPN), which gRPC needs".into())
+            }
+            HealthCheck::Http { path, host, expect } => (path, self.host(host)?, expect),
         };
-        let host = match host {
-            Some(host) => HeaderValue::from_str(host),
-            None => HeaderValue::from_str(&self.instance.addr.to_string()),
-        }
-        .map_err(|e| format!("host header: {e}"))?;
         let status = match h2 {
             true => self.get_h2(io, path, host).await?,
             false => {
@@ -227,16 +232,71 @@ impl Checker {
         }
     }
 
+    /// The `Host` (authority) a check sends: as configured, else the instance's address.
+    fn host(&self, host: &Option<String>) -> Result<HeaderValue, String> {
+        match host {
+            Some(host) => HeaderValue::from_str(host),
+            None => HeaderValue::from_str(&self.instance.addr.to_string()),
+        }
+        .map_err(|e| format!("host header: {e}"))
+    }
+
     /// The check's GET as an HTTP/2 stream; its status.
     async fn get_h2<I>(&self, io: I, path: &str, host: HeaderValue) -> Result<u16, String>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, connection) = ::h2::client::handshake(io)
-            .await
-            .map_err(|e| format!("h2: {e}"))?;
-        // Aborted however the check ends, a timeout included.
-        let _connection = AbortOnDrop(tokio::spawn(connection));
+        let request = self.h2_request(http::Method::GET, path, &host)?.body(());
+        let request = request.map_err(|e| format!("request: {e}"))?;
+        let (response, _connection) = h2_exchange(io, request, None).await?;
+        Ok(response.status().as_u16())
+    }
+
+    /// The gRPC health call for `service`: passes on SERVING.
+    async fn grpc<I>(&self, io: I, service: &str, host: HeaderValue) -> Result<(), String>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let request = self
+            .h2_request(http::Method::POST, grpc::PATH, &host)?
+            .header(CONTENT_TYPE, "application/grpc")
+            .header(TE, "trailers")
+            .body(())
+            .map_err(|e| format!("request: {e}"))?;
+        let (response, _connection) =
+            h2_exchange(io, request, Some(grpc::request(service))).await?;
+        let status = response.status();
+        if status != http::StatusCode::OK {
+            return Err(format!("status {}", status.as_u16()));
+        }
+        // A refusal may come as headers alone ("trailers-only").
+        grpc_status(response.headers())?;
+        let mut body = response.into_body();
+        let mut message = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|e| format!("h2: {e}"))?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            message.extend_from_slice(&chunk);
+            if message.len() > grpc::MAX_RESPONSE {
+                return Err("a health response over 1 KiB".into());
+            }
+        }
+        let trailers = body.trailers().await.map_err(|e| format!("h2: {e}"))?;
+        match trailers {
+            Some(trailers) => grpc_status(&trailers)?,
+            None if message.is_empty() => {}
+            None => return Err("no grpc-status in the response".into()),
+        }
+        grpc::serving(&message)
+    }
+
+    /// An HTTP/2 request head to this instance.
+    fn h2_request(
+        &self,
+        method: http::Method,
+        path: &str,
+        host: &HeaderValue,
+    ) -> Result<http::request::Builder, String> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let uri = http::Uri::builder()
             .scheme(scheme)
@@ -244,19 +304,60 @@ impl Checker {
             .path_and_query(path)
             .build()
             .map_err(|e| format!("request: {e}"))?;
-        let request = Request::get(uri)
-            .header(USER_AGENT, "splitgate-health-check")
-            .body(())
-            .map_err(|e| format!("request: {e}"))?;
-        let result = async {
-            let mut sender = sender.ready().await?;
-            let (response, _) = sender.send_request(request, true)?;
-            response.await
-        }
-        .await
-        .map_err(|e| format!("h2: {e}"));
-        Ok(result?.status().as_u16())
+        Ok(Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(USER_AGENT, "splitgate-health-check"))
     }
+}
+
+/// One HTTP/2 stream on a fresh connection: the request, with `body` if any, and the
+/// response head. The connection lives as long as the returned guard (for the body).
+async fn h2_exchange<I>(
+    io: I,
+    request: Request<()>,
+    body: Option<bytes::Bytes>,
+) -> Result<(http::Response<::h2::RecvStream>, AbortOnDrop<()>), String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = ::h2::client::handshake(io)
+        .await
+        .map_err(|e| format!("h2: {e}"))?;
+    // Aborted however the check ends, a timeout included.
+    let connection = AbortOnDrop(tokio::spawn(async move {
+        let _ = connection.await;
+    }));
+    let response = async {
+        let mut sender = sender.ready().await?;
+        let (response, mut stream) = sender.send_request(request, body.is_none())?;
+        if let Some(body) = body {
+            stream.send_data(body, true)?;
+        }
+        response.await
+    }
+    .await
+    .map_err(|e| format!("h2: {e}"))?;
+    Ok((response, connection))
+}
+
+/// A non-zero `grpc-status` as the check's failure (with its `grpc-message`).
+fn grpc_status(headers: &http::HeaderMap) -> Result<(), String> {
+    let Some(code) = headers.get("grpc-status") else {
+        return Ok(());
+    };
+    if code == "0" {
+        return Ok(());
+    }
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or_default();
+    let message: String = message.chars().take(100).collect();
+    Err(format!(
+        "grpc-status {} {message}",
+        String::from_utf8_lossy(code.as_bytes())
+    ))
 }
 
 /// A task aborted when this is dropped.
