@@ -64,9 +64,12 @@ impl Decoder for BytesCodec {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// `/test.Echo/Unary`: the message back, prefixed with the server's name.
+/// How a unary method answers a message.
+type Answer = dyn Fn(&Bytes) -> Result<Bytes, Status> + Send + Sync;
+
+/// A unary method: each message answered by the function.
 #[derive(Clone)]
-struct Unary(&'static str);
+struct Unary(Arc<Answer>);
 
 impl tower_service::Service<tonic::Request<Bytes>> for Unary {
     type Response = tonic::Response<Bytes>;
@@ -76,14 +79,19 @@ impl tower_service::Service<tonic::Request<Bytes>> for Unary {
         Poll::Ready(Ok(()))
     }
     fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
-        let name = self.0;
-        Box::pin(async move {
-            let mut reply = name.as_bytes().to_vec();
-            reply.extend_from_slice(b": ");
-            reply.extend_from_slice(request.get_ref());
-            Ok(tonic::Response::new(Bytes::from(reply)))
-        })
+        let reply = (self.0)(request.get_ref());
+        Box::pin(async move { reply.map(tonic::Response::new) })
     }
+}
+
+/// `/test.Echo/Unary`: the message back, prefixed with the server's name.
+fn echo(name: &'static str) -> Unary {
+    Unary(Arc::new(move |message| {
+        let mut reply = name.as_bytes().to_vec();
+        reply.extend_from_slice(b": ");
+        reply.extend_from_slice(message);
+        Ok(Bytes::from(reply))
+    }))
 }
 
 /// `/test.Echo/Chat`: every message back as it arrives (bidirectional streaming).
@@ -134,7 +142,7 @@ async fn grpc_server(name: &'static str, fail_in_trailers: bool) -> TestUpstream
         let mut grpc = tonic::server::Grpc::new(BytesCodec);
         match request.uri().path() {
             "/test.Echo/Chat" => grpc.streaming(Chat, request).await,
-            _ => grpc.unary(Unary(name), request).await,
+            _ => grpc.unary(echo(name), request).await,
         }
     })
     .await
@@ -875,27 +883,15 @@ async fn a_stream_whose_response_ended_frees_its_place_though_the_client_keeps_s
 
 /// `grpc.health.v1.Health/Check` for service "api": SERVING or NOT_SERVING as `serving`
 /// says; any other service is NOT_FOUND, as a gRPC health server answers.
-#[derive(Clone)]
-struct Health(Arc<std::sync::atomic::AtomicBool>);
-
-impl tower_service::Service<tonic::Request<Bytes>> for Health {
-    type Response = tonic::Response<Bytes>;
-    type Error = Status;
-    type Future = BoxFuture<Result<tonic::Response<Bytes>, Status>>;
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+fn health(serving: Arc<std::sync::atomic::AtomicBool>) -> Unary {
+    Unary(Arc::new(move |request| {
         // HealthCheckRequest { service: "api" }: field 1, 3 bytes.
-        let known = request.get_ref()[..] == b"\x0a\x03api"[..];
-        let status = if self.0.load(Ordering::SeqCst) { 1 } else { 2 };
-        Box::pin(async move {
-            if !known {
-                return Err(Status::not_found("unknown service"));
-            }
-            Ok(tonic::Response::new(Bytes::from(vec![0x08, status])))
-        })
-    }
+        if request[..] != b"\x0a\x03api"[..] {
+            return Err(Status::not_found("unknown service"));
+        }
+        let status = if serving.load(Ordering::SeqCst) { 1 } else { 2 };
+        Ok(Bytes::from(vec![0x08, status]))
+    }))
 }
 
 /// `check = "grpc"`: the gRPC health protocol over h2c against a gRPC server (tonic's):
@@ -913,21 +909,23 @@ async fn grpc_health_checks_follow_the_servers_health_status() {
             async move {
                 paths.lock().unwrap().push(request.uri().path().to_string());
                 let mut grpc = tonic::server::Grpc::new(BytesCodec);
-                grpc.unary(Health(serving), request).await
+                grpc.unary(health(serving), request).await
             }
         })
         .await
     };
-    let health = |service: &str| {
+    let section = |service: &str| {
         format!(
             "protocol = \"h2c\"\n[upstreams.stable-pool.health]\ncheck = \"grpc\"\nservice = \"{service}\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n"
         )
     };
     let dir = Arc::new(TempDir::new("grpc-health"));
-    let text = config(dir.path(), &[server.addr], None, "", &health("api"), "");
+    let text = config(dir.path(), &[server.addr], None, "", &section("api"), "");
     let mut proxy = start_proxy(dir.clone(), &text).await;
     let instance = format!("/admin/upstreams/stable-pool/instances/{}", server.addr);
-    let wait = |what, check| instance_becomes(proxy.admin, &instance, what, check);
+    let wait = |what, check: fn(&serde_json::Value) -> bool| {
+        wait_for_admin(proxy.admin, &instance, Duration::from_secs(5), what, check)
+    };
     wait("SERVING: up", |i| i["health"] == "up").await;
     serving.store(false, Ordering::SeqCst);
     let down = wait("NOT_SERVING: down", |i| i["health"] == "down").await;
@@ -948,9 +946,18 @@ async fn grpc_health_checks_follow_the_servers_health_status() {
 
     // A service the server does not know: its grpc-status is the reason.
     let dir = Arc::new(TempDir::new("grpc-health-unknown"));
-    let text = config(dir.path(), &[server.addr], None, "", &health("billing"), "");
+    let text = config(
+        dir.path(),
+        &[server.addr],
+        None,
+        "",
+        &section("billing"),
+        "",
+    );
     let proxy = start_proxy(dir, &text).await;
-    let wait = |what, check| instance_becomes(proxy.admin, &instance, what, check);
+    let wait = |what, check: fn(&serde_json::Value) -> bool| {
+        wait_for_admin(proxy.admin, &instance, Duration::from_secs(5), what, check)
+    };
     let down = wait("unknown service: down", |i| i["health"] == "down").await;
     assert!(
         down["last_error"]
@@ -961,7 +968,7 @@ async fn grpc_health_checks_follow_the_servers_health_status() {
 
     // Without HTTP/2 to the upstream the check cannot run: refused, naming the field.
     let dir = TempDir::new("grpc-health-http1");
-    let text = config(dir.path(), &[server.addr], None, "", &health("api"), "")
+    let text = config(dir.path(), &[server.addr], None, "", &section("api"), "")
         .replace("protocol = \"h2c\"\n", "");
     let errors = splitgate::config::parse(std::path::Path::new("c.toml"), &text)
         .unwrap_err()
@@ -970,25 +977,4 @@ async fn grpc_health_checks_follow_the_servers_health_status() {
         errors.contains("upstreams.stable-pool.health.check") && errors.contains("h2c"),
         "{errors}"
     );
-}
-
-/// Polls an instance's admin view (up to 5 s) until `check` holds; the view then.
-async fn instance_becomes(
-    admin: SocketAddr,
-    instance: &str,
-    what: &str,
-    check: fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_, value) = common::admin(admin, "GET", instance, "", None).await;
-        if check(&value) {
-            return value;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

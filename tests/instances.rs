@@ -856,25 +856,8 @@ async fn wait_instance_in(
     what: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) {
-    let deadline = Instant::now() + within;
-    loop {
-        let (_, value) = common::admin(
-            admin,
-            "GET",
-            &format!("/admin/upstreams/{upstream}/instances/{addr}"),
-            "",
-            None,
-        )
-        .await;
-        if check(&value) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let path = format!("/admin/upstreams/{upstream}/instances/{addr}");
+    wait_for_admin(admin, &path, within, what, check).await;
 }
 
 /// A DNS server on 127.0.0.1 (UDP) that answers A queries for `name` with the addresses

@@ -262,9 +262,21 @@ pub async fn wait_for_route(
     what: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    wait_for_admin(admin_addr, "/admin/routes/main", within, what, check).await
+}
+
+/// Polls `GET path` on the admin API every 25 ms until `check` holds; panics with
+/// `what` and the last answer once `within` has passed.
+pub async fn wait_for_admin(
+    admin_addr: SocketAddr,
+    path: &str,
+    within: Duration,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = std::time::Instant::now() + within;
     loop {
-        let (_, state) = admin(admin_addr, "GET", "/admin/routes/main", "", None).await;
+        let (_, state) = admin(admin_addr, "GET", path, "", None).await;
         if check(&state) {
             return state;
         }
