@@ -135,17 +135,25 @@ pub fn timeout_in(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// A trailers-only gRPC response: HTTP 200 with the status and message in the headers,
-/// and no body. `message` is percent-encoded as the gRPC spec asks.
+/// and no body.
 pub fn error_response<B: Default>(code: u32, message: &str) -> Response<B> {
     let mut response = Response::new(B::default());
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.extend(status_trailers(code, message));
+    response
+}
+
+/// `grpc-status` and `grpc-message` (percent-encoded, as the gRPC spec asks), for
+/// trailers or a trailers-only head.
+pub fn status_trailers(code: u32, message: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
     headers.insert(&GRPC_STATUS, HeaderValue::from(code));
     if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(percent_encode(message))) {
         headers.insert(&GRPC_MESSAGE, value);
     }
-    response
+    headers
 }
 
 /// The gRPC status a proxy error becomes, from the HTTP status it would have had

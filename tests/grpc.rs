@@ -822,6 +822,84 @@ async fn the_callers_grpc_timeout_bounds_the_wait_for_the_head() {
     );
 }
 
+/// The deadline bounds the whole call: a response that starts in time but then stalls
+/// ends at the deadline with DEADLINE_EXCEEDED in its trailers, after the messages
+/// already sent, and the upstream's stream is cancelled.
+#[tokio::test]
+async fn the_callers_grpc_timeout_bounds_a_stalled_stream_too() {
+    let (cancelled_tx, mut cancelled) = tokio::sync::mpsc::channel::<()>(1);
+    let stalling = upstream_h2(move |_request: Request<Incoming>| {
+        let cancelled_tx = cancelled_tx.clone();
+        async move {
+            // One message, then nothing: the sender is kept until the stream goes.
+            let (frames, receiver) =
+                tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            frames
+                .send(Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))))
+                .await
+                .unwrap();
+            tokio::spawn(async move {
+                frames.closed().await;
+                let _ = cancelled_tx.send(()).await;
+            });
+            Response::builder()
+                .header("content-type", "application/grpc")
+                .body(StreamBody::new(ReceiverStream::new(receiver)))
+                .unwrap()
+        }
+    })
+    .await;
+    let dir = Arc::new(TempDir::new("grpc-stream-deadline"));
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(
+            dir.path(),
+            &[stalling.addr],
+            None,
+            "",
+            "protocol = \"h2c\"",
+            "",
+        ),
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::post(format!("http://{}/test.Echo/Stream", proxy.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(full(Bytes::from_static(b"\0\0\0\0\x01x")))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().get("grpc-status").is_none());
+    let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+        .await
+        .expect("the call ends at its deadline")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let trailers = body.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "4", "{trailers:?}");
+    assert_eq!(
+        &body.to_bytes()[..],
+        b"\0\0\0\0\x02hi",
+        "the message sent in time"
+    );
+    tokio::time::timeout(Duration::from_secs(5), cancelled.recv())
+        .await
+        .expect("the upstream's stream is cancelled");
+    let text = metrics(&proxy).await;
+    assert!(
+        text.contains(&format!("{} 1", series(STABLE, "grpc_error"))),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn a_stream_whose_response_ended_frees_its_place_though_the_client_keeps_sending() {
     // One stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS 1): the instance answers

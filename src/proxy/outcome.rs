@@ -4,6 +4,7 @@
 //! feed the metrics and the SLO judge. Latency stays measured to the head (what the
 //! latency SLOs mean); the whole exchange goes to `splitgate_request_stream_seconds`.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -49,6 +50,8 @@ pub enum End<'a> {
     /// The client stopped reading before the end (it went away or cancelled): not held
     /// against the upstream.
     Abandoned,
+    /// The caller's gRPC deadline passed before the end: the call was cut there.
+    DeadlineExceeded,
 }
 
 impl Recorder {
@@ -83,6 +86,15 @@ impl Recorder {
     pub fn outcome(&self, end: End<'_>) -> Outcome {
         match (end, self.grpc) {
             (End::Failed(kind), _) => Outcome::Error(kind),
+            // As the instance's own DEADLINE_EXCEEDED would count: a canary that
+            // streams too slowly must not look healthy.
+            (End::DeadlineExceeded, _) => Outcome::Grpc {
+                failed: self
+                    .route()
+                    .spec
+                    .grpc_errors
+                    .contains(grpc::DEADLINE_EXCEEDED),
+            },
             (_, None) => Outcome::Status(self.status),
             (end, Some(in_head)) => {
                 let code = match end {
@@ -118,21 +130,37 @@ impl Recorder {
 /// The upstream's response body on its way to the client, recording the outcome when
 /// it ends, fails, or is dropped unfinished.
 pub struct Observed {
-    inner: ResponseBody,
+    /// `None` once a deadline cut the call (dropping it cancels the upstream stream).
+    inner: Option<ResponseBody>,
     recorder: Option<Recorder>,
+    /// A gRPC call's deadline (the caller's `grpc-timeout`), which bounds the whole
+    /// call, not only the wait for its head: a stream still open when it passes ends
+    /// with DEADLINE_EXCEEDED in its trailers, as the caller expects.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Observed {
     /// Wraps `inner`; a body that is already over is recorded at once.
-    pub fn new(inner: ResponseBody, recorder: Recorder) -> Self {
+    pub fn new(inner: ResponseBody, recorder: Recorder, deadline: Option<Instant>) -> Self {
         let mut body = Self {
-            inner,
+            inner: Some(inner),
             recorder: Some(recorder),
+            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
         };
-        if body.inner.is_end_stream() {
+        if body.inner.as_ref().is_some_and(Body::is_end_stream) {
             body.finish(End::Complete(None));
         }
         body
+    }
+
+    /// The deadline passed: cancel the upstream stream and end the call for the client.
+    fn cut(&mut self) -> Frame<Bytes> {
+        self.inner = None;
+        self.finish(End::DeadlineExceeded);
+        Frame::trailers(grpc::status_trailers(
+            grpc::DEADLINE_EXCEEDED,
+            "deadline exceeded while the upstream was answering",
+        ))
     }
 
     fn finish(&mut self, end: End<'_>) {
@@ -150,12 +178,15 @@ impl Body for Observed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     self.finish(End::Complete(Some(trailers)));
-                } else if self.inner.is_end_stream() {
+                } else if self.inner.as_ref().is_some_and(Body::is_end_stream) {
                     self.finish(End::Complete(None));
                 }
             }
@@ -165,17 +196,27 @@ impl Body for Observed {
                 self.finish(End::Abandoned)
             }
             Poll::Ready(Some(Err(error))) => self.finish(End::Failed(body_error_kind(error))),
-            Poll::Pending => {}
+            Poll::Pending => {
+                let passed = self
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if passed {
+                    return Poll::Ready(Some(Ok(self.cut())));
+                }
+            }
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

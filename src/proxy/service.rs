@@ -261,7 +261,11 @@ impl ProxyService {
                     head.status.as_u16(),
                     grpc_head,
                 );
-                let body = Observed::new(body, recorder);
+                // A gRPC call's deadline bounds the rest of the call too.
+                let call_deadline = deadline
+                    .filter(|_| grpc_head.is_some())
+                    .map(|within| started + within);
+                let body = Observed::new(body, recorder, call_deadline);
                 Response::from_parts(head, ProxyBody::Upstream(body))
             }
             Err(source) => {
