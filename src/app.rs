@@ -474,6 +474,9 @@ pub async fn run(
             let _ = running.stop_admin.send(true);
         }
     }
+    // A reload or upgrade asked of this process now (systemd may not have moved the
+    // unit's main process yet) would be lost without a word.
+    tokio::spawn(async move { signals.refuse_while_draining().await });
     if running.shutdown().await {
         tracing::info!("drained; bye");
     } else {
@@ -511,6 +514,23 @@ impl Signals {
             hup: signal(SignalKind::hangup()).map_err(StartError::Signals)?,
             usr2: signal(SignalKind::user_defined2()).map_err(StartError::Signals)?,
         })
+    }
+
+    /// Logs, for as long as this process drains, each SIGHUP and SIGUSR2 it no longer
+    /// acts on.
+    async fn refuse_while_draining(&mut self) {
+        loop {
+            let signal = tokio::select! {
+                _ = self.hup.recv() => "SIGHUP",
+                _ = self.usr2.recv() => "SIGUSR2",
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            };
+            tracing::warn!(
+                signal,
+                "ignored: this process is draining (after a takeover, send it to the new process)"
+            );
+        }
     }
 
     /// Drops the SIGUSR2s received so far.
@@ -561,6 +581,10 @@ impl Signals {
     }
 
     async fn forget_early_upgrades(&mut self) {}
+
+    async fn refuse_while_draining(&mut self) {
+        std::future::pending::<()>().await
+    }
 
     async fn wait(
         &mut self,
