@@ -791,21 +791,8 @@ async fn the_callers_grpc_timeout_bounds_the_wait_for_the_head() {
         &config(dir.path(), &[slow.addr], None, "", "protocol = \"h2c\"", ""),
     )
     .await;
-    // A plain HTTP/2 client: tonic's would give up on its own at the deadline.
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let request = Request::post(format!("http://{}/test.Echo/Unary", proxy.addr))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", "200m")
-        .body(full(Bytes::from_static(b"\0\0\0\0\x01x")))
-        .unwrap();
     let started = std::time::Instant::now();
-    let response = sender.send_request(request).await.unwrap();
+    let response = call_with_deadline(&proxy, "/test.Echo/Unary", "200m").await;
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["grpc-status"], "4", "{response:?}");
@@ -820,6 +807,24 @@ async fn the_callers_grpc_timeout_bounds_the_wait_for_the_head() {
         text.contains(&format!("{} 0", series(STABLE, "error"))),
         "{text}"
     );
+}
+
+/// A gRPC call with `grpc-timeout: timeout` through the proxy, from a plain HTTP/2
+/// client (tonic's would give up on its own at the deadline); the response head.
+async fn call_with_deadline(proxy: &TestProxy, path: &str, timeout: &str) -> Response<Incoming> {
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::post(format!("http://{}{path}", proxy.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(full(Bytes::from_static(b"\0\0\0\0\x01x")))
+        .unwrap();
+    sender.send_request(request).await.unwrap()
 }
 
 /// The deadline bounds the whole call: a response that starts in time but then stalls
@@ -862,20 +867,8 @@ async fn the_callers_grpc_timeout_bounds_a_stalled_stream_too() {
         ),
     )
     .await;
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let request = Request::post(format!("http://{}/test.Echo/Stream", proxy.addr))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", "300m")
-        .body(full(Bytes::from_static(b"\0\0\0\0\x01x")))
-        .unwrap();
     let started = std::time::Instant::now();
-    let response = sender.send_request(request).await.unwrap();
+    let response = call_with_deadline(&proxy, "/test.Echo/Stream", "300m").await;
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response.headers().get("grpc-status").is_none());
     let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
