@@ -9,11 +9,11 @@ client and the upstream nginx (h2c on :19011, HTTP/1.1 on :19001) share CPU 1. E
 round runs every candidate once, so drift hits all alike. Prints one JSON line per
 candidate: medians of CPU us/request, requests/s, and failures.
 """
-import argparse, json, os, re, shlex, signal, statistics, subprocess, sys, time
+import argparse, json, os, re, socket, statistics, subprocess, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "peer"))
-from compare import cpu_ticks, rss_kib, TICK  # noqa: E402
+from compare import measured  # noqa: E402
 
 
 def h2load(port, seconds):
@@ -42,11 +42,13 @@ def wrk(port, seconds):
 CLIENTS = {"h2load": h2load, "wrk": wrk}
 
 
-def answers(port):
+def listening(port):
+    """Whether something accepts on `port` within 10 s (then a moment to settle): an
+    h2c-only proxy answers no HTTP/1.1 probe."""
     for _ in range(100):
         try:
-            import socket
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            time.sleep(0.3)
             return True
         except OSError:
             time.sleep(0.1)
@@ -54,27 +56,8 @@ def answers(port):
 
 
 def one(name, client, port, cmd, seconds):
-    p = subprocess.Popen(["taskset", "-c", "0"] + shlex.split(cmd), stdout=open(f"/tmp/h2b-{name}.log", "w"),
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        if not answers(port):
-            raise SystemExit(f"{name}: nothing listens on :{port}; see /tmp/h2b-{name}.log")
-        time.sleep(0.3)
-        CLIENTS[client](port, 2)  # warm-up
-        c0 = cpu_ticks(p.pid)
-        r = CLIENTS[client](port, seconds)
-        c1 = cpu_ticks(p.pid)
-        r["rss"] = rss_kib(p.pid)
-        r["cpu_us"] = (c1 - c0) / TICK * 1e6 / max(r["reqs"], 1)
-        r["rps"] = r["reqs"] / seconds
-        return r
-    finally:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    load = lambda secs: CLIENTS[client](port, secs)
+    return measured(name, cmd, lambda: listening(port), load, seconds, f"/tmp/h2b-{name}.log")
 
 
 def main():

@@ -614,11 +614,16 @@ fn rst_stream(stream_id: u32, code: u32) -> Vec<u8> {
 /// A hand-rolled HTTP/2 server: SETTINGS, then for each HEADERS frame it reads, the
 /// bytes `reply` gives for that stream.
 async fn raw_h2(reply: fn(u32) -> Vec<u8>) -> SocketAddr {
+    raw_h2_with(&[], reply).await
+}
+
+/// As [`raw_h2`], each connection sending `settings` (id and value pairs, 6 bytes each).
+async fn raw_h2_with(settings: &'static [u8], reply: fn(u32) -> Vec<u8>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(raw_h2_conn(stream, reply));
+            tokio::spawn(raw_h2_conn_with(stream, settings, reply));
         }
     });
     addr
@@ -898,19 +903,14 @@ async fn a_stream_whose_response_ended_frees_its_place_though_the_client_keeps_s
     // One stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS 1): the instance answers
     // each call at once with a bare `:status 200` and END_STREAM, never reads the
     // request and never resets it, so the stream stays half open until we let go.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(raw_h2_conn_with(stream, &[0, 3, 0, 0, 0, 1], |stream_id| {
-                // HEADERS, END_STREAM | END_HEADERS, HPACK static index 8 (:status 200).
-                let mut frame = vec![0, 0, 1, 1, 5];
-                frame.extend_from_slice(&stream_id.to_be_bytes());
-                frame.push(0x88);
-                frame
-            }));
-        }
-    });
+    let addr = raw_h2_with(&[0, 3, 0, 0, 0, 1], |stream_id| {
+        // HEADERS, END_STREAM | END_HEADERS, HPACK static index 8 (:status 200).
+        let mut frame = vec![0, 0, 1, 1, 5];
+        frame.extend_from_slice(&stream_id.to_be_bytes());
+        frame.push(0x88);
+        frame
+    })
+    .await;
     let dir = Arc::new(TempDir::new("h2-ended"));
     let extra = "protocol = \"h2c\"\nmax_connections_per_instance = 1\nqueue_timeout = \"3s\"";
     let proxy = start_proxy(
