@@ -510,7 +510,8 @@ impl Upstream {
     /// Sends a request, starting with `instance`: the connect (when no pooled
     /// connection or HTTP/2 stream is free) and the wait for the response head are each
     /// bounded by their timeout; `deadline`, the gRPC caller's own (`grpc-timeout`),
-    /// bounds the wait for the head too when it is shorter. A refused or timed-out
+    /// bounds the wait for the head too when it is shorter. `grpc`: the request is a
+    /// gRPC call (`grpc::is_grpc`, which the caller has already asked). A refused or timed-out
     /// connect sent nothing, so the request moves to another instance (any method), up
     /// to [`MAX_CONNECT_TRIES`] instances in all. Returns the instance that answered (or
     /// failed last) and the connect failures that moved the request on.
@@ -518,11 +519,11 @@ impl Upstream {
         &self,
         instance: Arc<Pool>,
         request: Request<UpstreamBody>,
+        grpc: bool,
         deadline: Option<std::time::Duration>,
     ) -> Sent {
         let timeouts = self.spec.timeouts;
         let upgrade = request.headers().contains_key(UPGRADE);
-        let grpc = crate::grpc::is_grpc(request.headers());
         let mut tried = Vec::new();
         let mut failed_connects = 0;
         let (mut instance, mut in_flight) = self.claim(instance);

@@ -166,6 +166,7 @@ impl ProxyService {
             .send(
                 instance,
                 Request::from_parts(parts, upstream_body),
+                grpc,
                 deadline,
             )
             .await;
