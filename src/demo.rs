@@ -9,18 +9,17 @@
 //! trailers sees. The demo config routes `/splitgate.demo.` to them as h2c upstreams.
 
 use std::convert::Infallible;
+use std::future::Ready;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body::{Body, Frame};
-use http_body_util::BodyExt;
+use http_body_util::combinators::WithTrailers;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -91,7 +90,7 @@ async fn answer(
             )
         }
     };
-    let mut response = Response::new(DemoBody::new(Bytes::from(body), None));
+    let mut response = Response::new(demo_body(Bytes::from(body), None));
     *response.status_mut() = status;
     Ok(response)
 }
@@ -122,7 +121,7 @@ async fn answer_grpc(name: &str, failing: bool, request: Request<Incoming>) -> R
             HeaderValue::from_static("demo upstream failing"),
         );
     }
-    let mut response = Response::new(DemoBody::new(message.freeze(), Some(trailers)));
+    let mut response = Response::new(demo_body(message.freeze(), Some(trailers)));
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -130,38 +129,10 @@ async fn answer_grpc(name: &str, failing: bool, request: Request<Incoming>) -> R
 }
 
 /// A demo response body: its bytes, then trailers if it has any.
-pub struct DemoBody {
-    data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
-}
+type DemoBody = WithTrailers<Full<Bytes>, Ready<Option<Result<HeaderMap, Infallible>>>>;
 
-impl DemoBody {
-    fn new(data: Bytes, trailers: Option<HeaderMap>) -> Self {
-        Self {
-            data: Some(data),
-            trailers,
-        }
-    }
-}
-
-impl Body for DemoBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
-        if let Some(data) = this.data.take() {
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.trailers.is_none()
-    }
+fn demo_body(data: Bytes, trailers: Option<HeaderMap>) -> DemoBody {
+    Full::new(data).with_trailers(std::future::ready(trailers.map(Ok)))
 }
 
 /// The demo's config: one route, 10 % canary by `X-User-Id`, an SLO and a rollout plan.
