@@ -104,13 +104,22 @@ impl UpstreamError {
     /// HTTP/1.1 instance, an upgrade to an HTTP/2 one: a client could send those at
     /// will).
     pub fn is_the_instances(&self) -> bool {
-        !matches!(
+        !self.is_unsuitable()
+            && !matches!(
+                self,
+                UpstreamError::ClientBody(_)
+                    | UpstreamError::QueueTimeout
+                    | UpstreamError::DeadlineExceeded
+                    | UpstreamError::OpenFailed
+            )
+    }
+
+    /// A request the instance's protocol cannot carry (gRPC to HTTP/1.1, an upgrade to
+    /// HTTP/2, or an `auto` instance that kept switching): the client's to send at will.
+    pub fn is_unsuitable(&self) -> bool {
+        matches!(
             self,
-            UpstreamError::ClientBody(_)
-                | UpstreamError::QueueTimeout
-                | UpstreamError::DeadlineExceeded
-                | UpstreamError::OpenFailed
-                | UpstreamError::Http1Only
+            UpstreamError::Http1Only
                 | UpstreamError::UpgradeOverH2
                 | UpstreamError::ProtocolSwitched
         )

@@ -197,12 +197,7 @@ impl ProxyService {
         if let Err(error) = &result {
             // A request the instance's protocol cannot carry (gRPC to HTTP/1.1, an
             // upgrade to HTTP/2) is the client's to send at will: no evidence.
-            let unsuitable = matches!(
-                error,
-                UpstreamError::Http1Only
-                    | UpstreamError::UpgradeOverH2
-                    | UpstreamError::ProtocolSwitched
-            );
+            let unsuitable = error.is_unsuitable();
             let outcome = match error {
                 // The caller's deadline ran out first: as the instance's own
                 // DEADLINE_EXCEEDED would count (a hanging canary must not hide).
