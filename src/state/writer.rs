@@ -223,13 +223,10 @@ impl Writer {
             .recent_trips
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        for (route, action, ..) in lines {
+        for (route, ..) in lines.iter().filter(|(_, action, ..)| *action == "trip") {
             let Some(trip) = next.get(route).and_then(|r| r.trip.clone()) else {
                 continue;
             };
-            if *action != "trip" {
-                continue;
-            }
             trips.push((route.clone(), trip));
             let kept = trips.iter().filter(|(r, _)| r == route).count();
             if kept > super::RECENT_TRIPS {
