@@ -78,6 +78,62 @@ async fn http2_client_reaches_http1_upstream() {
     assert!(text.contains("via: 2.0 splitgate"), "{text}");
 }
 
+/// An HTTP/2 connection gives up its read and write buffers whenever it waits (the
+/// patched h2 in vendor/h2), and its HPACK table keeps copies, not slices of a freed
+/// buffer. After each pause, requests that refer to the table (`:authority` and a
+/// header indexed by the first request) arrive intact, and bodies larger than the
+/// released buffers stream both ways.
+#[tokio::test]
+async fn an_http2_connection_serves_across_its_buffer_release() {
+    let stable = upstream(|request: Request<Incoming>| async move {
+        let mut text = String::new();
+        for name in ["host", "x-trace"] {
+            let value = request
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned());
+            text.push_str(&format!("{name}: {}\n", value.unwrap_or_default()));
+        }
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        text.push_str(&String::from_utf8_lossy(&body));
+        Response::new(full(text))
+    })
+    .await;
+    let proxy = simple_proxy(&stable, "").await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for (round, size) in [(1, 0), (2, 40_000), (3, 0), (4, 100_000)] {
+        let body: String = (0..size)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let request = Request::post(format!("http://h2-idle.test/round/{round}"))
+            .header(
+                "x-trace",
+                "the same value every round, from the HPACK table",
+            )
+            .body(full(body.clone()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "round {round}");
+        let reply = response.into_body().collect().await.unwrap().to_bytes();
+        let expected = format!(
+            "host: h2-idle.test\nx-trace: the same value every round, from the HPACK table\n{body}"
+        );
+        assert!(
+            reply == expected.as_bytes(),
+            "round {round}: {} bytes back",
+            reply.len()
+        );
+        // Idle long enough for every buffer to be released and the task to sleep.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stable.hits(), 4);
+}
+
 #[tokio::test]
 async fn no_route_gives_404() {
     let stable = named_upstream("stable").await;
