@@ -47,7 +47,8 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 /// A 3-member etcd cluster on loopback; killed when dropped.
 struct Etcd {
-    _one_at_a_time: tokio::sync::MutexGuard<'static, ()>,
+    /// Held while the cluster runs; handed back when a start is retried.
+    one_at_a_time: Option<tokio::sync::MutexGuard<'static, ()>>,
     binary: PathBuf,
     dir: TempDir,
     members: Vec<Member>,
@@ -62,36 +63,52 @@ struct Member {
 }
 
 impl Etcd {
+    /// Starts a cluster on free ports. A port found free can be taken by another test
+    /// before etcd binds it, so a cluster that does not come up is started again on
+    /// fresh ports (twice at most); each member's log says why it did not.
     async fn start(binary: PathBuf) -> Etcd {
-        let one_at_a_time = ONE_AT_A_TIME.lock().await;
-        let dir = TempDir::new("etcd");
-        let members: Vec<Member> = (1..=3)
-            .map(|i| Member {
-                name: format!("e{i}"),
-                client: SocketAddr::from(([127, 0, 0, 1], free_port())),
-                peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
-                child: None,
-            })
-            .collect();
-        let initial_cluster = members
-            .iter()
-            .map(|m| format!("{}=http://{}", m.name, m.peer))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut etcd = Etcd {
-            _one_at_a_time: one_at_a_time,
-            binary,
-            dir,
-            members,
-            initial_cluster,
-        };
-        for i in 0..3 {
-            etcd.start_member(i);
+        let mut one_at_a_time = Some(ONE_AT_A_TIME.lock().await);
+        let mut failures = Vec::new();
+        for attempt in 1..=3 {
+            let dir = TempDir::new(&format!("etcd-{attempt}"));
+            let members: Vec<Member> = (1..=3)
+                .map(|i| Member {
+                    name: format!("e{i}"),
+                    client: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                    peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                    child: None,
+                })
+                .collect();
+            let initial_cluster = members
+                .iter()
+                .map(|m| format!("{}=http://{}", m.name, m.peer))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut etcd = Etcd {
+                one_at_a_time: one_at_a_time.take(),
+                binary: binary.clone(),
+                dir,
+                members,
+                initial_cluster,
+            };
+            for i in 0..3 {
+                etcd.start_member(i);
+            }
+            let mut unhealthy = None;
+            for i in 0..3 {
+                if !etcd.healthy_within(i, Duration::from_secs(20)).await {
+                    unhealthy = Some(i);
+                    break;
+                }
+            }
+            let Some(i) = unhealthy else { return etcd };
+            failures.push(format!("attempt {attempt}: {}", etcd.unhealthy(i)));
+            for i in 0..3 {
+                etcd.kill_member(i);
+            }
+            one_at_a_time = etcd.one_at_a_time.take();
         }
-        for i in 0..3 {
-            etcd.wait_healthy(i).await;
-        }
-        etcd
+        panic!("no etcd cluster came up:\n{}", failures.join("\n"));
     }
 
     fn start_member(&mut self, i: usize) {
@@ -123,7 +140,7 @@ impl Etcd {
                 "error",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.log(i)).expect("etcd log"))
             .spawn()
             .expect("etcd starts");
         self.members[i].child = Some(child);
@@ -136,8 +153,24 @@ impl Etcd {
         }
     }
 
-    async fn wait_healthy(&self, i: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    fn log(&self, i: usize) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("{}.log", self.members[i].name))
+    }
+
+    /// Why member `i` is not healthy: the end of its log.
+    fn unhealthy(&self, i: usize) -> String {
+        let log = std::fs::read_to_string(self.log(i)).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        format!(
+            "etcd member {i} never became healthy; its log ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
+    async fn healthy_within(&self, i: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
         loop {
             let reply = match TcpStream::connect(self.members[i].client).await {
                 Ok(_) => try_send(
@@ -150,13 +183,12 @@ impl Etcd {
             };
             if let Some(reply) = reply {
                 if reply.status == StatusCode::OK && reply.text().contains("true") {
-                    return;
+                    return true;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "etcd member {i} never became healthy"
-            );
+            if Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
