@@ -6,6 +6,8 @@ use crate::proto::Error;
 
 use crate::hpack;
 
+use super::spare;
+
 use futures_core::Stream;
 
 use bytes::{Buf, BytesMut};
@@ -428,11 +430,12 @@ where
             // is allocated (at tokio-util's initial 8 KiB) before each read attempt
             // and freed again when the read would block with nothing buffered.
             if self.inner.read_buffer().capacity() == 0 {
-                self.inner.read_buffer_mut().reserve(READ_BUFFER_CAPACITY);
+                *self.inner.read_buffer_mut() = spare::read_buffer(READ_BUFFER_CAPACITY);
             }
             let polled = Pin::new(&mut self.inner).poll_next(cx);
             if polled.is_pending() && self.inner.read_buffer().is_empty() {
-                *self.inner.read_buffer_mut() = BytesMut::new();
+                let buf = std::mem::take(self.inner.read_buffer_mut());
+                spare::give_read_buffer(buf, READ_BUFFER_CAPACITY);
                 self.decoder.hpack.release_scratch();
             }
             let bytes = match ready!(polled) {

@@ -177,7 +177,8 @@ where
         // splitgate patch: everything is written, so an idle connection keeps no
         // write buffer; `buffer` allocates it again for the next frame.
         if self.encoder.next.is_none() {
-            *self.encoder.buf.get_mut() = BytesMut::new();
+            let buf = std::mem::take(self.encoder.buf.get_mut());
+            super::spare::give_write_buffer(buf, DEFAULT_BUFFER_CAPACITY);
         }
 
         Poll::Ready(Ok(()))
@@ -232,7 +233,7 @@ where
         assert!(self.has_capacity());
         if self.buf.get_ref().capacity() == 0 {
             // splitgate patch: the buffer released after the last flush.
-            self.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
+            *self.buf.get_mut() = super::spare::write_buffer(DEFAULT_BUFFER_CAPACITY);
         }
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();
