@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """HTTP/2 to upstreams, side by side: proxy CPU microseconds per request, interleaved.
 
-usage: h2_upstream.py [--rounds R] [--seconds S] NAME=CLIENT=PORT=COMMAND ...
+usage: h2_upstream.py [--rounds R] [--seconds S] [--streams M] NAME=CLIENT=PORT=COMMAND ...
 
-CLIENT is `h2load` (h2c prior knowledge: 16 connections, 10 streams each) or `wrk`
+CLIENT is `h2load` (h2c prior knowledge: 16 connections, M streams each, default 10) or `wrk`
 (HTTP/1.1: 64 keep-alive connections). The proxy under test is pinned to CPU 0; the
 client and the upstream nginx (h2c on :19011, HTTP/1.1 on :19001) share CPU 1. Each
 round runs every candidate once, so drift hits all alike. Prints one JSON line per
@@ -16,8 +16,13 @@ sys.path.insert(0, os.path.join(HERE, "peer"))
 from compare import measured  # noqa: E402
 
 
+# Streams at a time per h2load connection (--streams): 1 makes every request end with the
+# connection waiting, the case that frees and takes back its buffers each time.
+STREAMS = 10
+
+
 def h2load(port, seconds):
-    out = subprocess.run(["taskset", "-c", "1", "h2load", "-c16", "-m10", "-t1", f"-D{seconds}",
+    out = subprocess.run(["taskset", "-c", "1", "h2load", "-c16", f"-m{STREAMS}", "-t1", f"-D{seconds}",
                           "--warm-up-time=1", f"http://127.0.0.1:{port}/"],
                          capture_output=True, text=True).stdout
     m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
@@ -64,8 +69,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=6)
+    ap.add_argument("--streams", type=int, default=STREAMS, help="h2load streams per connection")
     ap.add_argument("candidates", nargs="+")
     a = ap.parse_args()
+    global STREAMS
+    STREAMS = a.streams
     cands = [c.split("=", 3) for c in a.candidates]
     runs = {n: [] for n, _, _, _ in cands}
     for _ in range(a.rounds):
