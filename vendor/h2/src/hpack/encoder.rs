@@ -38,7 +38,6 @@ impl Encoder {
         }
     }
 
-    #[cfg(test)]
     fn set_max_allowed_size(&mut self, max: usize) {
         self.max_allowed_size = max;
 
@@ -223,8 +222,14 @@ impl Encoder {
 }
 
 impl Default for Encoder {
+    /// splitgate patch: no dynamic table, as NGINX's encoder: the first header block
+    /// opens with a table size update to 0 (RFC 7541 section 4.2) and every header is
+    /// sent from the static table or as a literal. The table cost ~1 KiB per
+    /// connection for its whole life, and a lookup and insert per header.
     fn default() -> Encoder {
-        Encoder::new(4096, 0)
+        let mut encoder = Encoder::new(4096, 0);
+        encoder.set_max_allowed_size(0);
+        encoder
     }
 }
 
