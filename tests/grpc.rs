@@ -817,12 +817,7 @@ async fn the_callers_grpc_timeout_bounds_the_wait_for_the_head() {
 /// A gRPC call with `grpc-timeout: timeout` through the proxy, from a plain HTTP/2
 /// client (tonic's would give up on its own at the deadline); the response head.
 async fn call_with_deadline(proxy: &TestProxy, path: &str, timeout: &str) -> Response<Incoming> {
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h2_client(proxy.addr).await;
     let request = Request::post(format!("http://{}{path}", proxy.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -918,12 +913,7 @@ async fn a_stream_whose_response_ended_frees_its_place_though_the_client_keeps_s
         &config(dir.path(), &[addr], None, "workers = 1", extra, ""),
     )
     .await;
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h2_client(proxy.addr).await;
     let call = |body: TestBody| {
         Request::post(format!("http://{}/test.Echo/Chat", proxy.addr))
             .header("content-type", "application/grpc")

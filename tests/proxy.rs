@@ -10,7 +10,7 @@ use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 async fn simple_proxy(stable: &TestUpstream, route_extra: &str) -> TestProxy {
@@ -57,12 +57,7 @@ async fn streamed_post_of_several_mib_arrives_intact() {
 async fn http2_client_reaches_http1_upstream() {
     let stable = named_upstream("stable").await;
     let proxy = simple_proxy(&stable, "").await;
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h2_client(proxy.addr).await;
     let uri = format!("http://{}/h2", proxy.addr);
     let response = sender
         .send_request(Request::get(uri).body(full("")).unwrap())
@@ -100,12 +95,7 @@ async fn an_http2_connection_serves_across_its_buffer_release() {
     })
     .await;
     let proxy = simple_proxy(&stable, "").await;
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h2_client(proxy.addr).await;
     for (round, size) in [(1, 0), (2, 40_000), (3, 0), (4, 100_000)] {
         let body: String = (0..size)
             .map(|i| char::from(b'a' + (i % 26) as u8))

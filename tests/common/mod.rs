@@ -329,6 +329,18 @@ pub async fn try_send(
     })
 }
 
+/// An HTTP/2 client connection (h2c, prior knowledge) to `addr`, driven in the
+/// background: one sender for many requests on the same connection.
+pub async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
 /// GET `path` with extra headers.
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
     let mut request = Request::get(path);
