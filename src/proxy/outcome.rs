@@ -84,34 +84,22 @@ impl Recorder {
 
     /// The outcome for the metrics and the judge, by how the response ended.
     pub fn outcome(&self, end: End<'_>) -> Outcome {
-        match (end, self.grpc) {
-            (End::Failed(kind), _) => Outcome::Error(kind),
+        let code = match (end, self.grpc) {
+            (End::Failed(kind), _) => return Outcome::Error(kind),
             // As the instance's own DEADLINE_EXCEEDED would count: a canary that
             // streams too slowly must not look healthy.
-            (End::DeadlineExceeded, _) => Outcome::Grpc {
-                failed: self
-                    .route()
-                    .spec
-                    .grpc_errors
-                    .contains(grpc::DEADLINE_EXCEEDED),
-            },
-            (_, None) => Outcome::Status(self.status),
-            (end, Some(in_head)) => {
-                let code = match end {
-                    End::Complete(trailers) => trailers
-                        .and_then(grpc::status_in)
-                        .or(in_head)
-                        // A call that ends without a status failed (gRPC clients read
-                        // it as UNKNOWN).
-                        .unwrap_or(grpc::UNKNOWN),
-                    // The caller cancelled: an answer about the call, not the server.
-                    _ => return Outcome::Grpc { failed: false },
-                };
-                Outcome::Grpc {
-                    failed: self.route().spec.grpc_errors.contains(code),
-                }
-            }
-        }
+            (End::DeadlineExceeded, _) => grpc::DEADLINE_EXCEEDED,
+            (_, None) => return Outcome::Status(self.status),
+            (End::Complete(trailers), Some(in_head)) => trailers
+                .and_then(grpc::status_in)
+                .or(in_head)
+                // A call that ends without a status failed (gRPC clients read it as
+                // UNKNOWN).
+                .unwrap_or(grpc::UNKNOWN),
+            // The caller cancelled: an answer about the call, not the server.
+            (End::Abandoned, Some(_)) => return Outcome::Grpc { failed: false },
+        };
+        grpc_outcome(self.route(), code)
     }
 
     /// Records the outcome.
@@ -124,6 +112,14 @@ impl Recorder {
         route
             .windows
             .record_in_step(self.variant, outcome, self.head_latency, self.step);
+    }
+}
+
+/// A gRPC call that ended with `code`: failed when the route counts that code as the
+/// server's failure (`grpc_error_statuses`).
+pub fn grpc_outcome(route: &LiveRoute, code: u32) -> Outcome {
+    Outcome::Grpc {
+        failed: route.spec.grpc_errors.contains(code),
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::body::ProxyBody;
 use super::error::{upstream_status, ProxyError};
 use super::forward::{self, Peer};
-use super::outcome::{Observed, Recorder};
+use super::outcome::{grpc_outcome, Observed, Recorder};
 use super::split::{self, RequestView, Variant};
 use super::{framing, route, upgrade};
 use crate::config::compile::CanaryUnavailable;
@@ -201,12 +201,9 @@ impl ProxyService {
             let outcome = match error {
                 // The caller's deadline ran out first: as the instance's own
                 // DEADLINE_EXCEEDED would count (a hanging canary must not hide).
-                UpstreamError::DeadlineExceeded => Outcome::Grpc {
-                    failed: route
-                        .spec
-                        .grpc_errors
-                        .contains(crate::grpc::DEADLINE_EXCEEDED),
-                },
+                UpstreamError::DeadlineExceeded => {
+                    grpc_outcome(route, crate::grpc::DEADLINE_EXCEEDED)
+                }
                 // The client's own body failed: counted by the status it got.
                 UpstreamError::ClientBody(_) => Outcome::Status(upstream_status(error).as_u16()),
                 _ if unsuitable => Outcome::Status(upstream_status(error).as_u16()),
