@@ -343,21 +343,17 @@ where
 
 /// A non-zero `grpc-status` as the check's failure (with its `grpc-message`).
 fn grpc_status(headers: &http::HeaderMap) -> Result<(), String> {
-    let Some(code) = headers.get("grpc-status") else {
-        return Ok(());
-    };
-    if code == "0" {
-        return Ok(());
+    match crate::grpc::status_in(headers) {
+        None | Some(0) => Ok(()),
+        Some(code) => {
+            let message = headers
+                .get(&crate::grpc::GRPC_MESSAGE)
+                .and_then(|m| m.to_str().ok())
+                .unwrap_or_default();
+            let message: String = message.chars().take(100).collect();
+            Err(format!("grpc-status {code} {message}"))
+        }
     }
-    let message = headers
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .unwrap_or_default();
-    let message: String = message.chars().take(100).collect();
-    Err(format!(
-        "grpc-status {} {message}",
-        String::from_utf8_lossy(code.as_bytes())
-    ))
 }
 
 /// A task aborted when this is dropped.
