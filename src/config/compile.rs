@@ -1091,15 +1091,16 @@ fn compile_health(
             errors.push(&format!("{field}.{key}"), "must be from 1 to 1000");
         }
     }
+    let only_http = "applies to check = \"http\" only";
+    let only_grpc = "applies to check = \"grpc\" only";
     let check = match section.check.as_deref() {
-        None | Some("http") if section.service.is_some() => {
-            errors.push(
-                &format!("{field}.service"),
-                "applies to check = \"grpc\" only",
-            );
-            HealthCheck::Tcp
-        }
         None | Some("http") => {
+            unused_by_check(
+                field,
+                &[("service", section.service.is_some())],
+                only_grpc,
+                errors,
+            );
             let path = section.path.clone().unwrap_or_else(|| "/".to_string());
             if !path.starts_with('/') || http::uri::PathAndQuery::try_from(path.as_str()).is_err() {
                 errors.push(
@@ -1107,14 +1108,7 @@ fn compile_health(
                     format!("{path:?} must be a path starting with /"),
                 );
             }
-            if let Some(host) = &section.host {
-                if host.parse::<http::uri::Authority>().is_err() || host.contains('@') {
-                    errors.push(
-                        &format!("{field}.host"),
-                        format!("{host:?} is not a valid Host header"),
-                    );
-                }
-            }
+            check_host(field, section, "Host header", errors);
             let expect = match section.expect.as_deref() {
                 None => 200..=399,
                 Some(text) => match parse_status_range(text) {
@@ -1132,50 +1126,44 @@ fn compile_health(
             }
         }
         Some("grpc") => {
-            for (key, set) in [
-                ("path", section.path.is_some()),
-                ("expect", section.expect.is_some()),
-            ] {
-                if set {
-                    errors.push(
-                        &format!("{field}.{key}"),
-                        "applies to check = \"http\" only (a gRPC check asks grpc.health.v1.Health/Check)",
-                    );
-                }
-            }
+            unused_by_check(
+                field,
+                &[
+                    ("path", section.path.is_some()),
+                    ("expect", section.expect.is_some()),
+                ],
+                "applies to check = \"http\" only (a gRPC check asks grpc.health.v1.Health/Check)",
+                errors,
+            );
             if protocol == Protocol::Http1 {
                 errors.push(
                     &format!("{field}.check"),
                     "\"grpc\" needs HTTP/2 to the upstream: set protocol = \"h2c\", \"h2\" or \"auto\"",
                 );
             }
-            if let Some(host) = &section.host {
-                if host.parse::<http::uri::Authority>().is_err() || host.contains('@') {
-                    errors.push(
-                        &format!("{field}.host"),
-                        format!("{host:?} is not a valid authority"),
-                    );
-                }
-            }
+            check_host(field, section, "authority", errors);
             HealthCheck::Grpc {
                 service: section.service.clone().unwrap_or_default(),
                 host: section.host.clone().or(default_host),
             }
         }
         Some("tcp") => {
-            for (key, set) in [
-                ("path", section.path.is_some()),
-                ("expect", section.expect.is_some()),
-                ("host", section.host.is_some()),
-                ("service", section.service.is_some()),
-            ] {
-                if set {
-                    errors.push(
-                        &format!("{field}.{key}"),
-                        "applies to check = \"http\" only",
-                    );
-                }
-            }
+            unused_by_check(
+                field,
+                &[
+                    ("path", section.path.is_some()),
+                    ("expect", section.expect.is_some()),
+                    ("host", section.host.is_some()),
+                ],
+                only_http,
+                errors,
+            );
+            unused_by_check(
+                field,
+                &[("service", section.service.is_some())],
+                only_grpc,
+                errors,
+            );
             HealthCheck::Tcp
         }
         Some(other) => {
@@ -1193,6 +1181,27 @@ fn compile_health(
         rise: section.rise,
         fall: section.fall,
     })
+}
+
+/// An error for each of `fields` (name, whether set) that is set although this kind
+/// of check does not use it.
+fn unused_by_check(field: &str, fields: &[(&str, bool)], why: &str, errors: &mut Errors) {
+    for (key, _) in fields.iter().filter(|(_, set)| *set) {
+        errors.push(&format!("{field}.{key}"), why);
+    }
+}
+
+/// `health.host`, if set, must be an authority (no user info): what the check sends
+/// as its `what` (the HTTP Host header, or a gRPC call's authority).
+fn check_host(field: &str, section: &HealthSection, what: &str, errors: &mut Errors) {
+    if let Some(host) = &section.host {
+        if host.parse::<http::uri::Authority>().is_err() || host.contains('@') {
+            errors.push(
+                &format!("{field}.host"),
+                format!("{host:?} is not a valid {what}"),
+            );
+        }
+    }
 }
 
 /// `"200-399"` or `"204"`: statuses from 100 to 599.
