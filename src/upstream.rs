@@ -4,6 +4,7 @@
 pub mod body;
 pub mod checker;
 pub mod discovery;
+pub mod h1;
 pub mod h2;
 pub mod health;
 pub mod instance;
@@ -243,6 +244,14 @@ impl ResponseBody {
             ResponseBody::H2(body) => body.take_in_flight(),
         }
     }
+
+    /// The instance's side of an upgrade tunnel, after a `101 Switching Protocols`.
+    pub fn take_upgraded(&mut self) -> Option<h1::Upgraded> {
+        match self {
+            ResponseBody::Http1(body) => body.take_upgraded(),
+            ResponseBody::H2(_) => None,
+        }
+    }
 }
 
 impl http_body::Body for ResponseBody {
@@ -254,9 +263,7 @@ impl http_body::Body for ResponseBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
         match self.get_mut() {
-            ResponseBody::Http1(body) => std::pin::Pin::new(body)
-                .poll_frame(cx)
-                .map(|frame| frame.map(|f| f.map_err(BoxError::from))),
+            ResponseBody::Http1(body) => std::pin::Pin::new(body).poll_frame(cx),
             ResponseBody::H2(body) => std::pin::Pin::new(body).poll_frame(cx),
         }
     }

@@ -230,8 +230,8 @@ fn body_error_kind(error: &BoxError) -> ErrorKind {
             return ErrorKind::Protocol;
         }
     }
-    if let Some(error) = error.downcast_ref::<hyper::Error>() {
-        if error.is_parse() {
+    if let Some(error) = error.downcast_ref::<crate::upstream::h1::H1Error>() {
+        if error.is_protocol() {
             return ErrorKind::Protocol;
         }
     }

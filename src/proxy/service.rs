@@ -223,12 +223,13 @@ impl ProxyService {
             Ok(response) => {
                 let (mut head, mut body) = response.into_parts();
                 let switching = head.status == http::StatusCode::SWITCHING_PROTOCOLS;
-                let response_upgrade = match (switching, upgrade) {
-                    (true, Some(client)) => {
+                let upstream_side = switching.then(|| body.take_upgraded()).flatten();
+                let response_upgrade = match (upstream_side, upgrade) {
+                    (Some(upstream_side), Some(client)) => {
                         self.activity.tunnel_opened();
                         // The tunnel counts as in flight to the instance until it closes.
                         let hold = (self.slot.clone(), body.take_in_flight());
-                        upgrade::tunnel(client, &mut head, hold)
+                        Some(upgrade::tunnel(client, &head, upstream_side, hold))
                     }
                     _ => None,
                 };

@@ -99,30 +99,30 @@ pub fn accepts(client: Option<&ClientUpgrade>, head: &HeaderMap) -> bool {
 /// flight to the instance) until it closes.
 pub fn tunnel(
     client: ClientUpgrade,
-    head: &mut response::Parts,
+    head: &response::Parts,
+    mut upstream: crate::upstream::h1::Upgraded,
     hold: impl Send + 'static,
-) -> Option<Protocol> {
-    let upstream = head.extensions.remove::<OnUpgrade>()?;
+) -> Protocol {
     let protocol = head
         .headers
         .get(UPGRADE)
         .cloned()
         .map_or(client.protocol, Protocol);
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client.on_upgrade, upstream) {
-            Ok(pair) => pair,
+        let client = match client.on_upgrade.await {
+            Ok(client) => client,
             Err(error) => {
                 tracing::debug!(%error, "upgrade did not complete");
                 return;
             }
         };
-        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        let mut client = TokioIo::new(client);
         if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(%error, "upgraded tunnel ended with an error");
         }
         drop(hold);
     });
-    Some(protocol)
+    protocol
 }
 
 #[cfg(test)]

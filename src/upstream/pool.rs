@@ -1,11 +1,11 @@
-//! One instance's connection pool: idle HTTP/1.1 senders, checked out LIFO so the warmest
-//! connection is reused. The lock is per instance and held only to push or pop.
+//! One instance's connection pool: idle HTTP/1.1 connections, checked out LIFO so the
+//! warmest connection is reused. The lock is per instance and held only to push or pop.
 //!
-//! A sender goes back to the pool only after its response body ended cleanly (see
+//! A connection goes back to the pool only after its response body ended cleanly (see
 //! [`PooledBody`]); a connection that failed in any way is dropped, never reused.
 
 use std::collections::VecDeque;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,16 +14,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::body::UpstreamBody;
+use super::body::{BoxError, UpstreamBody};
+use super::h1::{self, Conn, Exchange, Slot, Stream};
 use super::h2::{H2Conn, H2Conns};
 use super::instance::Instance;
 use super::tls::UpstreamConnector;
@@ -33,7 +31,7 @@ use crate::config::Protocol;
 
 /// A connection taken for one request.
 pub struct Connection {
-    sender: SendRequest<UpstreamBody>,
+    conn: Conn,
     /// When it went idle, for a pooled or handed-over connection; `None` when new.
     idle_since: Option<Instant>,
     upgrade: bool,
@@ -49,7 +47,7 @@ pub struct Pool {
     pub instance: Arc<Instance>,
     /// Connection slots: at most this many connections to the instance at once.
     slots: Arc<Semaphore>,
-    /// Idle senders, and the requests queued for one at the connection cap.
+    /// Idle connections, and the requests queued for one at the connection cap.
     idle: Mutex<Idle>,
     /// HTTP/2 connections (protocol `h2c`, `h2`, or `auto` once ALPN picked h2).
     pub(super) h2: H2Conns,
@@ -62,12 +60,12 @@ pub struct Pool {
 /// What sits behind the pool's lock.
 #[derive(Default)]
 struct Idle {
-    /// Idle senders and when each went idle.
-    senders: Vec<(SendRequest<UpstreamBody>, Instant)>,
+    /// Idle connections and when each went idle.
+    conns: Vec<(Conn, Instant)>,
     /// Requests waiting at the connection cap, oldest first. A returning connection goes
     /// straight to the oldest live one, so a newcomer cannot take it ahead of a request
     /// that has waited longer (HAProxy's server queue is FIFO for the same reason).
-    waiters: VecDeque<oneshot::Sender<SendRequest<UpstreamBody>>>,
+    waiters: VecDeque<oneshot::Sender<Conn>>,
 }
 
 impl Pool {
@@ -110,10 +108,10 @@ impl Pool {
         self.protocol
     }
 
-    /// Closes the idle connections (a drain): their tasks end as the senders drop.
+    /// Closes the idle connections (a drain).
     /// HTTP/2 connections take no new streams and close when their last one ends.
     pub fn close_idle(&self) {
-        let closed = std::mem::take(&mut self.idle().senders);
+        let closed = std::mem::take(&mut self.idle().conns);
         drop(closed);
         self.h2.close_all();
     }
@@ -133,9 +131,9 @@ impl Pool {
     ) -> Result<Arc<H2Conn>, UpstreamError> {
         match self.open(permit, timeout).await? {
             Opened::H2(conn) => Ok(conn),
-            Opened::Http1(sender) => {
+            Opened::Http1(conn) => {
                 self.speaks_h2.store(false, Ordering::Relaxed);
-                self.put_back(sender);
+                self.put_back(conn);
                 Err(UpstreamError::ProtocolSwitched)
             }
         }
@@ -153,15 +151,15 @@ impl Pool {
             true => None,
             false => self.checkout().await,
         };
-        let (sender, idle_since) = match pooled {
-            Some((sender, since)) => (sender, Some(since)),
+        let (conn, idle_since) = match pooled {
+            Some((conn, since)) => (conn, Some(since)),
             // Connecting or queueing is the rarer path, and its state (TCP, TLS, the
             // queue wait) is large: boxed, so it does not bloat, and get copied with,
             // every request's future.
             None => Box::pin(self.acquire(upgrade, timeouts)).await?,
         };
         Ok(Connection {
-            sender,
+            conn,
             idle_since,
             upgrade,
         })
@@ -170,7 +168,7 @@ impl Pool {
     /// Gives a connection back unused (the request could not go on it).
     pub fn give_back(&self, connection: Connection) {
         if !connection.upgrade {
-            self.put_back(connection.sender);
+            self.put_back(connection.conn);
         }
     }
 
@@ -184,7 +182,7 @@ impl Pool {
         in_flight: InFlight,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let Connection {
-            mut sender,
+            conn,
             idle_since,
             upgrade,
         } = connection;
@@ -196,39 +194,31 @@ impl Pool {
             Some(since) if since.elapsed() >= STALE_AFTER => retry_copy(&request),
             _ => None,
         };
-        let response = match within(timeouts.response, sender.try_send_request(request)).await? {
-            Ok(response) => response,
-            Err(mut failure) => {
-                // hyper hands back a request it never wrote: always safe to send again.
-                // One it wrote may go again only if it is idempotent and bodiless.
-                let unsent = failure.take_message();
-                let error = failure.into_error();
-                let again = match (unsent, retry) {
-                    (Some(unsent), _) if idle_since.is_some() => unsent,
-                    (_, Some(copy)) if !error.is_user() => copy,
-                    _ => return Err(UpstreamError::from_hyper(error)),
+        let (parts, body) = request.into_parts();
+        let mut exchange = Exchange::new(conn, &parts, body);
+        let head = match within(timeouts.response, poll_fn(|cx| exchange.poll_head(cx))).await? {
+            Ok(head) => head,
+            Err(error @ UpstreamError::Reset(_)) => {
+                let Some(copy) = retry else {
+                    return Err(error);
                 };
                 tracing::debug!(%error, addr = %self.addr, "stale pooled connection; retrying once on a fresh one");
-                sender = Box::pin(self.acquire(true, timeouts)).await?.0;
-                within(timeouts.response, sender.send_request(again))
-                    .await?
-                    .map_err(UpstreamError::from_hyper)?
+                let conn = Box::pin(self.acquire(true, timeouts)).await?.0;
+                exchange = Exchange::new(conn, &copy, UpstreamBody::Empty);
+                within(timeouts.response, poll_fn(|cx| exchange.poll_head(cx))).await??
             }
+            Err(error) => return Err(error),
         };
-        let (parts, body) = response.into_parts();
-        let lease = (!upgrade).then(|| Lease {
-            pool: self.clone(),
-            sender,
-        });
         let mut body = PooledBody {
-            inner: body,
-            lease,
+            switched: head.status == StatusCode::SWITCHING_PROTOCOLS,
+            exchange: Some(exchange),
+            pool: (!upgrade).then(|| self.clone()),
             in_flight: Some(in_flight),
         };
-        if body.inner.is_end_stream() {
+        if body.is_end_stream() && !body.switched {
             body.release();
         }
-        Ok(Response::from_parts(parts, body))
+        Ok(Response::from_parts(head, body))
     }
 
     /// The idle list and queue. Every change under the lock is a single push or pop, so
@@ -239,11 +229,11 @@ impl Pool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn checkout(&self) -> Option<(SendRequest<UpstreamBody>, Instant)> {
+    async fn checkout(&self) -> Option<(Conn, Instant)> {
         loop {
-            let (sender, idle_since) = self.idle().senders.pop()?;
-            if let Some(sender) = ready(sender).await {
-                return Some((sender, idle_since));
+            let (mut conn, idle_since) = self.idle().conns.pop()?;
+            if conn.is_alive() {
+                return Some((conn, idle_since));
             }
         }
     }
@@ -256,12 +246,12 @@ impl Pool {
         &self,
         fresh: bool,
         timeouts: Timeouts,
-    ) -> Result<(SendRequest<UpstreamBody>, Option<Instant>), UpstreamError> {
+    ) -> Result<(Conn, Option<Instant>), UpstreamError> {
         let deadline = Instant::now() + timeouts.queue;
         loop {
             if !fresh {
-                if let Some((sender, idle_since)) = self.checkout().await {
-                    return Ok((sender, Some(idle_since)));
+                if let Some((conn, idle_since)) = self.checkout().await {
+                    return Ok((conn, Some(idle_since)));
                 }
             }
             if let Ok(permit) = self.slots.clone().try_acquire_owned() {
@@ -288,15 +278,15 @@ impl Pool {
                 }
             };
             tokio::select! {
-                Some(sender) = handover => match ready(sender).await {
-                    Some(sender) => return Ok((sender, Some(Instant::now()))),
-                    None => continue,
+                Some(mut conn) = handover => match conn.is_alive() {
+                    true => return Ok((conn, Some(Instant::now()))),
+                    false => continue,
                 },
                 permit = self.slots.clone().acquire_owned() => {
                     let permit = permit.map_err(|_| UpstreamError::QueueTimeout)?;
                     // A connection handed over at the same moment is not lost.
-                    if let Some(sender) = handed.as_mut().and_then(|r| { r.close(); r.try_recv().ok() }) {
-                        self.put_back(sender);
+                    if let Some(conn) = handed.as_mut().and_then(|r| { r.close(); r.try_recv().ok() }) {
+                        self.put_back(conn);
                     }
                     return Ok((self.connect(permit, timeouts.connect).await?, None));
                 }
@@ -307,16 +297,16 @@ impl Pool {
 
     fn evict_oldest_idle(&self) {
         let mut idle = self.idle();
-        if !idle.senders.is_empty() {
-            idle.senders.remove(0);
+        if !idle.conns.is_empty() {
+            idle.conns.remove(0);
         }
     }
 
     /// Joins the queue for a returning connection, unless one is already idle (checked
     /// under the same lock, so a connection returned in between is not missed).
-    fn enqueue(&self) -> Option<oneshot::Receiver<SendRequest<UpstreamBody>>> {
+    fn enqueue(&self) -> Option<oneshot::Receiver<Conn>> {
         let mut idle = self.idle();
-        if !idle.senders.is_empty() {
+        if !idle.conns.is_empty() {
             return None;
         }
         // Waiters that gave up sit at the front: they all waited the same timeout.
@@ -335,14 +325,14 @@ impl Pool {
         &self,
         permit: OwnedSemaphorePermit,
         timeout: Duration,
-    ) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+    ) -> Result<Conn, UpstreamError> {
         match self.open(permit, timeout).await? {
-            Opened::Http1(sender) => Ok(sender),
+            Opened::Http1(conn) => Ok(conn),
             Opened::H2(conn) => {
                 self.speaks_h2.store(true, Ordering::Relaxed);
                 self.h2.keep(conn);
                 // Idle HTTP/1.1 connections would only hold slots the streams need.
-                drop(std::mem::take(&mut self.idle().senders));
+                drop(std::mem::take(&mut self.idle().conns));
                 Err(UpstreamError::ProtocolSwitched)
             }
         }
@@ -367,9 +357,10 @@ impl Pool {
                 None if self.protocol == Protocol::H2c => Ok(Opened::H2(
                     super::h2::handshake(stream, permit, self.h2.freed()).await?,
                 )),
-                None => Ok(Opened::Http1(
-                    handshake(stream, permit, self.h2.freed()).await?,
-                )),
+                None => Ok(Opened::Http1(Conn::new(
+                    Stream::Plain(stream),
+                    Slot::new(permit, self.h2.freed()),
+                ))),
                 Some(tls) => {
                     let stream = tls
                         .connector
@@ -383,9 +374,10 @@ impl Pool {
                         true => Ok(Opened::H2(
                             super::h2::handshake(stream, permit, self.h2.freed()).await?,
                         )),
-                        false => Ok(Opened::Http1(
-                            handshake(stream, permit, self.h2.freed()).await?,
-                        )),
+                        false => Ok(Opened::Http1(Conn::new(
+                            Stream::Tls(Box::new(stream)),
+                            Slot::new(permit, self.h2.freed()),
+                        ))),
                     }
                 }
             }
@@ -396,40 +388,29 @@ impl Pool {
     }
 
     /// Returns a connection: to the oldest waiting request, else to the idle list.
-    fn put_back(&self, mut sender: SendRequest<UpstreamBody>) {
+    fn put_back(&self, mut conn: Conn) {
         // A draining or removed instance keeps no connection once its request is done.
-        if sender.is_closed() || !self.instance.in_rotation() {
+        if !self.instance.in_rotation() {
             return;
         }
         let mut idle = self.idle();
         while let Some(waiter) = idle.waiters.pop_front() {
-            match waiter.send(sender) {
+            match waiter.send(conn) {
                 Ok(()) => return,
                 // That request gave up waiting; try the next.
-                Err(returned) => sender = returned,
+                Err(returned) => conn = returned,
             }
         }
-        if idle.senders.len() < self.max_idle {
-            idle.senders.push((sender, Instant::now()));
+        if idle.conns.len() < self.max_idle {
+            idle.conns.push((conn, Instant::now()));
         }
     }
 }
 
 /// A connection just opened, in the protocol it speaks.
 enum Opened {
-    Http1(SendRequest<UpstreamBody>),
+    Http1(Conn),
     H2(Arc<H2Conn>),
-}
-
-/// The sender once it can take a request; `None` when its connection has closed.
-async fn ready(mut sender: SendRequest<UpstreamBody>) -> Option<SendRequest<UpstreamBody>> {
-    if sender.is_closed() {
-        return None;
-    }
-    if sender.is_ready() || sender.ready().await.is_ok() {
-        return Some(sender);
-    }
-    None
 }
 
 /// Waits for the response head for at most `timeout`.
@@ -446,8 +427,9 @@ async fn within<T>(
 /// keep-alive timeout; requests sent on it keep a copy for one retry.
 const STALE_AFTER: Duration = Duration::from_millis(50);
 
-/// A copy of a request that may be sent again: GET, HEAD or OPTIONS without a body.
-fn retry_copy(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+/// A copy of the head of a request that may be sent again: GET, HEAD or OPTIONS
+/// without a body.
+fn retry_copy(request: &Request<UpstreamBody>) -> Option<http::request::Parts> {
     let idempotent = matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
@@ -455,37 +437,12 @@ fn retry_copy(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> 
     if !idempotent || !matches!(request.body(), UpstreamBody::Empty) {
         return None;
     }
-    let mut copy = Request::new(UpstreamBody::Empty);
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = request.method().clone();
+    copy.uri = request.uri().clone();
+    copy.version = request.version();
+    copy.headers = request.headers().clone();
     Some(copy)
-}
-
-/// HTTP/1.1 over an open stream; the connection task runs until the peer or the pool
-/// lets go of it.
-async fn handshake<I>(
-    io: I,
-    permit: OwnedSemaphorePermit,
-    freed: Arc<tokio::sync::Notify>,
-) -> Result<SendRequest<UpstreamBody>, UpstreamError>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(UpstreamError::from_hyper)?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.with_upgrades().await {
-            tracing::debug!(%error, "upstream connection ended with an error");
-        }
-        drop(permit);
-        // An `auto` pool's HTTP/2 requests may be waiting at the cap for this slot.
-        freed.notify_waiters();
-    });
-    Ok(sender)
 }
 
 /// One request in flight to an instance, from the moment it is sent there until its
@@ -509,25 +466,25 @@ impl Drop for InFlight {
     }
 }
 
-/// A connection on loan to one response.
-struct Lease {
-    pool: Arc<Pool>,
-    sender: SendRequest<UpstreamBody>,
-}
-
 /// The upstream response body. It streams through unchanged; when it ends cleanly the
 /// connection goes back to the pool, and when it fails or is dropped early the
-/// connection is dropped with it.
+/// connection is closed with it.
 pub struct PooledBody {
-    inner: Incoming,
-    lease: Option<Lease>,
+    /// The request and response on their connection; `None` once released or failed.
+    exchange: Option<Exchange>,
+    /// Where the connection returns; `None` for an upgrade's own connection.
+    pool: Option<Arc<Pool>>,
     in_flight: Option<InFlight>,
+    /// The instance answered `101 Switching Protocols`: the connection is the tunnel's.
+    switched: bool,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.pool.put_back(lease.sender);
+        if let Some(exchange) = self.exchange.take() {
+            if let (Some(pool), Some(conn)) = (self.pool.take(), exchange.reusable()) {
+                pool.put_back(conn);
+            }
         }
         self.in_flight = None;
     }
@@ -536,22 +493,34 @@ impl PooledBody {
     pub fn take_in_flight(&mut self) -> Option<InFlight> {
         self.in_flight.take()
     }
+
+    /// The instance's side of the tunnel, after a `101 Switching Protocols`.
+    pub fn take_upgraded(&mut self) -> Option<h1::Upgraded> {
+        match self.switched {
+            true => self.exchange.take().map(h1::Upgraded::new),
+            false => None,
+        }
+    }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(exchange) = self.exchange.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = exchange.poll_frame(cx);
+        let ended = exchange.is_end_stream();
         match &polled {
             Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Ok(_))) if ended => self.release(),
             Poll::Ready(Some(Err(_))) => {
-                self.lease = None;
+                self.exchange = None;
                 self.in_flight = None;
             }
             _ => {}
@@ -560,10 +529,12 @@ impl Body for PooledBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.exchange.as_ref().is_none_or(Exchange::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.exchange
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Exchange::size_hint)
     }
 }

@@ -1,0 +1,350 @@
+//! One request and its response on an HTTP/1.1 connection, as one state machine: the
+//! request head and body go out while the response is read, so an instance that
+//! answers before the body is all sent (a 413, an early 200) is heard, and the body
+//! keeps streaming while the response body streams back.
+//!
+//! After the response ends, the connection may carry another request only if both
+//! messages ended cleanly: the request body all sent, the response framed by length
+//! or chunks, nothing unasked-for after it, and no `Connection: close`.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::{request, response, HeaderMap};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWrite as _;
+
+use super::chunked::{self, Step};
+use super::head::{self, BodyLength};
+use super::request::{self as encode, Framing};
+use super::{Conn, H1Error};
+use crate::upstream::body::{BoxError, ClientAborted, UpstreamBody};
+use crate::upstream::UpstreamError;
+
+/// Bytes read from the instance at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+pub struct Exchange {
+    conn: Conn,
+    /// The request body still to send; `None` once it all went (or sending stopped).
+    /// Boxed: most requests have none, and this struct lives in every response body.
+    body: Option<Box<UpstreamBody>>,
+    framing: Framing,
+    /// What of `conn.write` is already written.
+    written: usize,
+    /// A body chunk being written after `conn.write`, then the last `suffix` bytes of
+    /// the CRLF that ends a chunk.
+    data: Bytes,
+    suffix: u8,
+    /// Sending stopped before the whole request went: the connection is not reused.
+    send_cut: bool,
+    /// The write side failed: the response may still come (an instance that answered
+    /// and closed), and if it does not, this is the error.
+    send_error: Option<io::Error>,
+    to_head_request: bool,
+    response: Reading,
+    keep_alive: bool,
+}
+
+/// Where reading the response is.
+enum Reading {
+    Head,
+    Exact(u64),
+    Chunked(chunked::Decoder),
+    UntilClose,
+    /// The response ended (or switched protocols).
+    Done,
+}
+
+impl Exchange {
+    /// Starts a request on `conn`: its head is encoded now and written on the first poll.
+    pub fn new(mut conn: Conn, parts: &request::Parts, body: UpstreamBody) -> Self {
+        conn.0.write.clear();
+        let framing = encode::encode(&mut conn.0.write, parts, &body);
+        let body = match body {
+            UpstreamBody::Empty => None,
+            body => Some(Box::new(body)),
+        };
+        Self {
+            conn,
+            body,
+            framing,
+            written: 0,
+            data: Bytes::new(),
+            suffix: 0,
+            send_cut: false,
+            send_error: None,
+            to_head_request: parts.method == http::Method::HEAD,
+            response: Reading::Head,
+            keep_alive: false,
+        }
+    }
+
+    /// Whether anything of the request is still to be written.
+    fn sending(&self) -> bool {
+        self.body.is_some() || self.written < self.conn.0.write.len() || !self.data.is_empty()
+    }
+
+    /// Writes what is pending and pulls the body on; `Ready(Ok)` once all is sent. A
+    /// failed write is kept in `send_error` (the response is still read); a failed
+    /// client body is returned.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            // Pull the body on while nothing of it waits to be written.
+            while self.data.is_empty() && self.suffix == 0 {
+                let Some(body) = self.body.as_mut() else {
+                    break;
+                };
+                match Pin::new(body.as_mut()).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => self.queue(frame),
+                    Poll::Ready(None) => self.queue_end(None),
+                    Poll::Ready(Some(Err(error))) => {
+                        self.stop_sending();
+                        return Poll::Ready(Err(error));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if self.send_error.is_some() || !self.has_pending_bytes() {
+                return match self.body.is_some() {
+                    true => Poll::Pending,
+                    false => Poll::Ready(Ok(())),
+                };
+            }
+            let conn = &mut *self.conn.0;
+            let slices = [
+                IoSlice::new(&conn.write[self.written..]),
+                IoSlice::new(&self.data),
+                IoSlice::new(&b"\r\n"[2 - usize::from(self.suffix)..]),
+            ];
+            let written = match Pin::new(&mut conn.io).poll_write_vectored(cx, &slices) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(result) => result,
+            };
+            match written {
+                Ok(n) => self.advance(n),
+                Err(error) => {
+                    self.stop_sending();
+                    self.send_error = Some(error);
+                }
+            }
+        }
+    }
+
+    fn has_pending_bytes(&self) -> bool {
+        self.written < self.conn.0.write.len() || !self.data.is_empty() || self.suffix > 0
+    }
+
+    /// Marks `n` bytes written, in order: the head buffer, the data, the suffix.
+    fn advance(&mut self, mut n: usize) {
+        let head = (self.conn.0.write.len() - self.written).min(n);
+        self.written += head;
+        n -= head;
+        if self.written == self.conn.0.write.len() {
+            self.conn.0.write.clear();
+            self.written = 0;
+        }
+        let data = self.data.len().min(n);
+        self.data.advance(data);
+        n -= data;
+        self.suffix -= n.min(usize::from(self.suffix)) as u8;
+    }
+
+    /// Queues one frame of the request body.
+    fn queue(&mut self, frame: Frame<Bytes>) {
+        let frame = match frame.into_data() {
+            Ok(data) if data.is_empty() => return,
+            Ok(data) => {
+                if let Framing::Length(left) = &mut self.framing {
+                    // The client's body is held to its length by hyper; a body that
+                    // ran over anyway is cut, never sent past what was announced.
+                    let len = (data.len() as u64).min(*left);
+                    *left -= len;
+                    self.data = data.slice(..len as usize);
+                } else {
+                    chunked::encode_size(&mut self.conn.0.write, data.len());
+                    self.data = data;
+                    self.suffix = 2;
+                }
+                return;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            self.queue_end(Some(&trailers));
+        }
+    }
+
+    /// The body ended (with trailers, for a chunked body).
+    fn queue_end(&mut self, trailers: Option<&HeaderMap>) {
+        self.body = None;
+        match self.framing {
+            Framing::Chunked => chunked::encode_end(&mut self.conn.0.write, trailers),
+            // Shorter than announced: the instance would wait for the rest.
+            Framing::Length(left) if left > 0 => self.stop_sending(),
+            Framing::Length(_) => {}
+        }
+    }
+
+    /// Gives up on the rest of the request: the connection closes after this exchange.
+    fn stop_sending(&mut self) {
+        self.body = None;
+        self.send_cut = true;
+        self.data = Bytes::new();
+        self.suffix = 0;
+        self.conn.0.write.clear();
+        self.written = 0;
+    }
+
+    /// Reads more of the response into the connection's read buffer: `Ok(0)` at the
+    /// end of the connection.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let conn = &mut *self.conn.0;
+        if conn.read.capacity() - conn.read.len() < READ_CHUNK / 4 {
+            conn.read.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read)
+    }
+
+    /// Sends the request and reads up to the final response head (skipping `100
+    /// Continue` and other informational heads).
+    pub fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<response::Parts, UpstreamError>> {
+        loop {
+            if self.sending() && self.send_error.is_none() {
+                if let Poll::Ready(Err(error)) = self.poll_send(cx) {
+                    return Poll::Ready(Err(UpstreamError::ClientBody(error)));
+                }
+            }
+            if !self.conn.0.read.is_empty() {
+                let parsed = head::parse(&mut self.conn.0.read).map_err(|problem| {
+                    UpstreamError::Protocol(Box::new(H1Error::Protocol(problem)))
+                })?;
+                if let Some(parts) = parsed {
+                    if parts.status.is_informational() && parts.status != 101 {
+                        continue;
+                    }
+                    let (length, keep_alive) = head::body_length(&parts, self.to_head_request)
+                        .map_err(UpstreamError::Ambiguous)?;
+                    self.keep_alive = keep_alive;
+                    self.response = match length {
+                        BodyLength::Empty | BodyLength::Switched => Reading::Done,
+                        BodyLength::Exact(n) => Reading::Exact(n),
+                        BodyLength::Chunked => Reading::Chunked(chunked::Decoder::Size),
+                        BodyLength::UntilClose => Reading::UntilClose,
+                    };
+                    return Poll::Ready(Ok(parts));
+                }
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    let error = self.send_error.take().map_or(H1Error::Closed, H1Error::Io);
+                    return Poll::Ready(Err(UpstreamError::Reset(Box::new(error))));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    return Poll::Ready(Err(UpstreamError::Reset(Box::new(H1Error::Io(error)))))
+                }
+            }
+        }
+    }
+
+    /// The next piece of the response body (the request body keeps going meanwhile).
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.sending() && self.send_error.is_none() {
+            if let Poll::Ready(Err(_)) = self.poll_send(cx) {
+                // The client's body failed: the response is abandoned with it.
+                self.response = Reading::Done;
+                self.keep_alive = false;
+                return Poll::Ready(Some(Err(Box::new(ClientAborted))));
+            }
+        }
+        loop {
+            let read = &mut self.conn.0.read;
+            match &mut self.response {
+                Reading::Head | Reading::Done => return Poll::Ready(None),
+                Reading::Exact(left) if !read.is_empty() => {
+                    let n = (*left).min(read.len() as u64);
+                    let data = read.split_to(n as usize).freeze();
+                    *left -= n;
+                    if *left == 0 {
+                        self.response = Reading::Done;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Reading::Chunked(decoder) => match decoder.step(read) {
+                    Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Step::Trailers(trailers)) => {
+                        self.response = Reading::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Step::End) => {
+                        self.response = Reading::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Step::NeedMore) => {}
+                    Err(problem) => return self.fail(H1Error::Protocol(problem)),
+                },
+                Reading::UntilClose if !read.is_empty() => {
+                    let data = read.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Reading::Exact(_) | Reading::UntilClose => {}
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) if matches!(self.response, Reading::UntilClose) => {
+                    self.response = Reading::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return self.fail(H1Error::Closed),
+                Ok(_) => {}
+                Err(error) => return self.fail(H1Error::Io(error)),
+            }
+        }
+    }
+
+    fn fail(&mut self, error: H1Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.response = Reading::Done;
+        self.keep_alive = false;
+        Poll::Ready(Some(Err(Box::new(error))))
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        matches!(self.response, Reading::Done)
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match self.response {
+            Reading::Done => SizeHint::with_exact(0),
+            Reading::Exact(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
+    }
+
+    /// The connection, once the response ended, if it can carry another request.
+    pub fn reusable(self) -> Option<Conn> {
+        let clean = matches!(self.response, Reading::Done)
+            && self.keep_alive
+            && !self.sending()
+            && !self.send_cut
+            && self.send_error.is_none()
+            && self.conn.0.read.is_empty();
+        clean.then_some(self.conn)
+    }
+
+    /// The connection after a `101 Switching Protocols`, with the bytes the instance
+    /// already sent in the new protocol.
+    pub fn into_switched(self) -> (Conn, Bytes) {
+        let mut conn = self.conn;
+        let early = conn.0.read.split().freeze();
+        (conn, early)
+    }
+}
