@@ -1,0 +1,247 @@
+//! The proxy's own HTTP/1.1 client (src/upstream/h1): request bodies framed as they
+//! came, responses framed by length, chunks (with trailers) or the connection's end,
+//! informational heads skipped, an instance that answers before reading the body heard,
+//! and pooled connections that stay in step across HEAD and bodiless responses.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+/// An upstream that answers with the framing headers it received and the body's
+/// length and last bytes.
+async fn framing_echo() -> TestUpstream {
+    upstream(|request: Request<Incoming>| async move {
+        let header = |name| {
+            request
+                .headers()
+                .get(name)
+                .map_or("-".to_string(), |v| v.to_str().unwrap().to_string())
+        };
+        let (cl, te) = (header("content-length"), header("transfer-encoding"));
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let tail = String::from_utf8_lossy(&body[body.len().saturating_sub(4)..]).into_owned();
+        Response::new(full(format!(
+            "cl={cl} te={te} len={} tail={tail}",
+            body.len()
+        )))
+    })
+    .await
+}
+
+/// A request body that streams `pieces` from a channel: no length known in advance.
+fn streamed(pieces: Vec<Bytes>) -> TestBody {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for piece in pieces {
+            if tx.send(piece).await.is_err() {
+                return;
+            }
+        }
+    });
+    StreamBody::new(ReceiverStream::new(rx).map(|b| Ok::<_, hyper::Error>(Frame::data(b)))).boxed()
+}
+
+#[tokio::test]
+async fn request_bodies_go_upstream_with_their_length_or_chunked() {
+    let echo = framing_echo().await;
+    let dir = Arc::new(TempDir::new("h1-bodies"));
+    let proxy = start_proxy(
+        dir.clone(),
+        &config(dir.path(), &[echo.addr], None, "", "", ""),
+    )
+    .await;
+
+    let sized = Request::post("/")
+        .header("content-length", "5")
+        .body(full("hello"))
+        .unwrap();
+    assert_eq!(
+        send(proxy.addr, sized).await.text(),
+        "cl=5 te=- len=5 tail=ello"
+    );
+
+    // A bodiless POST still says it has no body.
+    let empty = Request::post("/").body(full("")).unwrap();
+    assert_eq!(
+        send(proxy.addr, empty).await.text(),
+        "cl=0 te=- len=0 tail="
+    );
+
+    // A chunked client body of 1 MiB in uneven pieces goes on chunked, intact.
+    let pieces: Vec<Bytes> = (0..64u8)
+        .map(|i| Bytes::from(vec![b'a' + i % 26; 16_000 + usize::from(i)]))
+        .collect();
+    let total: usize = pieces.iter().map(Bytes::len).sum();
+    let chunked = Request::post("/").body(streamed(pieces)).unwrap();
+    assert_eq!(
+        send(proxy.addr, chunked).await.text(),
+        format!("cl=- te=chunked len={total} tail=llll")
+    );
+
+    // An HTTP/2 client's body without content-length goes chunked too.
+    let mut h2 = h2_client(proxy.addr).await;
+    let request = Request::post(format!("http://{}/", proxy.addr))
+        .body(streamed(vec![
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"defg"),
+        ]))
+        .unwrap();
+    let response = h2.send_request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "cl=- te=chunked len=7 tail=defg");
+}
+
+/// An upstream that reads one request head per connection and answers `reply`, then
+/// reads (and drops) whatever else comes until the client closes: a lingering close, so
+/// its answer is not lost to a reset.
+async fn scripted(reply: &'static [u8]) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 8192];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(reply).await;
+                let _ = stream.shutdown().await;
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+async fn proxy_to(addr: std::net::SocketAddr, name: &str) -> TestProxy {
+    let dir = Arc::new(TempDir::new(name));
+    start_proxy(dir.clone(), &config(dir.path(), &[addr], None, "", "", "")).await
+}
+
+#[tokio::test]
+async fn chunked_responses_arrive_with_their_trailers() {
+    let addr = scripted(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nx-checksum: 42\r\n\r\n",
+    )
+    .await;
+    let proxy = proxy_to(addr, "h1-trailers").await;
+    // An HTTP/2 client, which takes trailers without their being announced.
+    let mut sender = h2_client(proxy.addr).await;
+    let request = Request::get(format!("http://{}/", proxy.addr))
+        .header("te", "trailers")
+        .body(full(""))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers passed on");
+    assert_eq!(trailers["x-checksum"], "42");
+    assert_eq!(collected.to_bytes(), "hello, world");
+}
+
+#[tokio::test]
+async fn informational_heads_are_skipped_and_a_body_may_run_to_the_close() {
+    let addr = scripted(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    )
+    .await;
+    let proxy = proxy_to(addr, "h1-informational").await;
+    let reply = get(proxy.addr, "/", &[]).await;
+    assert_eq!(
+        (reply.status, reply.text().as_str()),
+        (StatusCode::OK, "ok")
+    );
+
+    // No length and no chunks: the body is whatever comes before the instance closes.
+    let long: &'static [u8] = Box::leak(
+        [
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n".as_slice(),
+            &[b'x'; 300_000],
+        ]
+        .concat()
+        .into_boxed_slice(),
+    );
+    let addr = scripted(long).await;
+    let proxy = proxy_to(addr, "h1-until-close").await;
+    let reply = get(proxy.addr, "/", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body.len(), 300_000);
+}
+
+#[tokio::test]
+async fn an_instance_that_refuses_before_reading_the_body_is_heard() {
+    let addr = scripted(
+        b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!",
+    )
+    .await;
+    let proxy = proxy_to(addr, "h1-early").await;
+    // The client sends the first piece of its upload and then stalls: the instance's
+    // refusal must reach it anyway, long before any body timeout.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    tx.send(Bytes::from(vec![b'u'; 64 * 1024])).await.unwrap();
+    let body =
+        StreamBody::new(ReceiverStream::new(rx).map(|b| Ok::<_, hyper::Error>(Frame::data(b))))
+            .boxed();
+    let request = Request::post("/upload")
+        .header("host", "a")
+        .body(body)
+        .unwrap();
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .expect("the refusal arrives while the upload stalls")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "too big!");
+    drop(tx);
+}
+
+#[tokio::test]
+async fn pooled_connections_stay_in_step_across_bodiless_responses() {
+    let upstream = upstream(|request: Request<Incoming>| async move {
+        match request.uri().path() {
+            "/empty" => {
+                let mut response = Response::new(full(""));
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                response
+            }
+            path => Response::new(full(format!("body of {path}"))),
+        }
+    })
+    .await;
+    let proxy = proxy_to(upstream.addr, "h1-bodiless").await;
+    // A HEAD's answer announces a length it does not send, and a 204 sends nothing: a
+    // client that read either wrongly would take the next response's bytes as a body.
+    for round in 0..3 {
+        let head = send(proxy.addr, Request::head("/page").body(full("")).unwrap()).await;
+        assert_eq!(head.status, StatusCode::OK, "round {round}");
+        assert_eq!(head.headers["content-length"], "13");
+        assert!(head.body.is_empty());
+        let empty = get(proxy.addr, "/empty", &[]).await;
+        assert_eq!(empty.status, StatusCode::NO_CONTENT);
+        let page = get(proxy.addr, &format!("/next{round}"), &[]).await;
+        assert_eq!(page.text(), format!("body of /next{round}"));
+    }
+    assert_eq!(upstream.hits(), 9);
+}
