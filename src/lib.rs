@@ -11,7 +11,8 @@
 //! [`state::Snapshot`] once, so the whole request sees one generation; checks framing
 //! (`proxy::framing`); matches a route (`proxy::route`); decides stable or canary by a
 //! keyed hash of the user's key (`proxy::split`); rewrites headers (`proxy::forward`);
-//! and forwards through a pooled upstream connection (`upstream`), streaming both bodies.
+//! and forwards through a pooled upstream connection (`upstream`: HTTP/1.1 on a codec of
+//! its own in `upstream::h1`, HTTP/2 in `upstream::h2`), streaming both bodies.
 //! It records metrics (`telemetry`) and the SLO evidence (`slo`), each in the worker's
 //! own shard, and logs the access line.
 //!
