@@ -12,9 +12,10 @@
 //! `head.rs` parses the response head and its framing, `chunked.rs` the chunked
 //! coding, `request.rs` writes the request head, `exchange.rs` runs one request.
 
-mod chunked;
+// `head` and `chunked` are public for the fuzz target (fuzz/fuzz_targets/upstream_response.rs).
+pub mod chunked;
 mod exchange;
-mod head;
+pub mod head;
 mod request;
 mod stream;
 

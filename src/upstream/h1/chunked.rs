@@ -129,6 +129,9 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
 fn trailers(read: &mut BytesMut) -> Result<Option<HeaderMap>, &'static str> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILER_FIELDS];
     let (len, map) = match httparse::parse_headers(read, &mut fields) {
+        Ok(httparse::Status::Complete((len, _))) if len > MAX_TRAILERS => {
+            return Err("trailer section larger than 16 KiB")
+        }
         Ok(httparse::Status::Complete((len, fields))) => {
             let mut map = HeaderMap::with_capacity(fields.len());
             for field in fields {

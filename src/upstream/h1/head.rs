@@ -72,7 +72,9 @@ pub fn parse(read: &mut BytesMut) -> Result<Option<response::Parts>, &'static st
         return Err("response head larger than 64 KiB");
     }
     let head = read.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what the proxy adds (Via, X-Request-Id, the variant header, a cookie),
+    // so the map is not rehashed into a larger one for them.
+    let mut headers = HeaderMap::with_capacity(count + 6);
     for span in &spans[..count] {
         let (start, len) = (span.name.0 as usize, span.name.1 as usize);
         let name = HeaderName::from_bytes(&head[start..start + len])
