@@ -29,12 +29,15 @@ async fn framing_echo() -> TestUpstream {
                 .map_or("-".to_string(), |v| v.to_str().unwrap().to_string())
         };
         let (cl, te) = (header("content-length"), header("transfer-encoding"));
-        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let collected = request.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().map_or(0, |t| t.len());
+        let body = collected.to_bytes();
         let tail = String::from_utf8_lossy(&body[body.len().saturating_sub(4)..]).into_owned();
-        Response::new(full(format!(
-            "cl={cl} te={te} len={} tail={tail}",
-            body.len()
-        )))
+        let text = format!("cl={cl} te={te} len={} tail={tail}", body.len());
+        Response::new(full(match trailers {
+            0 => text,
+            n => format!("{text} trailers={n}"),
+        }))
     })
     .await
 }
@@ -87,6 +90,22 @@ async fn request_bodies_go_upstream_with_their_length_or_chunked() {
     assert_eq!(
         send(proxy.addr, chunked).await.text(),
         format!("cl=- te=chunked len={total} tail=llll")
+    );
+
+    // A client's trailers are not passed on: they would come after every check and
+    // rewrite of the head (here a Host and an X-Forwarded-For of the client's choosing).
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("host", "evil.example".parse().unwrap());
+    trailers.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+    let frames = vec![
+        Ok::<_, hyper::Error>(Frame::data(Bytes::from_static(b"hello"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let with_trailers = StreamBody::new(tokio_stream::iter(frames)).boxed();
+    let request = Request::post("/").body(with_trailers).unwrap();
+    assert_eq!(
+        send(proxy.addr, request).await.text(),
+        "cl=- te=chunked len=5 tail=ello"
     );
 
     // An HTTP/2 client's body without content-length goes chunked too.
@@ -244,4 +263,85 @@ async fn pooled_connections_stay_in_step_across_bodiless_responses() {
         assert_eq!(page.text(), format!("body of /next{round}"));
     }
     assert_eq!(upstream.hits(), 9);
+}
+
+#[tokio::test]
+async fn a_bodiless_response_still_has_its_length_checked() {
+    // A HEAD's answer sends no body, but its Content-Length reaches the client.
+    let addr = scripted(b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n").await;
+    let proxy = proxy_to(addr, "h1-head-length").await;
+    let reply = send(proxy.addr, Request::head("/").body(full("")).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+
+    // The same length twice is one length.
+    let addr =
+        scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok").await;
+    let proxy = proxy_to(addr, "h1-twice").await;
+    let reply = get(proxy.addr, "/", &[]).await;
+    assert_eq!(
+        (reply.status, reply.text().as_str()),
+        (StatusCode::OK, "ok")
+    );
+    assert_eq!(reply.headers.get_all("content-length").iter().count(), 1);
+}
+
+/// An upstream that answers every GET after `delay` and closes a connection idle for
+/// `idle`.
+async fn closing_after(idle: Duration, delay: Duration) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match tokio::time::timeout(idle, stream.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        tokio::time::sleep(delay).await;
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn idle_connections_the_instance_closed_are_let_go_while_a_newer_one_stays_busy() {
+    let addr = closing_after(Duration::from_millis(300), Duration::from_millis(100)).await;
+    let dir = Arc::new(TempDir::new("h1-reap"));
+    let text = config(dir.path(), &[addr], None, "workers = 1", "", "");
+    let proxy = start_proxy(dir, &text).await;
+    let path = format!("/admin/upstreams/stable-pool/instances/{addr}");
+    let connections = || async {
+        let (status, value) = admin(proxy.admin, "GET", &path, "", None).await;
+        assert_eq!(status, StatusCode::OK, "{value}");
+        value["connections"].as_u64().unwrap()
+    };
+    // Ten at once: (nearly always) ten pooled connections.
+    let burst: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(get(proxy.addr, "/", &[])))
+        .collect();
+    for request in burst {
+        assert_eq!(request.await.unwrap().status, StatusCode::OK);
+    }
+    let opened = connections().await;
+    assert!(opened >= 5, "the burst opened {opened} connections");
+    // One request at a time keeps the newest connection in use, never idle long
+    // enough for the instance to close it, while the instance closes those beneath
+    // it. Those go as connections come back, not only when a request reaches them.
+    for _ in 0..20 {
+        assert_eq!(get(proxy.addr, "/", &[]).await.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(connections().await, 1);
 }

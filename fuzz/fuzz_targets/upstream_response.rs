@@ -40,7 +40,8 @@ fn read(wire: &[u8], piece: usize) -> Read {
             Err(problem) => return Read::Refused(problem),
         }
     };
-    let length = match head::body_length(&parts, false) {
+    let mut parts = parts;
+    let length = match head::body_length(&mut parts, false) {
         Ok((length, _)) => length,
         Err(problem) => return Read::Refused(problem),
     };

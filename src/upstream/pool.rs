@@ -401,6 +401,16 @@ impl Pool {
                 Err(returned) => conn = returned,
             }
         }
+        // Connections are checked out newest first, so one the instance closed deep in
+        // the list would otherwise sit there (a socket, a buffer and a slot) for as
+        // long as a newer one stays busy: each return looks at the oldest.
+        if idle
+            .conns
+            .first_mut()
+            .is_some_and(|(oldest, _)| !oldest.is_alive())
+        {
+            idle.conns.remove(0);
+        }
         if idle.conns.len() < self.max_idle {
             idle.conns.push((conn, Instant::now()));
         }

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::{request, response, HeaderMap};
+use http::{request, response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite as _;
 
@@ -99,7 +99,7 @@ impl Exchange {
                 };
                 match Pin::new(body.as_mut()).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => self.queue(frame),
-                    Poll::Ready(None) => self.queue_end(None),
+                    Poll::Ready(None) => self.queue_end(),
                     Poll::Ready(Some(Err(error))) => {
                         self.stop_sending();
                         return Poll::Ready(Err(error));
@@ -173,16 +173,20 @@ impl Exchange {
             }
             Err(frame) => frame,
         };
-        if let Ok(trailers) = frame.into_trailers() {
-            self.queue_end(Some(&trailers));
+        // Request trailers are not passed on: over HTTP/1.1 nothing needs them (gRPC
+        // goes over HTTP/2), and a client could otherwise send Host, Content-Length or
+        // X-Forwarded-For after every check and rewrite the proxy made to the head
+        // (hyper's client dropped them too, for want of a `Trailer` header).
+        if frame.is_trailers() {
+            self.queue_end();
         }
     }
 
-    /// The body ended (with trailers, for a chunked body).
-    fn queue_end(&mut self, trailers: Option<&HeaderMap>) {
+    /// The body ended.
+    fn queue_end(&mut self) {
         self.body = None;
         match self.framing {
-            Framing::Chunked => chunked::encode_end(&mut self.conn.0.write, trailers),
+            Framing::Chunked => self.conn.0.write.extend_from_slice(b"0\r\n\r\n"),
             // Shorter than announced: the instance would wait for the rest.
             Framing::Length(left) if left > 0 => self.stop_sending(),
             Framing::Length(_) => {}
@@ -225,11 +229,11 @@ impl Exchange {
                 let parsed = head::parse(&mut self.conn.0.read).map_err(|problem| {
                     UpstreamError::Protocol(Box::new(H1Error::Protocol(problem)))
                 })?;
-                if let Some(parts) = parsed {
+                if let Some(mut parts) = parsed {
                     if parts.status.is_informational() && parts.status != 101 {
                         continue;
                     }
-                    let (length, keep_alive) = head::body_length(&parts, self.to_head_request)
+                    let (length, keep_alive) = head::body_length(&mut parts, self.to_head_request)
                         .map_err(UpstreamError::Ambiguous)?;
                     self.keep_alive = keep_alive;
                     self.response = match length {

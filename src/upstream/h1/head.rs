@@ -98,10 +98,14 @@ pub fn parse(read: &mut BytesMut) -> Result<Option<response::Parts>, &'static st
 /// A response framed two ways at once (both `Transfer-Encoding` and `Content-Length`,
 /// differing lengths, chunked not last) is refused: a reader that picked the other
 /// framing would see a different next message.
+///
+/// `Content-Length` is checked on every response, bodiless ones included (a HEAD's
+/// answer passes it on to the client), and repeated identical values become one.
 pub fn body_length(
-    parts: &response::Parts,
+    parts: &mut response::Parts,
     to_head_request: bool,
 ) -> Result<(BodyLength, bool), &'static str> {
+    let length = content_length(&mut parts.headers)?;
     let headers = &parts.headers;
     let http11 = parts.version == Version::HTTP_11;
     let close = !http11
@@ -145,7 +149,18 @@ pub fn body_length(
         Some(false) => return Ok((BodyLength::UntilClose, false)),
         None => {}
     }
+    Ok(match length {
+        Some(0) => (BodyLength::Empty, !close),
+        Some(n) => (BodyLength::Exact(n), !close),
+        None => (BodyLength::UntilClose, false),
+    })
+}
+
+/// The response's `Content-Length`, if it has one: plain digits, and the same in every
+/// field that gives it (then kept as one field).
+fn content_length(headers: &mut HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut length = None;
+    let mut fields = 0;
     for value in headers.get_all(CONTENT_LENGTH) {
         let digits = value.as_bytes();
         if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
@@ -159,12 +174,14 @@ pub fn body_length(
             return Err("differing Content-Length values");
         }
         length = Some(n);
+        fields += 1;
     }
-    Ok(match length {
-        Some(0) => (BodyLength::Empty, !close),
-        Some(n) => (BodyLength::Exact(n), !close),
-        None => (BodyLength::UntilClose, false),
-    })
+    if fields > 1 {
+        if let Some(first) = headers.get(CONTENT_LENGTH).cloned() {
+            headers.insert(CONTENT_LENGTH, first);
+        }
+    }
+    Ok(length)
 }
 
 #[cfg(test)]
@@ -176,7 +193,7 @@ mod tests {
     }
 
     fn length(text: &str) -> Result<(BodyLength, bool), &'static str> {
-        body_length(&head(text).unwrap().unwrap(), false)
+        body_length(&mut head(text).unwrap().unwrap(), false)
     }
 
     #[test]
@@ -258,10 +275,16 @@ mod tests {
             length("HTTP/1.1 200 OK\r\nContent-Length: 3\r\ncontent-length: 3\r\n\r\n"),
             Ok((Exact(3), true))
         );
-        let parts = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        let mut parts = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!(body_length(&parts, true), Ok((Empty, true)));
+        assert_eq!(body_length(&mut parts, true), Ok((Empty, true)));
+        // Repeated identical lengths are passed on as one.
+        let mut parts = head("HTTP/1.1 200 OK\r\nContent-Length: 3\r\ncontent-length: 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(body_length(&mut parts, false), Ok((Exact(3), true)));
+        assert_eq!(parts.headers.get_all(CONTENT_LENGTH).iter().count(), 1);
     }
 
     #[test]
@@ -274,8 +297,14 @@ mod tests {
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip, chunked\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: abc\r\n\r\n",
         ] {
             assert!(length(bad).is_err(), "{bad:?}");
         }
+        // A HEAD's answer has no body, but its Content-Length goes to the client.
+        let mut parts = head("HTTP/1.1 200 OK\r\nContent-Length: 1, 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(body_length(&mut parts, true).is_err());
     }
 }
