@@ -84,7 +84,7 @@ impl Exchange {
 
     /// Whether anything of the request is still to be written.
     fn sending(&self) -> bool {
-        self.body.is_some() || self.written < self.conn.0.write.len() || !self.data.is_empty()
+        self.body.is_some() || self.has_pending_bytes()
     }
 
     /// Writes what is pending and pulls the body on; `Ready(Ok)` once all is sent. A
