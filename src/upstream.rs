@@ -70,25 +70,7 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Sorts hyper's errors into reset (the peer went away) and protocol (it spoke badly).
-    pub fn from_hyper(error: hyper::Error) -> Self {
-        if error.is_user() {
-            return UpstreamError::ClientBody(Box::new(error));
-        }
-        let reset = error.is_incomplete_message()
-            || error.is_canceled()
-            || error.is_closed()
-            || std::error::Error::source(&error)
-                .and_then(|s| s.downcast_ref::<std::io::Error>())
-                .is_some();
-        if reset {
-            UpstreamError::Reset(Box::new(error))
-        } else {
-            UpstreamError::Protocol(Box::new(error))
-        }
-    }
-
-    /// Sorts h2's errors the same way: the peer resetting the stream, going away or
+    /// Sorts h2's errors into reset and protocol: the peer resetting the stream, going away or
     /// dropping the connection is a reset; h2 finding the peer broke the protocol (a
     /// malformed frame, an oversized header list) is a protocol error.
     pub fn from_h2(error: ::h2::Error) -> Self {

@@ -149,7 +149,7 @@ impl Pool {
     ) -> Result<Connection, UpstreamError> {
         let pooled = match upgrade {
             true => None,
-            false => self.checkout().await,
+            false => self.checkout(),
         };
         let (conn, idle_since) = match pooled {
             Some((conn, since)) => (conn, Some(since)),
@@ -229,7 +229,8 @@ impl Pool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn checkout(&self) -> Option<(Conn, Instant)> {
+    /// The newest idle connection the instance has not closed.
+    fn checkout(&self) -> Option<(Conn, Instant)> {
         loop {
             let (mut conn, idle_since) = self.idle().conns.pop()?;
             if conn.is_alive() {
@@ -250,7 +251,7 @@ impl Pool {
         let deadline = Instant::now() + timeouts.queue;
         loop {
             if !fresh {
-                if let Some((conn, idle_since)) = self.checkout().await {
+                if let Some((conn, idle_since)) = self.checkout() {
                     return Ok((conn, Some(idle_since)));
                 }
             }
