@@ -125,6 +125,11 @@ async fn request_bodies_go_upstream_with_their_length_or_chunked() {
 /// reads (and drops) whatever else comes until the client closes: a lingering close, so
 /// its answer is not lost to a reset.
 async fn scripted(reply: &'static [u8]) -> std::net::SocketAddr {
+    scripted_then(reply, true).await
+}
+
+/// As [`scripted`]; `close`: shut the write side after the reply (else keep it open).
+async fn scripted_then(reply: &'static [u8], close: bool) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -139,7 +144,9 @@ async fn scripted(reply: &'static [u8]) -> std::net::SocketAddr {
                     }
                 }
                 let _ = stream.write_all(reply).await;
-                let _ = stream.shutdown().await;
+                if close {
+                    let _ = stream.shutdown().await;
+                }
                 while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
             });
         }
@@ -344,4 +351,174 @@ async fn idle_connections_the_instance_closed_are_let_go_while_a_newer_one_stays
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(connections().await, 1);
+}
+
+/// An upstream that answers each request as soon as its head is in (as NGINX's
+/// `return 200` does), then reads its body (by Content-Length), keeping the connection;
+/// counts the body bytes it received.
+async fn answers_before_reading() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                    let mut left: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: ")?.trim().parse().ok())
+                        .unwrap_or(0);
+                    seen.drain(..end);
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                    while left > 0 {
+                        if seen.is_empty() {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let take = left.min(seen.len());
+                        seen.drain(..take);
+                        left -= take;
+                        counter.fetch_add(take, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+#[tokio::test]
+async fn an_upload_answered_early_still_goes_out_whole_and_the_client_gets_the_answer() {
+    // The client, still sending, must neither be cut off nor lose the answer, the
+    // upload reaches the instance whole, and the client's connection stays usable: a
+    // second request sent right after the first upload is answered too.
+    let (addr, received) = answers_before_reading().await;
+    let proxy = proxy_to(addr, "h1-early-ok").await;
+    let upload = vec![b'u'; 4 * 1024 * 1024];
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let sending = tokio::spawn(async move {
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: {}\r\n\r\n",
+            upload.len()
+        );
+        writer.write_all(head.as_bytes()).await?;
+        writer.write_all(&upload).await?;
+        writer
+            .write_all(b"GET /next HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await?;
+        Ok::<_, std::io::Error>(writer)
+    });
+    let mut answers = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read_both = async {
+        while answers.windows(2).filter(|w| w == b"ok").count() < 2 {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answers.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read_both)
+        .await
+        .expect("both answers arrive");
+    let text = String::from_utf8_lossy(&answers);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    let _writer = sending.await.unwrap().expect("the upload was not cut off");
+    // The rest of the upload may still be going out from the proxy: give it time.
+    let whole = async {
+        while received.load(std::sync::atomic::Ordering::SeqCst) < 4 * 1024 * 1024 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), whole)
+        .await
+        .expect("the whole upload reaches the instance");
+}
+
+#[tokio::test]
+async fn an_http_1_0_instance_does_not_end_the_clients_keep_alive() {
+    let addr = scripted(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let proxy = proxy_to(addr, "h1-http10").await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for _ in 0..3 {
+        let request = Request::get("/")
+            .header("host", "a")
+            .body(full(""))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_11);
+        assert_eq!(response.headers()["via"], "1.0 splitgate");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ok");
+    }
+}
+
+#[tokio::test]
+async fn a_response_body_that_stalls_is_cut_at_the_read_timeout() {
+    // Seven of a hundred bytes, then nothing, on a connection the instance keeps open.
+    let addr = scripted_then(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n1234567",
+        false,
+    )
+    .await;
+    let dir = Arc::new(TempDir::new("h1-stall"));
+    let text = config(
+        dir.path(),
+        &[addr],
+        None,
+        "",
+        "read_timeout = \"300ms\"",
+        "",
+    );
+    let proxy = start_proxy(dir, &text).await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("/")
+        .header("host", "a")
+        .body(full(""))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let started = std::time::Instant::now();
+    let body = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("the stalled body ends");
+    assert!(body.is_err(), "a cut body is not a complete one");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // On-call sees it as the instance's timeout.
+    let metrics = get(proxy.admin, "/metrics", &[]).await.text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("kind=\"timeout\"") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
 }

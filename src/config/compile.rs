@@ -241,6 +241,8 @@ pub struct Timeouts {
     pub queue: Duration,
     /// Request sent to response head; 504 when exceeded.
     pub response: Duration,
+    /// Between two reads of an HTTP/1.1 response body; the body is cut when exceeded.
+    pub read: Duration,
 }
 
 /// What a route does when every canary instance is ejected.
@@ -947,6 +949,7 @@ fn compile_upstream(
         ("connect_timeout", section.connect_timeout),
         ("queue_timeout", section.queue_timeout),
         ("response_timeout", section.response_timeout),
+        ("read_timeout", section.read_timeout),
     ] {
         if value.is_zero() {
             errors.push(&format!("{field}.{key}"), "must be longer than 0");
@@ -984,6 +987,7 @@ fn compile_upstream(
             connect: section.connect_timeout,
             queue: section.queue_timeout,
             response: section.response_timeout,
+            read: section.read_timeout,
         },
         max_idle_per_instance: section.max_idle_per_instance,
         max_connections_per_instance: section.max_connections_per_instance,

@@ -252,6 +252,13 @@ pub struct UpstreamSection {
         deserialize_with = "duration::deserialize"
     )]
     pub response_timeout: Duration,
+    /// Longest wait for the next bytes of an HTTP/1.1 response body (NGINX's
+    /// `proxy_read_timeout`): a response that stalls is cut rather than held forever.
+    #[serde(
+        default = "defaults::read_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub read_timeout: Duration,
     /// Idle pooled connections kept per instance.
     #[serde(default = "defaults::max_idle_per_instance")]
     pub max_idle_per_instance: usize,
@@ -515,6 +522,9 @@ pub(super) mod defaults {
     }
     pub fn response_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn read_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     /// Apart from the connect timeout (HAProxy's `timeout queue` vs `timeout connect`):
     /// a connect timeout says the host is unreachable, a queue wait only that a burst

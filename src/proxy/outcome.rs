@@ -234,6 +234,9 @@ fn body_error_kind(error: &BoxError) -> ErrorKind {
         if error.is_protocol() {
             return ErrorKind::Protocol;
         }
+        if error.is_stall() {
+            return ErrorKind::Timeout;
+        }
     }
     ErrorKind::Reset
 }

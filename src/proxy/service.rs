@@ -238,6 +238,11 @@ impl ProxyService {
                     upgrade.restore(&mut head.headers);
                 }
                 forward::add_via(&mut head.headers, head.version);
+                // The client gets this proxy's own HTTP version (RFC 9110 §6.2), not an
+                // HTTP/1.0 instance's, which would end its keep-alive connection.
+                if head.version == Version::HTTP_10 {
+                    head.version = Version::HTTP_11;
+                }
                 if client_version == Version::HTTP_2 {
                     forward::detach_values(&mut head.headers);
                 }

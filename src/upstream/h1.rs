@@ -40,12 +40,20 @@ pub enum H1Error {
     Closed,
     #[error("connection failed: {0}")]
     Io(io::Error),
+    /// No bytes of the response body for the upstream's `read_timeout`.
+    #[error("no response bytes for {0:?} (read_timeout)")]
+    Stalled(std::time::Duration),
 }
 
 impl H1Error {
     /// Whether the instance spoke badly (rather than went away).
     pub fn is_protocol(&self) -> bool {
         matches!(self, H1Error::Protocol(_))
+    }
+
+    /// Whether the response stalled past the read timeout.
+    pub fn is_stall(&self) -> bool {
+        matches!(self, H1Error::Stalled(_))
     }
 }
 
@@ -82,6 +90,9 @@ struct ConnState {
     /// The request head (and chunk framing) being written.
     write: Vec<u8>,
     slot: Slot,
+    /// The longest wait for the next bytes of a response body (the upstream's
+    /// `read_timeout`); kept here rather than in every response body.
+    read_timeout: std::time::Duration,
 }
 
 impl Conn {
@@ -91,6 +102,7 @@ impl Conn {
             read: BytesMut::new(),
             write: Vec::new(),
             slot,
+            read_timeout: std::time::Duration::MAX,
         }))
     }
 

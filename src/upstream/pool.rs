@@ -195,7 +195,7 @@ impl Pool {
             _ => None,
         };
         let (parts, body) = request.into_parts();
-        let mut exchange = Exchange::new(conn, &parts, body);
+        let mut exchange = Exchange::new(conn, &parts, body, timeouts.read);
         let head = match within(timeouts.response, poll_fn(|cx| exchange.poll_head(cx))).await? {
             Ok(head) => head,
             Err(error @ UpstreamError::Reset(_)) => {
@@ -204,7 +204,7 @@ impl Pool {
                 };
                 tracing::debug!(%error, addr = %self.addr, "stale pooled connection; retrying once on a fresh one");
                 let conn = Box::pin(self.acquire(true, timeouts)).await?.0;
-                exchange = Exchange::new(conn, &copy, UpstreamBody::Empty);
+                exchange = Exchange::new(conn, &copy, UpstreamBody::Empty, timeouts.read);
                 within(timeouts.response, poll_fn(|cx| exchange.poll_head(cx))).await??
             }
             Err(error) => return Err(error),
@@ -491,13 +491,27 @@ pub struct PooledBody {
 }
 
 impl PooledBody {
+    /// The response ended: the connection goes back to the pool, once the request
+    /// body (if the instance answered before taking it all) has gone out too, in a task
+    /// of its own. The request stays in flight to the instance until then.
     fn release(&mut self) {
-        if let Some(exchange) = self.exchange.take() {
-            if let (Some(pool), Some(conn)) = (self.pool.take(), exchange.reusable()) {
+        let in_flight = self.in_flight.take();
+        let Some(exchange) = self.exchange.take() else {
+            return;
+        };
+        let pool = self.pool.take();
+        let put_back = |exchange: Exchange| {
+            if let (Some(pool), Some(conn)) = (pool, exchange.reusable()) {
                 pool.put_back(conn);
             }
+        };
+        if !exchange.still_sending() {
+            return put_back(exchange);
         }
-        self.in_flight = None;
+        tokio::spawn(async move {
+            put_back(exchange.finish_sending().await);
+            drop(in_flight);
+        });
     }
 
     /// The request's in-flight mark, for an upgrade tunnel to hold until it closes.

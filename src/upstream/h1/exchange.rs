@@ -7,14 +7,17 @@
 //! messages ended cleanly: the request body all sent, the response framed by length
 //! or chunks, nothing unasked-for after it, and no `Connection: close`.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::{request, response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite as _;
+use tokio::time::{Instant, Sleep};
 
 use super::chunked::{self, Step};
 use super::head::{self, BodyLength};
@@ -46,6 +49,9 @@ pub struct Exchange {
     to_head_request: bool,
     response: Reading,
     keep_alive: bool,
+    /// Armed the first time a body read has to wait (a response read in one go never
+    /// makes one), and pushed back by every read that brings bytes.
+    stall: Option<Pin<Box<Sleep>>>,
 }
 
 /// Where reading the response is.
@@ -60,8 +66,14 @@ enum Reading {
 
 impl Exchange {
     /// Starts a request on `conn`: its head is encoded now and written on the first poll.
-    pub fn new(mut conn: Conn, parts: &request::Parts, body: UpstreamBody) -> Self {
+    pub fn new(
+        mut conn: Conn,
+        parts: &request::Parts,
+        body: UpstreamBody,
+        read_timeout: Duration,
+    ) -> Self {
         conn.0.write.clear();
+        conn.0.read_timeout = read_timeout;
         let framing = encode::encode(&mut conn.0.write, parts, &body);
         let body = match body {
             UpstreamBody::Empty => None,
@@ -79,6 +91,7 @@ impl Exchange {
             to_head_request: parts.method == http::Method::HEAD,
             response: Reading::Head,
             keep_alive: false,
+            stall: None,
         }
     }
 
@@ -303,7 +316,27 @@ impl Exchange {
                 }
                 Reading::Exact(_) | Reading::UntilClose => {}
             }
-            match ready!(self.poll_fill(cx)) {
+            let filled = match self.poll_fill(cx) {
+                Poll::Ready(filled) => {
+                    if let Some(stall) = self.stall.as_mut() {
+                        stall
+                            .as_mut()
+                            .reset(Instant::now() + self.conn.0.read_timeout);
+                    }
+                    filled
+                }
+                Poll::Pending => {
+                    let timeout = self.conn.0.read_timeout;
+                    let stall = self
+                        .stall
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    if stall.as_mut().poll(cx).is_ready() {
+                        return self.fail(H1Error::Stalled(timeout));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match filled {
                 Ok(0) if matches!(self.response, Reading::UntilClose) => {
                     self.response = Reading::Done;
                     return Poll::Ready(None);
@@ -331,6 +364,19 @@ impl Exchange {
             Reading::Exact(left) => SizeHint::with_exact(left),
             _ => SizeHint::default(),
         }
+    }
+
+    /// Whether the request body is still going out (the response ended first).
+    pub fn still_sending(&self) -> bool {
+        self.sending() && self.send_error.is_none()
+    }
+
+    /// Sends the rest of the request body: an instance that answered before reading
+    /// an upload still gets all of it (or the client's failure), as hyper's client did,
+    /// so the client can finish sending and is not cut off mid-upload.
+    pub async fn finish_sending(mut self) -> Self {
+        let _ = std::future::poll_fn(|cx| self.poll_send(cx)).await;
+        self
     }
 
     /// The connection, once the response ended, if it can carry another request.
