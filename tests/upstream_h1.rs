@@ -522,3 +522,73 @@ async fn a_response_body_that_stalls_is_cut_at_the_read_timeout() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn an_instance_that_answers_early_and_stops_reading_is_let_go() {
+    // It answers at once and never reads the upload: the rest of the upload cannot go
+    // out, and the connection, its slot and the in-flight mark must not stay taken.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+                .await;
+            held.push(stream);
+        }
+    });
+    let dir = Arc::new(TempDir::new("h1-no-reader"));
+    let text = config(
+        dir.path(),
+        &[addr],
+        None,
+        "workers = 1",
+        "read_timeout = \"300ms\"",
+        "",
+    );
+    let proxy = start_proxy(dir, &text).await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    tokio::spawn(async move {
+        let head = "POST /u HTTP/1.1\r\nhost: a\r\ncontent-length: 64000000\r\n\r\n";
+        let _ = writer.write_all(head.as_bytes()).await;
+        let chunk = vec![b'u'; 1 << 20];
+        for _ in 0..64 {
+            if writer.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"early") {
+        let n = tokio::time::timeout(Duration::from_secs(5), reader.read(&mut buf))
+            .await
+            .expect("the early answer arrives")
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let path = format!("/admin/upstreams/stable-pool/instances/{addr}");
+    let started = std::time::Instant::now();
+    loop {
+        let (_, value) = admin(proxy.admin, "GET", &path, "", None).await;
+        if value["in_flight"] == 0 && value["connections"] == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still held: {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

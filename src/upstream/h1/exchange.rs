@@ -373,10 +373,39 @@ impl Exchange {
 
     /// Sends the rest of the request body: an instance that answered before reading
     /// an upload still gets all of it (or the client's failure), as hyper's client did,
-    /// so the client can finish sending and is not cut off mid-upload.
+    /// so the client can finish sending and is not cut off mid-upload. An instance that
+    /// stops taking the upload for the upstream's `read_timeout` is given up on (the
+    /// connection, its slot and the in-flight mark go with it), as is a client whose
+    /// body stalls (its `client_body_timeout`).
     pub async fn finish_sending(mut self) -> Self {
-        let _ = std::future::poll_fn(|cx| self.poll_send(cx)).await;
+        let timeout = self.conn.0.read_timeout;
+        let mut stall = Box::pin(tokio::time::sleep(timeout));
+        std::future::poll_fn(|cx| {
+            let before = self.progress();
+            if self.poll_send(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if self.progress() != before {
+                stall.as_mut().reset(Instant::now() + timeout);
+            }
+            if stall.as_mut().poll(cx).is_ready() {
+                self.stop_sending();
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await;
         self
+    }
+
+    /// Where sending stands, to tell whether a poll moved it on.
+    fn progress(&self) -> (usize, usize, usize, u8) {
+        (
+            self.written,
+            self.conn.0.write.len(),
+            self.data.len(),
+            self.suffix,
+        )
     }
 
     /// The connection, once the response ended, if it can carry another request.
