@@ -8,6 +8,7 @@ use http::request::Parts;
 use http::{HeaderMap, Version};
 
 use super::error::ProxyError;
+use crate::upstream::h1::head::plain_length;
 
 /// Checks one request head. `max_uri_bytes` bounds the request target.
 pub fn check(parts: &Parts, max_uri_bytes: usize) -> Result<(), ProxyError> {
@@ -41,8 +42,7 @@ pub fn check(parts: &Parts, max_uri_bytes: usize) -> Result<(), ProxyError> {
         return Err(ProxyError::BadRequest("more than one Content-Length"));
     }
     if let Some(cl) = headers.get(CONTENT_LENGTH) {
-        let digits = cl.as_bytes();
-        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        if plain_length(cl.as_bytes()).is_none() {
             return Err(ProxyError::BadRequest(
                 "Content-Length is not a plain number",
             ));
@@ -93,15 +93,6 @@ fn check_host(parts: &Parts, hosts: usize) -> Result<(), ProxyError> {
         }
         _ => Ok(()),
     }
-}
-
-/// Checks an upstream response head: Content-Length beside Transfer-Encoding is the
-/// response-side smuggling shape, refused rather than re-framed.
-pub fn check_response(headers: &HeaderMap) -> Result<(), &'static str> {
-    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
-        return Err("response has both Content-Length and Transfer-Encoding");
-    }
-    Ok(())
 }
 
 /// The host a request is for, lower-cased by the caller's comparison, without port:

@@ -178,11 +178,11 @@ impl ProxyService {
                 .side(variant)
                 .record_hidden_error(ErrorKind::Connect);
         }
-        // A response whose framing the upstream made ambiguous is not passed on: the
-        // connection is dropped with it, never pooled. Nor is a 101 switching to a
-        // protocol the client did not ask for.
+        // A response framed ambiguously never gets here: the HTTP/1.1 codec refuses it
+        // as it reads the head (`upstream::h1::head::body_length`), and HTTP/2 has no
+        // Transfer-Encoding (h2 refuses one). Nor is a 101 switching to a protocol the
+        // client did not ask for passed on: its connection is dropped with it.
         let result = result.and_then(|response| {
-            framing::check_response(response.headers()).map_err(UpstreamError::Ambiguous)?;
             if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
                 && !upgrade::accepts(upgrade.as_ref(), response.headers())
             {

@@ -117,10 +117,10 @@ pub fn tunnel(
             }
         };
         let mut client = TokioIo::new(client);
-        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream.io).await {
             tracing::debug!(%error, "upgraded tunnel ended with an error");
         }
-        drop(hold);
+        drop((hold, upstream.slot));
     });
     protocol
 }

@@ -24,12 +24,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 pub use exchange::Exchange;
 pub use stream::Stream;
+
+use crate::server::rewind::Rewind;
 
 /// What went wrong on an HTTP/1.1 connection to an instance.
 #[derive(Debug, thiserror::Error)]
@@ -131,12 +133,11 @@ impl Conn {
 }
 
 /// The instance's side of an upgraded connection (after `101 Switching Protocols`):
-/// the bytes it sent early, then the connection. It keeps the connection's slot until
+/// the bytes it sent early, then the connection, and the connection's slot, held until
 /// the tunnel closes.
 pub struct Upgraded {
-    early: Bytes,
-    io: Stream,
-    _slot: Slot,
+    pub io: Rewind<Stream>,
+    pub slot: Slot,
 }
 
 impl Upgraded {
@@ -144,43 +145,8 @@ impl Upgraded {
         let (conn, early) = exchange.into_switched();
         let ConnState { io, slot, .. } = *conn.0;
         Self {
-            early,
-            io,
-            _slot: slot,
+            io: Rewind::new(io, early),
+            slot,
         }
-    }
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.early.is_empty() {
-            let n = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

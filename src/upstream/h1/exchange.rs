@@ -233,7 +233,7 @@ impl Exchange {
         cx: &mut Context<'_>,
     ) -> Poll<Result<response::Parts, UpstreamError>> {
         loop {
-            if self.sending() && self.send_error.is_none() {
+            if self.still_sending() {
                 if let Poll::Ready(Err(error)) = self.poll_send(cx) {
                     return Poll::Ready(Err(UpstreamError::ClientBody(error)));
                 }
@@ -276,7 +276,7 @@ impl Exchange {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.sending() && self.send_error.is_none() {
+        if self.still_sending() {
             if let Poll::Ready(Err(_)) = self.poll_send(cx) {
                 // The client's body failed: the response is abandoned with it.
                 self.response = Reading::Done;

@@ -162,14 +162,7 @@ fn content_length(headers: &mut HeaderMap) -> Result<Option<u64>, &'static str> 
     let mut length = None;
     let mut fields = 0;
     for value in headers.get_all(CONTENT_LENGTH) {
-        let digits = value.as_bytes();
-        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-            return Err("Content-Length is not a plain number");
-        }
-        let n: u64 = std::str::from_utf8(digits)
-            .ok()
-            .and_then(|d| d.parse().ok())
-            .ok_or("Content-Length is not a plain number")?;
+        let n = plain_length(value.as_bytes()).ok_or("Content-Length is not a plain number")?;
         if length.is_some_and(|l| l != n) {
             return Err("differing Content-Length values");
         }
@@ -182,6 +175,15 @@ fn content_length(headers: &mut HeaderMap) -> Result<Option<u64>, &'static str> 
         }
     }
     Ok(length)
+}
+
+/// A `Content-Length` value as the proxy accepts it, both ways: 1 to 19 ASCII digits
+/// and nothing else (no sign, no spaces, no list).
+pub fn plain_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 #[cfg(test)]
