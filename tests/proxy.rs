@@ -10,7 +10,6 @@ use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 async fn simple_proxy(stable: &TestUpstream, route_extra: &str) -> TestProxy {
@@ -497,11 +496,7 @@ async fn at_the_connection_cap_new_connections_are_refused_and_the_others_served
     .await;
     let mut held = Vec::new();
     for _ in 0..3 {
-        let stream = TcpStream::connect(proxy.addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut sender = h1_client(proxy.addr).await;
         let response = sender
             .send_request(
                 Request::get("/")

@@ -44,7 +44,7 @@ async fn framing_echo() -> TestUpstream {
 
 /// A request body that streams `pieces` from a channel: no length known in advance.
 fn streamed(pieces: Vec<Bytes>) -> TestBody {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (tx, body) = channel_body();
     tokio::spawn(async move {
         for piece in pieces {
             if tx.send(piece).await.is_err() {
@@ -52,18 +52,20 @@ fn streamed(pieces: Vec<Bytes>) -> TestBody {
             }
         }
     });
-    StreamBody::new(ReceiverStream::new(rx).map(|b| Ok::<_, hyper::Error>(Frame::data(b)))).boxed()
+    body
+}
+
+/// A request body fed through a channel: it ends when the sender is dropped.
+fn channel_body() -> (tokio::sync::mpsc::Sender<Bytes>, TestBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let frames = ReceiverStream::new(rx).map(|b| Ok::<_, hyper::Error>(Frame::data(b)));
+    (tx, StreamBody::new(frames).boxed())
 }
 
 #[tokio::test]
 async fn request_bodies_go_upstream_with_their_length_or_chunked() {
     let echo = framing_echo().await;
-    let dir = Arc::new(TempDir::new("h1-bodies"));
-    let proxy = start_proxy(
-        dir.clone(),
-        &config(dir.path(), &[echo.addr], None, "", "", ""),
-    )
-    .await;
+    let proxy = proxy_to(echo.addr, "h1-bodies").await;
 
     let sized = Request::post("/")
         .header("content-length", "5")
@@ -135,18 +137,17 @@ async fn scripted_then(reply: &'static [u8], close: bool) -> std::net::SocketAdd
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 8192];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if read_request_head(&mut stream, &mut Vec::new())
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
                 let _ = stream.write_all(reply).await;
                 if close {
                     let _ = stream.shutdown().await;
                 }
+                let mut buf = [0u8; 8192];
                 while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
             });
         }
@@ -155,8 +156,19 @@ async fn scripted_then(reply: &'static [u8], close: bool) -> std::net::SocketAdd
 }
 
 async fn proxy_to(addr: std::net::SocketAddr, name: &str) -> TestProxy {
+    proxy_with(addr, name, "", "").await
+}
+
+/// A proxy in front of the one instance `addr`, with extra `[server]` and upstream lines.
+async fn proxy_with(
+    addr: std::net::SocketAddr,
+    name: &str,
+    server_extra: &str,
+    upstream_extra: &str,
+) -> TestProxy {
     let dir = Arc::new(TempDir::new(name));
-    start_proxy(dir.clone(), &config(dir.path(), &[addr], None, "", "", "")).await
+    let text = config(dir.path(), &[addr], None, server_extra, upstream_extra, "");
+    start_proxy(dir, &text).await
 }
 
 #[tokio::test]
@@ -218,21 +230,13 @@ async fn an_instance_that_refuses_before_reading_the_body_is_heard() {
     let proxy = proxy_to(addr, "h1-early").await;
     // The client sends the first piece of its upload and then stalls: the instance's
     // refusal must reach it anyway, long before any body timeout.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let (tx, body) = channel_body();
     tx.send(Bytes::from(vec![b'u'; 64 * 1024])).await.unwrap();
-    let body =
-        StreamBody::new(ReceiverStream::new(rx).map(|b| Ok::<_, hyper::Error>(Frame::data(b))))
-            .boxed();
     let request = Request::post("/upload")
         .header("host", "a")
         .body(body)
         .unwrap();
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h1_client(proxy.addr).await;
     let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
         .await
         .expect("the refusal arrives while the upload stalls")
@@ -325,9 +329,7 @@ async fn closing_after(idle: Duration, delay: Duration) -> std::net::SocketAddr 
 #[tokio::test]
 async fn idle_connections_the_instance_closed_are_let_go_while_a_newer_one_stays_busy() {
     let addr = closing_after(Duration::from_millis(300), Duration::from_millis(100)).await;
-    let dir = Arc::new(TempDir::new("h1-reap"));
-    let text = config(dir.path(), &[addr], None, "workers = 1", "", "");
-    let proxy = start_proxy(dir, &text).await;
+    let proxy = proxy_with(addr, "h1-reap", "workers = 1", "").await;
     let path = format!("/admin/upstreams/stable-pool/instances/{addr}");
     let connections = || async {
         let (status, value) = admin(proxy.admin, "GET", &path, "", None).await;
@@ -369,13 +371,9 @@ async fn answers_before_reading() -> (std::net::SocketAddr, Arc<std::sync::atomi
                 let mut seen = Vec::new();
                 let mut buf = vec![0u8; 65536];
                 loop {
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let Some(end) = read_request_head(&mut stream, &mut seen).await else {
+                        return;
+                    };
                     let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
                     let mut left: usize = head
                         .lines()
@@ -458,12 +456,7 @@ async fn an_upload_answered_early_still_goes_out_whole_and_the_client_gets_the_a
 async fn an_http_1_0_instance_does_not_end_the_clients_keep_alive() {
     let addr = scripted(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
     let proxy = proxy_to(addr, "h1-http10").await;
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h1_client(proxy.addr).await;
     for _ in 0..3 {
         let request = Request::get("/")
             .header("host", "a")
@@ -485,22 +478,8 @@ async fn a_response_body_that_stalls_is_cut_at_the_read_timeout() {
         false,
     )
     .await;
-    let dir = Arc::new(TempDir::new("h1-stall"));
-    let text = config(
-        dir.path(),
-        &[addr],
-        None,
-        "",
-        "read_timeout = \"300ms\"",
-        "",
-    );
-    let proxy = start_proxy(dir, &text).await;
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let proxy = proxy_with(addr, "h1-stall", "", "read_timeout = \"300ms\"").await;
+    let mut sender = h1_client(proxy.addr).await;
     let request = Request::get("/")
         .header("host", "a")
         .body(full(""))
@@ -532,30 +511,20 @@ async fn an_instance_that_answers_early_and_stops_reading_is_let_go() {
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((mut stream, _)) = listener.accept().await {
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => seen.extend_from_slice(&buf[..n]),
-                }
-            }
+            let _ = read_request_head(&mut stream, &mut Vec::new()).await;
             let _ = stream
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
                 .await;
             held.push(stream);
         }
     });
-    let dir = Arc::new(TempDir::new("h1-no-reader"));
-    let text = config(
-        dir.path(),
-        &[addr],
-        None,
+    let proxy = proxy_with(
+        addr,
+        "h1-no-reader",
         "workers = 1",
         "read_timeout = \"300ms\"",
-        "",
-    );
-    let proxy = start_proxy(dir, &text).await;
+    )
+    .await;
     let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let (mut reader, mut writer) = stream.into_split();
     tokio::spawn(async move {

@@ -138,13 +138,11 @@ pub async fn raw_upstream(reply: &'static [u8]) -> TestUpstream {
         while let Ok((mut stream, _)) = listener.accept().await {
             counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if read_request_head(&mut stream, &mut Vec::new())
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
                 let _ = stream.write_all(reply).await;
                 let _ = stream.shutdown().await;
@@ -152,6 +150,21 @@ pub async fn raw_upstream(reply: &'static [u8]) -> TestUpstream {
         }
     });
     TestUpstream { addr, hits }
+}
+
+/// Reads from `stream` into `seen` until it holds a whole request head (up to its blank
+/// line); returns where the head ends, or `None` if the peer closed first.
+pub async fn read_request_head(stream: &mut TcpStream, seen: &mut Vec<u8>) -> Option<usize> {
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(at + 4);
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 /// An address where nothing listens.
@@ -337,6 +350,17 @@ pub async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequ
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// An HTTP/1.1 client connection to `addr`, driven in the background: one sender for
+/// several requests on the same connection.
+pub async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TestBody> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(connection);
     sender
 }
